@@ -1,0 +1,187 @@
+"""SQLite state store (WAL), with a versioned schema and migrations.
+
+One connection, serialised by a lock: the agent's write rate is tiny (a few
+rows per VM lifecycle) and reads are served from the services' in-memory
+views, so a pool would buy nothing. ``synchronous=FULL`` makes every commit
+durable before the RPC that caused it answers, so `kill -9` (or a power cut)
+right after a reply never loses what the reply promised.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from agent.domain.errors import AlreadyExists, Internal
+from agent.domain.sandbox import (
+    DNSConfig,
+    Metadata,
+    NetworkMode,
+    PortMapping,
+    Sandbox,
+    SandboxSpec,
+    SandboxState,
+)
+
+# Each entry moves the schema from version i to i+1. Append only.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE sandboxes (
+        id            TEXT PRIMARY KEY,
+        name          TEXT NOT NULL,
+        namespace     TEXT NOT NULL,
+        uid           TEXT NOT NULL,
+        attempt       INTEGER NOT NULL,
+        state         TEXT NOT NULL,
+        created_at_ns INTEGER NOT NULL,
+        doc           TEXT NOT NULL,
+        UNIQUE (name, namespace, uid, attempt)
+    );
+    """,
+]
+
+
+class Store:
+    """Transactions over the agent database."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+        path.chmod(0o600)
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        with self._lock:
+            current = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+            if current > len(MIGRATIONS):
+                raise Internal(
+                    f"state database schema version {current} is newer than this agent "
+                    f"understands ({len(MIGRATIONS)}); refusing to touch it"
+                )
+            for version in range(current, len(MIGRATIONS)):
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in MIGRATIONS[version].split(";"):
+                        if statement.strip():
+                            self._db.execute(statement)
+                    self._db.execute(f"PRAGMA user_version = {version + 1}")
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # Sandboxes -----------------------------------------------------------
+
+    def insert_sandbox(self, sandbox: Sandbox) -> None:
+        md = sandbox.spec.metadata
+        try:
+            with self.transaction() as db:
+                db.execute(
+                    "INSERT INTO sandboxes (id, name, namespace, uid, attempt, state,"
+                    " created_at_ns, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (sandbox.id, md.name, md.namespace, md.uid, md.attempt,
+                     sandbox.state.value, sandbox.created_at_ns, _sandbox_doc(sandbox)),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"sandbox {md.reservation_key} is already stored: {exc}") from None
+
+    def update_sandbox(self, sandbox: Sandbox) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE sandboxes SET state = ?, doc = ? WHERE id = ?",
+                (sandbox.state.value, _sandbox_doc(sandbox), sandbox.id),
+            )
+
+    def delete_sandbox(self, sandbox_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+
+    def load_sandboxes(self) -> list[Sandbox]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, name, namespace, uid, attempt, state, created_at_ns, doc"
+                " FROM sandboxes ORDER BY created_at_ns"
+            ).fetchall()
+        return [_sandbox_from_row(row) for row in rows]
+
+
+def _sandbox_doc(sb: Sandbox) -> str:
+    spec = sb.spec
+    doc: dict[str, Any] = {
+        "hostname": spec.hostname,
+        "log_directory": spec.log_directory,
+        "dns": {"servers": list(spec.dns.servers), "searches": list(spec.dns.searches),
+                "options": list(spec.dns.options)},
+        "port_mappings": [
+            {"protocol": p.protocol, "container_port": p.container_port,
+             "host_port": p.host_port, "host_ip": p.host_ip}
+            for p in spec.port_mappings
+        ],
+        "labels": dict(spec.labels),
+        "annotations": dict(spec.annotations),
+        "runtime_handler": spec.runtime_handler,
+        "network_mode": spec.network_mode.value,
+        "cgroup_parent": spec.cgroup_parent,
+        "stopped_at_ns": sb.stopped_at_ns,
+        "ip": sb.ip,
+        "additional_ips": list(sb.additional_ips),
+    }
+    return json.dumps(doc, sort_keys=True)
+
+
+def _sandbox_from_row(row: tuple[Any, ...]) -> Sandbox:
+    sid, name, namespace, uid, attempt, state, created_at_ns, raw = row
+    doc = json.loads(raw)
+    get: Callable[[str, Any], Any] = doc.get
+    spec = SandboxSpec(
+        metadata=Metadata(name=name, namespace=namespace, uid=uid, attempt=attempt),
+        hostname=get("hostname", ""),
+        log_directory=get("log_directory", ""),
+        dns=DNSConfig(**{k: tuple(v) for k, v in get("dns", {}).items()}),
+        port_mappings=tuple(PortMapping(**p) for p in get("port_mappings", [])),
+        labels=get("labels", {}),
+        annotations=get("annotations", {}),
+        runtime_handler=get("runtime_handler", ""),
+        network_mode=NetworkMode(get("network_mode", "pod")),
+        cgroup_parent=get("cgroup_parent", ""),
+    )
+    return Sandbox(
+        id=sid,
+        spec=spec,
+        state=SandboxState(state),
+        created_at_ns=created_at_ns,
+        stopped_at_ns=get("stopped_at_ns", 0),
+        ip=get("ip", ""),
+        additional_ips=tuple(get("additional_ips", [])),
+    )

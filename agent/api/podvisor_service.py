@@ -1,0 +1,17 @@
+"""podvisor.v1: Podvisor's own API beside the CRI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.api import convert
+from agent.services.runtime import RuntimeInfoService
+from podvisor.v1 import podvisor_pb2, podvisor_pb2_grpc
+
+
+class HostServicer(podvisor_pb2_grpc.HostServicer):  # type: ignore[misc]
+    def __init__(self, runtime: RuntimeInfoService) -> None:
+        self._runtime = runtime
+
+    def Info(self, request: podvisor_pb2.HostInfoRequest, context: Any) -> podvisor_pb2.HostInfoResponse:
+        return convert.host_info_to_pb(self._runtime.host_info())

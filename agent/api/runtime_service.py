@@ -1,0 +1,84 @@
+"""runtime.v1.RuntimeService: check → convert in → call the service → convert out."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from agent.api import convert
+from agent.api.unimplemented import fill
+from agent.services.runtime import RuntimeInfoService
+from agent.services.sandboxes import RUNTIME_HANDLERS, SandboxService
+from runtime.v1 import api_pb2 as pb
+from runtime.v1 import api_pb2_grpc
+
+_CONTAINER_VERBS = {
+    "CreateContainer", "StartContainer", "StopContainer", "RemoveContainer", "ListContainers",
+    "ContainerStatus", "UpdateContainerResources", "ReopenContainerLog", "ContainerStats",
+    "ListContainerStats", "PodSandboxStats", "ListPodSandboxStats", "GetContainerEvents",
+    "ListMetricDescriptors", "ListPodSandboxMetrics",
+}
+
+
+def _why(method: str) -> str:
+    if method in _CONTAINER_VERBS:
+        return "VM containers (the libvirt domains inside sandboxes) are not available yet"
+    if method in ("Exec", "ExecSync", "Attach", "PortForward"):
+        return "streaming into VMs (serial console, guest agent, port forwarding) is not available yet"
+    if method == "CheckpointContainer":
+        return "checkpointing VMs is not supported"
+    return "this call is not supported by the VM runtime yet"
+
+
+class RuntimeServicer(api_pb2_grpc.RuntimeServiceServicer):  # type: ignore[misc]
+    def __init__(self, runtime: RuntimeInfoService, sandboxes: SandboxService,
+                 sandboxes_dir: str) -> None:
+        self._runtime = runtime
+        self._sandboxes = sandboxes
+        self._sandboxes_dir = sandboxes_dir
+
+    def Version(self, request: pb.VersionRequest, context: Any) -> pb.VersionResponse:
+        return convert.version_to_pb(self._runtime.version())
+
+    def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusResponse:
+        return convert.status_to_pb(self._runtime.status(), request.verbose, RUNTIME_HANDLERS)
+
+    def RunPodSandbox(self, request: pb.RunPodSandboxRequest, context: Any) -> pb.RunPodSandboxResponse:
+        sb = self._sandboxes.run(convert.sandbox_spec_from_pb(request))
+        return pb.RunPodSandboxResponse(pod_sandbox_id=sb.id)
+
+    def StopPodSandbox(self, request: pb.StopPodSandboxRequest, context: Any) -> pb.StopPodSandboxResponse:
+        self._sandboxes.stop(request.pod_sandbox_id)
+        return pb.StopPodSandboxResponse()
+
+    def RemovePodSandbox(self, request: pb.RemovePodSandboxRequest, context: Any) -> pb.RemovePodSandboxResponse:
+        self._sandboxes.remove(request.pod_sandbox_id)
+        return pb.RemovePodSandboxResponse()
+
+    def PodSandboxStatus(self, request: pb.PodSandboxStatusRequest, context: Any) -> pb.PodSandboxStatusResponse:
+        sb = self._sandboxes.get(request.pod_sandbox_id)
+        resp = pb.PodSandboxStatusResponse(status=convert.sandbox_status_to_pb(sb),
+                                           timestamp=self._now())
+        if request.verbose:
+            info = convert.sandbox_verbose_info(sb, f"{self._sandboxes_dir}/{sb.id}")
+            resp.info.update(info)
+        return resp
+
+    def ListPodSandbox(self, request: pb.ListPodSandboxRequest, context: Any) -> pb.ListPodSandboxResponse:
+        items = self._sandboxes.list(convert.sandbox_filter_from_pb(request))
+        return pb.ListPodSandboxResponse(items=[convert.sandbox_to_pb(s) for s in items])
+
+    @staticmethod
+    def _now() -> int:
+        return time.time_ns()
+
+
+fill(RuntimeServicer, pb.DESCRIPTOR.services_by_name["RuntimeService"], _why)
+
+
+class ImageServicer(api_pb2_grpc.ImageServiceServicer):  # type: ignore[misc]
+    """containerDisk images arrive with the image capability."""
+
+
+fill(ImageServicer, pb.DESCRIPTOR.services_by_name["ImageService"],
+     lambda _m: "pulling and storing containerDisk images is not available yet")

@@ -1,0 +1,210 @@
+"""Agent settings: dataclasses with built-in defaults, loaded from TOML.
+
+Every setting has a default, so the agent runs with no file at all (`make run`).
+A file only names what differs. Unknown sections or keys are an error at start,
+because a misspelt key silently ignored is a production incident later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SOCKET = Path("/run/podvisor/podvisor.sock")
+DEFAULT_STATE_DIR = Path("/var/lib/podvisor")
+VIRT_TYPES = ("auto", "kvm", "qemu")
+LOG_FORMATS = ("auto", "console", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """The configuration file or a flag is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    socket: Path = DEFAULT_SOCKET
+    # Group that owns the socket (mode 0660); empty keeps root's group.
+    socket_group: str = ""
+    workers: int = 32
+    # SIGTERM waits this long for in-flight calls before cancelling them.
+    shutdown_grace_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class LibvirtConfig:
+    uri: str = "qemu:///system"
+    # "auto" picks kvm only where guests really run on /dev/kvm, else qemu (TCG).
+    virt_type: str = "auto"
+    # How often the connection is checked and re-opened after libvirtd restarts.
+    reconnect_interval_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
+class CNIConfig:
+    conf_dirs: tuple[Path, ...] = (Path("/etc/cni/net.d"),)
+    bin_dirs: tuple[Path, ...] = (Path("/usr/lib/cni"), Path("/opt/cni/bin"))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    # "auto": human-readable on a terminal, JSON lines otherwise.
+    format: str = "auto"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    state_dir: Path = DEFAULT_STATE_DIR
+    server: ServerConfig = field(default_factory=ServerConfig)
+    libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
+    cni: CNIConfig = field(default_factory=CNIConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "podvisor.db"
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.state_dir / "sandboxes"
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "libvirt": LibvirtConfig,
+    "cni": CNIConfig,
+    "log": LogConfig,
+}
+
+
+def _coerce(where: str, default: Any, value: Any) -> Any:
+    """Convert a TOML value to the type of the field's default, or explain why not."""
+    if isinstance(default, Path):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: expected a non-empty path string")
+        path = Path(value)
+        if not path.is_absolute():
+            raise ConfigError(f"{where}: {value!r} must be an absolute path")
+        return path
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{where}: expected a non-empty list of absolute paths")
+        return tuple(_coerce(f"{where}[{i}]", Path("/"), v) for i, v in enumerate(value))
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{where}: expected a non-negative number")
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{where}: expected a positive integer")
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string")
+        return value
+    raise ConfigError(f"{where}: unsupported setting type")  # pragma: no cover
+
+
+def _section(name: str, cls: type[Any], data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{name}]: expected a table")
+    base = cls()
+    values = {}
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"[{name}] {key}: unknown setting (known: {', '.join(sorted(known))})")
+        values[key] = _coerce(f"[{name}] {key}", getattr(base, key), value)
+    return dataclasses.replace(base, **values)
+
+
+def from_mapping(data: dict[str, Any]) -> AgentConfig:
+    """Build and validate a config from parsed TOML."""
+    cfg = AgentConfig()
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "state_dir":
+            changes["state_dir"] = _coerce("state_dir", DEFAULT_STATE_DIR, value)
+        elif key in _SECTIONS:
+            changes[key] = _section(key, _SECTIONS[key], value)
+        else:
+            raise ConfigError(
+                f"{key}: unknown setting (known: state_dir, {', '.join(sorted(_SECTIONS))})"
+            )
+    cfg = dataclasses.replace(cfg, **changes)
+    validate(cfg)
+    return cfg
+
+
+def load(path: Path | None) -> AgentConfig:
+    """Read a TOML file; no path means the built-in defaults."""
+    if path is None:
+        return AgentConfig()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return from_mapping(data)
+
+
+def override(
+    cfg: AgentConfig,
+    *,
+    socket: Path | None = None,
+    state_dir: Path | None = None,
+    log_format: str | None = None,
+    log_level: str | None = None,
+) -> AgentConfig:
+    """Apply command-line flags, which win over the file."""
+    if socket is not None:
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, socket=socket))
+    if state_dir is not None:
+        cfg = dataclasses.replace(cfg, state_dir=state_dir)
+    if log_format is not None or log_level is not None:
+        cfg = dataclasses.replace(
+            cfg,
+            log=LogConfig(
+                format=log_format or cfg.log.format, level=log_level or cfg.log.level
+            ),
+        )
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: AgentConfig) -> None:
+    """Cross-field and enumerated-value checks."""
+    for name, path in (("state_dir", cfg.state_dir), ("[server] socket", cfg.server.socket)):
+        if not path.is_absolute():
+            raise ConfigError(f"{name}: {str(path)!r} must be an absolute path")
+    if cfg.libvirt.virt_type not in VIRT_TYPES:
+        raise ConfigError(
+            f"[libvirt] virt_type: {cfg.libvirt.virt_type!r} is not one of {', '.join(VIRT_TYPES)}"
+        )
+    if cfg.log.format not in LOG_FORMATS:
+        raise ConfigError(
+            f"[log] format: {cfg.log.format!r} is not one of {', '.join(LOG_FORMATS)}"
+        )
+    if cfg.log.level not in LOG_LEVELS:
+        raise ConfigError(f"[log] level: {cfg.log.level!r} is not one of {', '.join(LOG_LEVELS)}")
+    if cfg.server.socket_group:
+        try:
+            grp.getgrnam(cfg.server.socket_group)
+        except KeyError:
+            raise ConfigError(
+                f"[server] socket_group: no group named {cfg.server.socket_group!r}"
+            ) from None
+    if len(str(cfg.server.socket).encode()) > 107:
+        raise ConfigError("[server] socket: path longer than a unix socket address allows")

@@ -1,0 +1,161 @@
+"""Composition root: adapters → services → gRPC; signals; sd_notify.
+
+Start-up order matters: the state directory is locked first (two agents on
+one state would corrupt it), recovery runs before the socket exists (no client
+can see a half-recovered state), and READY=1 is sent only once the server
+answers.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import grp
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+from types import FrameType
+
+import structlog
+
+from agent import __version__
+from agent.adapters import cni, host, kvm, systemd
+from agent.adapters.files import SandboxFiles
+from agent.adapters.libvirt import Libvirt
+from agent.adapters.store import Store
+from agent.api import server as api_server
+from agent.api.podvisor_service import HostServicer
+from agent.api.runtime_service import ImageServicer, RuntimeServicer
+from agent.config import AgentConfig
+from agent.domain import virt
+from agent.services.ports import Ports, SystemClock
+from agent.services.recovery import recover
+from agent.services.runtime import RuntimeInfoService
+from agent.services.sandboxes import SandboxService
+
+log = structlog.get_logger(__name__)
+
+
+class StartupError(Exception):
+    """The agent cannot start; the message says why and what to do."""
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+    fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise StartupError(
+                f"another podvisor-agent is using the state directory {state_dir}"
+            ) from None
+        raise
+    return fd
+
+
+def _prepare_socket(path: Path) -> None:
+    """Create the socket's directory and clear a stale socket left by a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if not path.exists() and not path.is_symlink():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: a leftover from a killed agent
+        return
+    finally:
+        probe.close()
+    raise StartupError(f"another process is already serving on {path}")
+
+
+def _choose_virt(configured: str) -> tuple[virt.VirtChoice, virt.KvmFacts]:
+    facts = kvm.gather()
+    if virt.needs_probe(configured, facts):
+        ok, detail = kvm.probe()
+        facts = virt.KvmFacts(facts.device_present, facts.device_usable, facts.pvm, ok, detail)
+    choice = virt.choose(configured, facts)
+    if configured == "kvm" and (facts.pvm or not facts.device_usable):
+        log.warning("virt_type = kvm is configured, but guests may not run on this /dev/kvm",
+                    pvm=facts.pvm, usable=facts.device_usable)
+    return choice, facts
+
+
+class Daemon:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self._stop = threading.Event()
+
+    def request_stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:
+        if signum:
+            log.info("signal received, draining", signal=signal.Signals(signum).name)
+        self._stop.set()
+
+    def run(self) -> int:
+        cfg = self.cfg
+        lock_fd = _lock_state_dir(cfg.state_dir)
+        store = Store(cfg.db_path)
+        files = SandboxFiles(cfg.sandboxes_dir)
+        ports = Ports(store=store, files=files, clock=SystemClock())
+        sandboxes = SandboxService(ports)
+        recover(ports, sandboxes)
+
+        libvirt = Libvirt(cfg.libvirt.uri, cfg.libvirt.reconnect_interval_seconds)
+        libvirt.start()
+        choice, facts = _choose_virt(cfg.libvirt.virt_type)
+        log.info("virtualisation type chosen", virt_type=choice.virt_type, reason=choice.reason)
+
+        runtime = RuntimeInfoService(
+            libvirt=libvirt,
+            cni_lookup=lambda: cni.find_config(cfg.cni.conf_dirs, cfg.cni.bin_dirs),
+            host_facts=lambda: host.gather(cfg.state_dir),
+            virt=choice,
+            kvm=facts,
+            state_dir=cfg.state_dir,
+        )
+        grpc_server, health = api_server.build(
+            RuntimeServicer(runtime, sandboxes, str(cfg.sandboxes_dir)),
+            ImageServicer(),
+            HostServicer(runtime),
+            cfg.server.workers,
+        )
+        sock = cfg.server.socket
+        _prepare_socket(sock)
+        old_umask = os.umask(0o117)  # the socket is born 0660, never wider
+        try:
+            grpc_server.add_insecure_port(f"unix:{sock}")
+        finally:
+            os.umask(old_umask)
+        if cfg.server.socket_group:
+            os.chown(sock, 0, grp.getgrnam(cfg.server.socket_group).gr_gid)
+        os.chmod(sock, 0o660)
+        grpc_server.start()
+        api_server.set_serving(health, True)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.request_stop)
+        systemd.notify(f"READY=1\nSTATUS=serving on {sock}\nMAINPID={os.getpid()}")
+        log.info("podvisor-agent serving", version=__version__, socket=str(sock),
+                 state_dir=str(cfg.state_dir), virt_type=choice.virt_type)
+
+        while not self._stop.wait(1.0):
+            pass
+
+        systemd.notify("STOPPING=1")
+        api_server.set_serving(health, False)
+        grace = cfg.server.shutdown_grace_seconds
+        grpc_server.stop(grace).wait(grace + 5)
+        libvirt.close()
+        store.close()
+        try:
+            sock.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(lock_fd)
+        log.info("podvisor-agent stopped")
+        return 0

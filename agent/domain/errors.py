@@ -1,0 +1,71 @@
+"""The closed set of errors services raise.
+
+Only the API layer turns these into gRPC status codes (agent/api/interceptor.py);
+nothing else decides a status code. Messages are shown to clients verbatim, so
+they must be complete sentences that name the offending field or object and
+never carry a traceback.
+"""
+
+from __future__ import annotations
+
+
+class PodvisorError(Exception):
+    """Base of every error a client may see."""
+
+    code_name = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(PodvisorError):
+    """The request is malformed; ``field`` names the offending field path."""
+
+    code_name = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class NotFound(PodvisorError):
+    code_name = "NOT_FOUND"
+
+
+class AlreadyExists(PodvisorError):
+    code_name = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(PodvisorError):
+    code_name = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(PodvisorError):
+    code_name = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(PodvisorError):
+    """A dependency (libvirt, a registry, a CNI plugin) cannot be reached."""
+
+    code_name = "UNAVAILABLE"
+
+
+class Unauthenticated(PodvisorError):
+    """A registry refused the credentials given (or none were given)."""
+
+    code_name = "UNAUTHENTICATED"
+
+
+class DeadlineExceeded(PodvisorError):
+    code_name = "DEADLINE_EXCEEDED"
+
+
+class Unimplemented(PodvisorError):
+    code_name = "UNIMPLEMENTED"
+
+
+class Internal(PodvisorError):
+    """A bug or an unexpected state; the log has the details."""
+
+    code_name = "INTERNAL"

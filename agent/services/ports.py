@@ -1,0 +1,44 @@
+"""Ports: what the services need from the outside world, as Protocols.
+
+Services receive them in one bundle (``Ports``), so service tests can hand in
+recording fakes while integration tests run the real adapters.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from agent.domain.sandbox import Sandbox
+
+
+class Clock(Protocol):
+    def now_ns(self) -> int: ...
+
+
+class SystemClock:
+    def now_ns(self) -> int:
+        return time.time_ns()
+
+
+class SandboxStore(Protocol):
+    def insert_sandbox(self, sandbox: Sandbox) -> None: ...
+    def update_sandbox(self, sandbox: Sandbox) -> None: ...
+    def delete_sandbox(self, sandbox_id: str) -> None: ...
+    def load_sandboxes(self) -> list[Sandbox]: ...
+
+
+class SandboxFiles(Protocol):
+    def create_sandbox_dir(self, sandbox_id: str) -> Path: ...
+    def remove_sandbox_dir(self, sandbox_id: str) -> None: ...
+    def list_sandbox_dirs(self) -> list[str]: ...
+    def ensure_log_directory(self, path: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Ports:
+    store: SandboxStore
+    files: SandboxFiles
+    clock: Clock
