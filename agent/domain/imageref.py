@@ -38,7 +38,9 @@ _HOST_RE = re.compile(
     rf"(?:{_HOST_LABEL}(?:\.{_HOST_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?"
 )
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
-_DIGEST_SHAPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Za-z=_-]+")
+_DIGEST_SHAPE_RE = re.compile(
+    r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Za-z=_-]+"
+)
 _MAX_NAME_LENGTH = 255
 
 DEFAULT_FIELD = "image.image"
@@ -118,7 +120,9 @@ def parse_image_ref(text: str, field: str = DEFAULT_FIELD) -> ImageRef:
 
     registry, repository = _split_registry(remainder)
     if not _HOST_RE.fullmatch(registry):
-        raise InvalidArgument(field, f"image reference {text!r} has an invalid registry {registry!r}")
+        raise InvalidArgument(
+            field, f"image reference {text!r} has an invalid registry {registry!r}"
+        )
     if repository != repository.lower() and _PATH_RE.fullmatch(repository.lower()):
         raise InvalidArgument(
             field, f"image reference {text!r}: repository name {repository!r} must be lowercase"
@@ -162,9 +166,7 @@ def _split_registry(remainder: str) -> tuple[str, str]:
     first, sep, rest = remainder.partition("/")
     if not sep:
         return DEFAULT_REGISTRY, remainder
-    looks_like_host = (
-        "." in first or ":" in first or first == "localhost" or first != first.lower()
-    )
+    looks_like_host = "." in first or ":" in first or first == "localhost" or first != first.lower()
     if looks_like_host:
         return first, rest
     return DEFAULT_REGISTRY, remainder
@@ -176,12 +178,14 @@ def _parse_reference_digest(digest_text: str, text: str, field: str) -> str:
     if _DIGEST_SHAPE_RE.fullmatch(digest_text) and not digest_text.startswith("sha256:"):
         algorithm = digest_text.split(":", 1)[0]
         raise InvalidArgument(
-            field, f"image reference {text!r}: digest algorithm {algorithm!r} is not supported "
-            "(only sha256)"
+            field,
+            f"image reference {text!r}: digest algorithm {algorithm!r} is not supported "
+            "(only sha256)",
         )
     raise InvalidArgument(
-        field, f"image reference {text!r} has an invalid digest {digest_text!r} "
-        "(expected sha256: followed by 64 lowercase hex digits)"
+        field,
+        f"image reference {text!r} has an invalid digest {digest_text!r} "
+        "(expected sha256: followed by 64 lowercase hex digits)",
     )
 
 
@@ -207,7 +211,8 @@ class RewriteRule:
         for label, value in (("prefix", self.prefix), ("replacement", self.replacement)):
             if not value or value != value.strip() or "://" in value or "@" in value:
                 raise ValueError(
-                    f"registry rewrite {label} {value!r} must be host/path, without scheme or digest"
+                    f"registry rewrite {label} {value!r} must be host/path, "
+                    "without scheme or digest"
                 )
             host = value.split("/", 1)[0]
             if not _HOST_RE.fullmatch(host):
@@ -292,7 +297,9 @@ def rewrite(ref: ImageRef, rules: Iterable[RewriteRule], field: str = DEFAULT_FI
     """
     best: RewriteRule | None = None
     for rule in rules:
-        if rule.apply(ref.name) is not None and (best is None or len(rule.prefix) > len(best.prefix)):
+        if rule.apply(ref.name) is None:
+            continue
+        if best is None or len(rule.prefix) > len(best.prefix):
             best = rule
     if best is None:
         return ref

@@ -126,9 +126,12 @@ def parse_digest(text: str, field: str = "digest") -> str:
     """Validate a digest typed by a client; raise ``InvalidArgument(field, ...)``."""
     if is_digest(text):
         return text
-    if isinstance(text, str) and _ANY_DIGEST_RE.fullmatch(text) and not text.startswith(SHA256_PREFIX):
+    looks_like_digest = isinstance(text, str) and _ANY_DIGEST_RE.fullmatch(text) is not None
+    if looks_like_digest and not text.startswith(SHA256_PREFIX):
         algorithm = text.split(":", 1)[0]
-        raise InvalidArgument(field, f"digest algorithm {algorithm!r} is not supported (only sha256)")
+        raise InvalidArgument(
+            field, f"digest algorithm {algorithm!r} is not supported (only sha256)"
+        )
     raise InvalidArgument(
         field, f"{text!r} is not a digest (expected sha256: followed by 64 lowercase hex digits)"
     )
@@ -335,7 +338,8 @@ def _parse_descriptor(
     digest = value.get("digest")
     if not isinstance(digest, str) or not is_digest(digest):
         raise FailedPrecondition(
-            f"{where}: descriptor digest {digest!r} is not sha256: followed by 64 lowercase hex digits"
+            f"{where}: descriptor digest {digest!r} is not sha256: "
+            "followed by 64 lowercase hex digits"
         )
     size = value.get("size")
     # bool is an int in Python; JSON true is not a size.
