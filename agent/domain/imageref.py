@@ -148,11 +148,14 @@ def parse_image_ref(text: str, field: str = DEFAULT_FIELD) -> ImageRef:
 
 
 def normalise_registry(host: str) -> str:
-    """Map Docker Hub's aliases to ``docker.io``; other hosts are lower-cased."""
-    lowered = host.lower()
-    if lowered in _DOCKER_HUB_ALIASES:
+    """Map Docker Hub's aliases to ``docker.io``; other hosts are kept as written.
+
+    Keeping the case matters: ``MyHost/x`` names host ``MyHost`` only because
+    of its capitals, so lower-casing it would change the meaning on re-parse.
+    """
+    if host.lower() in _DOCKER_HUB_ALIASES:
         return DEFAULT_REGISTRY
-    return lowered
+    return host
 
 
 def registry_endpoint(registry: str) -> str:
