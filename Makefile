@@ -1,0 +1,55 @@
+# Podvisor: `make run` and `make test` do all set-up on a fresh Debian 12 host.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED ?= ../shared
+STAMPS := .stamps
+PYTEST_ARGS ?=
+
+.PHONY: run test unit integration check-wire lint bench setup deps host proto clean
+
+setup: deps $(STAMPS)/venv proto host
+
+deps:
+	@scripts/install-deps.sh
+
+$(STAMPS)/venv: pyproject.toml
+	@mkdir -p $(STAMPS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+proto: $(STAMPS)/venv
+	@PYTHON=$(PY) scripts/gen-proto.sh
+
+host:
+	@scripts/host-up.sh
+
+run: setup
+	exec $(VENV)/bin/podvisor-agent
+
+check-wire: $(STAMPS)/venv
+	$(PY) -m grpc_tools.protoc -I proto --include_imports \
+	    --descriptor_set_out=$(STAMPS)/cri.pb proto/runtime/v1/api.proto
+	$(PY) $(SHARED)/cri/check_wire.py $(STAMPS)/cri.pb --require-all
+
+test: setup check-wire
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest $(PYTEST_ARGS) tests
+
+unit: setup
+	$(PY) -m pytest -m "not integration and not e2e" $(PYTEST_ARGS) tests
+
+integration: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -m "integration or e2e" $(PYTEST_ARGS) tests
+
+lint: $(STAMPS)/venv proto
+	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/mypy agent
+
+bench: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/rpc.py
+
+clean:
+	rm -rf $(VENV) $(STAMPS) agent/api/gen

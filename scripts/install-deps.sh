@@ -1,0 +1,25 @@
+#!/bin/sh
+# Install the Debian packages Podvisor needs on a host (idempotent, fast when
+# everything is present). Run as root.
+set -eu
+PACKAGES="
+qemu-system-x86 qemu-utils ovmf
+libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc
+python3 python3-dev python3-venv
+containernetworking-plugins iproute2 iptables nftables dnsmasq-base
+docker-registry skopeo
+busybox-static syslinux syslinux-common mtools xorriso cpio
+"
+missing=""
+for p in $PACKAGES; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing="$missing $p"
+    fi
+done
+if [ -n "$missing" ]; then
+    echo "podvisor: installing Debian packages:$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $missing
+fi
