@@ -95,6 +95,49 @@ def sandbox_to_pb(sb: Sandbox) -> pb.PodSandbox:
     )
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+class EncodedCache:
+    """Encodes frozen domain values as one repeated message field, with caching.
+
+    A value is re-encoded only when the service replaced it (identity check),
+    so a relist of unchanged sandboxes is a bytes join. The output is exactly
+    what protobuf produces for ``repeated Msg items = field_number``.
+    """
+
+    def __init__(self, to_pb: Any, field_number: int) -> None:
+        self._to_pb = to_pb
+        self._tag = _varint(field_number << 3 | 2)  # wire type 2: length-delimited
+        self._cache: dict[str, tuple[Any, bytes]] = {}
+
+    def encode(self, values: list[Any], complete: bool = True) -> bytes:
+        """``complete``: ``values`` holds every live value (no filter applied)."""
+        cache = self._cache
+        parts = []
+        for value in values:
+            hit = cache.get(value.id)
+            if hit is None or hit[0] is not value:
+                body = self._to_pb(value).SerializeToString(deterministic=True)
+                hit = (value, self._tag + _varint(len(body)) + body)
+                cache[value.id] = hit
+            parts.append(hit[1])
+        if complete and len(cache) > len(values):
+            # Forget values that no longer exist.
+            live = {v.id for v in values}
+            for key in [k for k in cache if k not in live]:
+                cache.pop(key, None)
+        return b"".join(parts)
+
+
 def sandbox_status_to_pb(sb: Sandbox) -> pb.PodSandboxStatus:
     network_mode = pb.NODE if sb.spec.network_mode is NetworkMode.NODE else pb.POD
     return pb.PodSandboxStatus(

@@ -36,6 +36,7 @@ class RuntimeServicer(api_pb2_grpc.RuntimeServiceServicer):  # type: ignore[misc
         self._runtime = runtime
         self._sandboxes = sandboxes
         self._sandboxes_dir = sandboxes_dir
+        self._list_encoder = convert.EncodedCache(convert.sandbox_to_pb, field_number=1)
 
     def Version(self, request: pb.VersionRequest, context: Any) -> pb.VersionResponse:
         return convert.version_to_pb(self._runtime.version())
@@ -64,9 +65,11 @@ class RuntimeServicer(api_pb2_grpc.RuntimeServiceServicer):  # type: ignore[misc
             resp.info.update(info)
         return resp
 
-    def ListPodSandbox(self, request: pb.ListPodSandboxRequest, context: Any) -> pb.ListPodSandboxResponse:
+    def ListPodSandbox(self, request: pb.ListPodSandboxRequest, context: Any) -> bytes:
+        # kubelet relists every second: answer from cached encodings of each
+        # (immutable) sandbox value, joined as the repeated field 1 "items".
         items = self._sandboxes.list(convert.sandbox_filter_from_pb(request))
-        return pb.ListPodSandboxResponse(items=[convert.sandbox_to_pb(s) for s in items])
+        return self._list_encoder.encode(items, complete=not request.HasField("filter"))
 
     @staticmethod
     def _now() -> int:

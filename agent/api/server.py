@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from concurrent import futures
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 
 import agent.api.gen  # noqa: F401
 from agent.api.interceptor import ApiInterceptor
 from agent.api.podvisor_service import HostServicer
 from agent.api.runtime_service import ImageServicer, RuntimeServicer
-from podvisor.v1 import podvisor_pb2, podvisor_pb2_grpc
-from runtime.v1 import api_pb2, api_pb2_grpc
+from podvisor.v1 import podvisor_pb2
+from runtime.v1 import api_pb2
 
 # kubelet sends and accepts messages up to 16 MiB.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -23,6 +26,36 @@ SERVICE_NAMES = (
     api_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
     podvisor_pb2.DESCRIPTOR.services_by_name["Host"].full_name,
 )
+
+
+def _serialize(message: Any) -> bytes:
+    """Responses are messages, or bytes a handler already encoded (hot paths)."""
+    if isinstance(message, bytes):
+        return message
+    return message.SerializeToString()  # type: ignore[no-any-return]
+
+
+def _generic_handler(servicer: object, service: ServiceDescriptor) -> grpc.GenericRpcHandler:
+    """Register every method of a service from its descriptor.
+
+    Same as the generated add_*_to_server, except that a handler may return
+    pre-encoded bytes (ListPodSandbox serves cached encodings).
+    """
+    handlers = {}
+    for method in service.methods:
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=request_cls.FromString,
+            response_serializer=_serialize,
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 def build(
@@ -40,9 +73,11 @@ def build(
             ("grpc.so_reuseport", 0),
         ],
     )
-    api_pb2_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
-    api_pb2_grpc.add_ImageServiceServicer_to_server(images, server)
-    podvisor_pb2_grpc.add_HostServicer_to_server(host, server)
+    server.add_generic_rpc_handlers((
+        _generic_handler(runtime, api_pb2.DESCRIPTOR.services_by_name["RuntimeService"]),
+        _generic_handler(images, api_pb2.DESCRIPTOR.services_by_name["ImageService"]),
+        _generic_handler(host, podvisor_pb2.DESCRIPTOR.services_by_name["Host"]),
+    ))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
