@@ -787,7 +787,19 @@ class RegistryClient:
             try:
                 response = client.send(request, stream=stream)
             except httpx.ConnectError as exc:
+                if _is_certificate_error(exc):
+                    # Falling back to HTTP would hide the real problem; retrying cannot fix it.
+                    raise Unavailable(
+                        f"registry {repo.registry}: the TLS certificate of {repo.host} is not "
+                        f"trusted ({exc}); configure its CA file or mark the registry insecure"
+                    ) from None
                 if position == len(schemes) - 1:
+                    if _is_plain_http_answer(exc):
+                        # Deterministic: the endpoint speaks HTTP; retrying cannot help.
+                        raise Unavailable(
+                            f"registry {repo.registry}: {repo.host} does not speak TLS ({exc}); "
+                            "if it serves plain HTTP, mark the registry insecure"
+                        ) from None
                     raise
                 # TLS handshake against a plain-HTTP loopback/insecure registry.
                 log.debug("registry.scheme_fallback", endpoint=repo.host, error=str(exc))
@@ -1064,6 +1076,23 @@ def _ssl_context(config: RegistryHostConfig) -> ssl.SSLContext | bool:
     if config.ca_file:
         context.load_verify_locations(cafile=config.ca_file)
     return context
+
+
+def _is_certificate_error(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return True
+        current = current.__cause__ or current.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
+def _is_plain_http_answer(exc: BaseException) -> bool:
+    # OpenSSL's wording when the peer answered a ClientHello with plain HTTP.
+    text = str(exc)
+    return "WRONG_VERSION_NUMBER" in text or "record layer failure" in text
 
 
 def _pick_challenge(headers: Sequence[str]) -> AuthChallenge | None:

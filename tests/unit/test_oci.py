@@ -267,7 +267,7 @@ def test_parse_index_platforms_are_normalised() -> None:
         (encode(manifest_doc(config=desc(oci.OCI_CONFIG, "sha256:abc"))), None, "digest"),
         (encode(manifest_doc(config=desc(oci.OCI_CONFIG, D1, -1))), None, "size"),
         (encode(manifest_doc(config=desc(oci.OCI_CONFIG, D1, True))), None, "size"),
-        (encode(manifest_doc(config=desc(oci.OCI_CONFIG, D1, 1.5))), None, "size"),
+        (encode(manifest_doc(config=desc(oci.OCI_CONFIG, D1, 1.5))), None, "size"),  # type: ignore[arg-type]
         (encode(manifest_doc(config={"digest": D1, "size": 1})), None, "mediaType is missing"),
         (encode(manifest_doc(layers={})), None, "layers must be a list"),
         (encode(manifest_doc(layers=[desc(oci.OCI_LAYER, D2, urls="x")])), None, "urls"),
