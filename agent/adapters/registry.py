@@ -144,9 +144,7 @@ class RegistryCredentials:
 
     def fingerprint(self) -> str:
         """A stable hash identifying these credentials, for cache keys."""
-        material = "\0".join(
-            [self.username, self.password, self.auth, self.identity_token, self.registry_token]
-        )
+        material = "\0".join([self.username, self.password, self.auth, self.identity_token, self.registry_token])
         return hashlib.sha256(material.encode()).hexdigest()
 
 
@@ -157,14 +155,17 @@ def credentials_for(registry: str, credentials: RegistryCredentials | None) -> C
     """A lookup returning ``credentials`` for ``registry`` only (Docker Hub aliases match).
 
     ``registry`` may be written as CRI's ``server_address``: with a scheme or
-    a ``/v1/`` path (``https://index.docker.io/v1/``).
+    a ``/v1/`` path (``https://index.docker.io/v1/``). It must not be empty:
+    CRI's ``server_address`` is optional, and credentials meant for the
+    image's registry must not reach a mirror, so pass
+    ``server_address or ref.registry``.
     """
-    wanted = normalise_registry(_strip_server_address(registry)) if registry else ""
+    wanted = normalise_registry(_strip_server_address(registry))
+    if not wanted:
+        raise ValueError("credentials_for needs the registry the credentials belong to")
 
     def lookup(name: str) -> RegistryCredentials | None:
-        if credentials is None:
-            return None
-        if not wanted or normalise_registry(name) == wanted:
+        if credentials is not None and normalise_registry(name) == wanted:
             return credentials
         return None
 
@@ -307,9 +308,7 @@ class RegistryClient:
         """Where ``ref`` would be pulled from, in order (rewrites and mirrors applied)."""
         return pull_candidates(ref, self._rewrites, self._mirrors)
 
-    def resolve(
-        self, ref: ImageRef, *, credentials: CredentialLookup | None = None
-    ) -> ResolvedImage:
+    def resolve(self, ref: ImageRef, *, credentials: CredentialLookup | None = None) -> ResolvedImage:
         """Resolve ``ref`` to its linux/amd64 manifest, trying mirrors then the registry.
 
         A mirror that fails in any way is skipped (and logged); the error of the
@@ -354,12 +353,9 @@ class RegistryClient:
             current = self.fetch_manifest(repo, entry.digest, credentials=credentials, image=source)
             if len(current.data) != entry.size:
                 raise FailedPrecondition(
-                    f"{source}: manifest {entry.digest} is {len(current.data)} bytes, "
-                    f"the index says {entry.size}"
+                    f"{source}: manifest {entry.digest} is {len(current.data)} bytes, the index says {entry.size}"
                 )
-            document = parse_manifest_document(
-                current.data, current.media_type or entry.media_type, source=source
-            )
+            document = parse_manifest_document(current.data, current.media_type or entry.media_type, source=source)
         log.info(
             "registry.resolved",
             image=source,
@@ -423,8 +419,7 @@ class RegistryClient:
             header = response.headers.get("docker-content-digest", "").strip()
             if is_digest(header) and header != computed:
                 raise FailedPrecondition(
-                    f"image {what}: registry {repo.registry} says the manifest is {header} "
-                    f"but it hashes to {computed}"
+                    f"image {what}: registry {repo.registry} says the manifest is {header} but it hashes to {computed}"
                 )
             digest = computed
         media_type = strip_media_type_parameters(response.headers.get("content-type"))
@@ -440,12 +435,9 @@ class RegistryClient:
         """The image config blob (held in memory, size-limited, verified)."""
         if config.size > MAX_CONFIG_BYTES:
             raise FailedPrecondition(
-                f"config {config.digest} of {repo} is {config.size} bytes, "
-                f"more than the {MAX_CONFIG_BYTES} allowed"
+                f"config {config.digest} of {repo} is {config.size} bytes, more than the {MAX_CONFIG_BYTES} allowed"
             )
-        return self.fetch_blob_bytes(
-            repo, config.digest, expected_size=config.size, credentials=credentials
-        )
+        return self.fetch_blob_bytes(repo, config.digest, expected_size=config.size, credentials=credentials)
 
     def fetch_blob_bytes(
         self,
@@ -529,10 +521,7 @@ class RegistryClient:
             try:
                 with closing(response):
                     if response.status_code == 404:
-                        raise NotFound(
-                            f"blob {digest} not found in repository {repo.name} "
-                            f"of registry {repo.registry}"
-                        )
+                        raise NotFound(f"blob {digest} not found in repository {repo.name} of registry {repo.registry}")
                     self._check_status(response, repo, f"blob {digest}", ok=(200,))
                     for chunk in response.iter_bytes(CHUNK_SIZE):
                         size += len(chunk)
@@ -543,8 +532,7 @@ class RegistryClient:
                             )
                         if limit is not None and size > limit:
                             raise FailedPrecondition(
-                                f"blob {digest} from registry {repo.registry} is larger than "
-                                f"the {limit} bytes allowed"
+                                f"blob {digest} from registry {repo.registry} is larger than the {limit} bytes allowed"
                             )
                         hasher.update(chunk)
                         sink.write(chunk)
@@ -643,9 +631,7 @@ class RegistryClient:
         )
         with closing(response):
             if mount_from and response.status_code == 201:
-                log.info(
-                    "registry.blob_mounted", endpoint=str(repo), digest=digest, source=mount_from
-                )
+                log.info("registry.blob_mounted", endpoint=str(repo), digest=digest, source=mount_from)
                 return digest
             self._check_status(response, repo, f"upload of blob {digest}", ok=(202,))
             location = response.headers.get("location")
@@ -691,9 +677,7 @@ class RegistryClient:
         _check_reference(reference)
         digest = sha256_digest(data)
         if is_digest(reference) and reference != digest:
-            raise InvalidArgument(
-                "reference", f"manifest bytes hash to {digest}, not to the reference {reference}"
-            )
+            raise InvalidArgument("reference", f"manifest bytes hash to {digest}, not to the reference {reference}")
         response = self._send(
             repo,
             "PUT",
@@ -708,8 +692,7 @@ class RegistryClient:
             header = response.headers.get("docker-content-digest", "").strip()
         if is_digest(header) and header != digest:
             raise FailedPrecondition(
-                f"registry {repo.registry} stored manifest {reference} as {header}, "
-                f"expected {digest}"
+                f"registry {repo.registry} stored manifest {reference} as {header}, expected {digest}"
             )
         log.info("registry.manifest_pushed", endpoint=str(repo), reference=reference, digest=digest)
         return digest
@@ -810,17 +793,13 @@ class RegistryClient:
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _with_retries(
-        self, send: Callable[[], httpx.Response], registry: str, what: str
-    ) -> httpx.Response:
+    def _with_retries(self, send: Callable[[], httpx.Response], registry: str, what: str) -> httpx.Response:
         for attempt in range(1, self._max_attempts + 1):
             try:
                 response = send()
             except httpx.TransportError as exc:
                 if attempt >= self._max_attempts:
-                    raise Unavailable(
-                        f"registry {registry} is unreachable after {attempt} attempts: {exc}"
-                    ) from None
+                    raise Unavailable(f"registry {registry} is unreachable after {attempt} attempts: {exc}") from None
                 self._backoff(attempt, registry, f"{what}: {exc.__class__.__name__}: {exc}")
                 continue
             if response.status_code not in RETRYABLE_STATUS:
@@ -829,16 +808,11 @@ class RegistryClient:
             retry_after = _retry_after(response.headers.get("retry-after"))
             response.close()
             if attempt >= self._max_attempts:
-                raise Unavailable(
-                    f"registry {registry} answered HTTP {status} to {what} "
-                    f"{attempt} times; giving up"
-                )
+                raise Unavailable(f"registry {registry} answered HTTP {status} to {what} {attempt} times; giving up")
             self._backoff(attempt, registry, f"{what}: HTTP {status}", retry_after)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _backoff(
-        self, attempt: int, registry: str, reason: str, at_least: float | None = None
-    ) -> None:
+    def _backoff(self, attempt: int, registry: str, reason: str, at_least: float | None = None) -> None:
         delay = min(self._backoff_max, self._backoff_initial * (2 ** (attempt - 1)))
         delay += random.uniform(0, delay / 4)  # jitter so agents do not retry in lockstep
         if at_least is not None:
@@ -852,28 +826,18 @@ class RegistryClient:
         )
         self._sleep(delay)
 
-    def _check_status(
-        self, response: httpx.Response, repo: RemoteRepository, what: str, ok: Sequence[int]
-    ) -> None:
+    def _check_status(self, response: httpx.Response, repo: RemoteRepository, what: str, ok: Sequence[int]) -> None:
         status = response.status_code
         if status in ok:
             return
         detail = _error_detail(response)
         if status == 403:
-            raise Unauthenticated(
-                f"registry {repo.registry} denied access to {what} in {repo.name}{detail}"
-            )
+            raise Unauthenticated(f"registry {repo.registry} denied access to {what} in {repo.name}{detail}")
         if status == 404:
-            raise NotFound(
-                f"{what} not found in repository {repo.name} of registry {repo.registry}"
-            )
+            raise NotFound(f"{what} not found in repository {repo.name} of registry {repo.registry}")
         if 400 <= status < 500:
-            raise FailedPrecondition(
-                f"registry {repo.registry} refused {what} in {repo.name}: HTTP {status}{detail}"
-            )
-        raise Unavailable(
-            f"registry {repo.registry} answered HTTP {status} to {what} in {repo.name}{detail}"
-        )
+            raise FailedPrecondition(f"registry {repo.registry} refused {what} in {repo.name}: HTTP {status}{detail}")
+        raise Unavailable(f"registry {repo.registry} answered HTTP {status} to {what} in {repo.name}{detail}")
 
     # -- connections and TLS
 
@@ -908,9 +872,7 @@ class RegistryClient:
 
     # -- credentials and tokens
 
-    def _lookup(
-        self, registry: str, override: CredentialLookup | None
-    ) -> RegistryCredentials | None:
+    def _lookup(self, registry: str, override: CredentialLookup | None) -> RegistryCredentials | None:
         lookup = override or self._credentials
         if lookup is None:
             return None
@@ -955,8 +917,7 @@ class RegistryClient:
         realm = challenge.realm
         if not realm or urllib.parse.urlsplit(realm).scheme not in ("http", "https"):
             raise Unauthenticated(
-                f"registry {repo.registry} sent a Bearer challenge without a usable realm "
-                f"({realm!r})"
+                f"registry {repo.registry} sent a Bearer challenge without a usable realm ({realm!r})"
             )
         service = challenge.service or ""
         scope_key = " ".join(sorted(set(scopes)))
@@ -1007,9 +968,7 @@ class RegistryClient:
             auth = httpx.BasicAuth(basic[0], basic[1]) if basic else None
 
             def send() -> httpx.Response:
-                return client.get(
-                    realm, params=query, auth=auth, headers={"User-Agent": self._user_agent}
-                )
+                return client.get(realm, params=query, auth=auth, headers={"User-Agent": self._user_agent})
 
         response = self._with_retries(send, repo.registry, f"token request to {realm}")
         with closing(response):
@@ -1025,15 +984,12 @@ class RegistryClient:
                 )
             if response.status_code != 200:
                 raise Unavailable(
-                    f"registry {repo.registry}: token service {realm} answered "
-                    f"HTTP {response.status_code}"
+                    f"registry {repo.registry}: token service {realm} answered HTTP {response.status_code}"
                 )
             try:
                 payload = response.json()
             except (json.JSONDecodeError, UnicodeDecodeError):
-                raise Unavailable(
-                    f"registry {repo.registry}: token service {realm} did not return JSON"
-                ) from None
+                raise Unavailable(f"registry {repo.registry}: token service {realm} did not return JSON") from None
         if not isinstance(payload, dict):
             raise Unavailable(f"registry {repo.registry}: token service {realm} returned no token")
         # Docker's token spec says "token"; OAuth2 servers say "access_token".
@@ -1109,12 +1065,7 @@ def _pick_challenge(headers: Sequence[str]) -> AuthChallenge | None:
 def _check_reference(reference: str) -> None:
     if is_digest(reference):
         return
-    if (
-        reference
-        and len(reference) <= 128
-        and reference[0] not in ".-"
-        and set(reference) <= _TAG_CHARS
-    ):
+    if reference and len(reference) <= 128 and reference[0] not in ".-" and set(reference) <= _TAG_CHARS:
         return
     raise InvalidArgument("reference", f"{reference!r} is neither a tag nor a sha256 digest")
 

@@ -34,13 +34,9 @@ _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _PATH_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _HOST_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_HOST_RE = re.compile(
-    rf"(?:{_HOST_LABEL}(?:\.{_HOST_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?"
-)
+_HOST_RE = re.compile(rf"(?:{_HOST_LABEL}(?:\.{_HOST_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?")
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
-_DIGEST_SHAPE_RE = re.compile(
-    r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Za-z=_-]+"
-)
+_DIGEST_SHAPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Za-z=_-]+")
 _MAX_NAME_LENGTH = 255
 
 DEFAULT_FIELD = "image.image"
@@ -95,9 +91,7 @@ def parse_image_ref(text: str, field: str = DEFAULT_FIELD) -> ImageRef:
     if text != text.strip():
         raise InvalidArgument(field, f"image reference {text!r} has surrounding whitespace")
     if "://" in text:
-        raise InvalidArgument(
-            field, f"image reference {text!r} must not carry a URL scheme; write host/repository"
-        )
+        raise InvalidArgument(field, f"image reference {text!r} must not carry a URL scheme; write host/repository")
 
     remainder = text
     digest: str | None = None
@@ -120,13 +114,9 @@ def parse_image_ref(text: str, field: str = DEFAULT_FIELD) -> ImageRef:
 
     registry, repository = _split_registry(remainder)
     if not _HOST_RE.fullmatch(registry):
-        raise InvalidArgument(
-            field, f"image reference {text!r} has an invalid registry {registry!r}"
-        )
+        raise InvalidArgument(field, f"image reference {text!r} has an invalid registry {registry!r}")
     if repository != repository.lower() and _PATH_RE.fullmatch(repository.lower()):
-        raise InvalidArgument(
-            field, f"image reference {text!r}: repository name {repository!r} must be lowercase"
-        )
+        raise InvalidArgument(field, f"image reference {text!r}: repository name {repository!r} must be lowercase")
     if not _PATH_RE.fullmatch(repository):
         raise InvalidArgument(
             field,
@@ -139,9 +129,7 @@ def parse_image_ref(text: str, field: str = DEFAULT_FIELD) -> ImageRef:
         # Docker Hub's official images live under library/.
         repository = f"{OFFICIAL_NAMESPACE}/{repository}"
     if len(f"{registry}/{repository}") > _MAX_NAME_LENGTH:
-        raise InvalidArgument(
-            field, f"image reference {text!r} is longer than {_MAX_NAME_LENGTH} characters"
-        )
+        raise InvalidArgument(field, f"image reference {text!r} is longer than {_MAX_NAME_LENGTH} characters")
     if tag is None and digest is None:
         tag = DEFAULT_TAG
     return ImageRef(registry=registry, repository=repository, tag=tag, digest=digest)
@@ -182,8 +170,7 @@ def _parse_reference_digest(digest_text: str, text: str, field: str) -> str:
         algorithm = digest_text.split(":", 1)[0]
         raise InvalidArgument(
             field,
-            f"image reference {text!r}: digest algorithm {algorithm!r} is not supported "
-            "(only sha256)",
+            f"image reference {text!r}: digest algorithm {algorithm!r} is not supported (only sha256)",
         )
     raise InvalidArgument(
         field,
@@ -213,10 +200,7 @@ class RewriteRule:
     def __post_init__(self) -> None:
         for label, value in (("prefix", self.prefix), ("replacement", self.replacement)):
             if not value or value != value.strip() or "://" in value or "@" in value:
-                raise ValueError(
-                    f"registry rewrite {label} {value!r} must be host/path, "
-                    "without scheme or digest"
-                )
+                raise ValueError(f"registry rewrite {label} {value!r} must be host/path, without scheme or digest")
             host = value.split("/", 1)[0]
             if not _HOST_RE.fullmatch(host):
                 raise ValueError(f"registry rewrite {label} {value!r} does not start with a host")
@@ -287,9 +271,7 @@ def parse_endpoint(endpoint: str) -> tuple[str | None, str]:
 
 def upstream_repository(ref: ImageRef) -> RemoteRepository:
     """The repository ``ref`` names, on its own registry, with no rules applied."""
-    return RemoteRepository(
-        registry=ref.registry, host=registry_endpoint(ref.registry), name=ref.repository
-    )
+    return RemoteRepository(registry=ref.registry, host=registry_endpoint(ref.registry), name=ref.repository)
 
 
 def rewrite(ref: ImageRef, rules: Iterable[RewriteRule], field: str = DEFAULT_FIELD) -> ImageRef:
@@ -312,8 +294,7 @@ def rewrite(ref: ImageRef, rules: Iterable[RewriteRule], field: str = DEFAULT_FI
     if not sep or not _PATH_RE.fullmatch(repository) or not _HOST_RE.fullmatch(registry):
         raise InvalidArgument(
             field,
-            f"image {ref} rewritten by rule {best.prefix!r} -> {best.replacement!r} "
-            f"gives an invalid name {new_name!r}",
+            f"image {ref} rewritten by rule {best.prefix!r} -> {best.replacement!r} gives an invalid name {new_name!r}",
         )
     return ImageRef(normalise_registry(registry), repository, ref.tag, ref.digest)
 
@@ -337,9 +318,7 @@ def pull_candidates(
         for endpoint in mirror.endpoints:
             scheme, host = parse_endpoint(endpoint)
             candidates.append(
-                RemoteRepository(
-                    registry=host, host=host, name=target.repository, scheme=scheme, mirror=True
-                )
+                RemoteRepository(registry=host, host=host, name=target.repository, scheme=scheme, mirror=True)
             )
     candidates.append(upstream_repository(target))
     unique: list[RemoteRepository] = []

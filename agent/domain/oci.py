@@ -88,8 +88,7 @@ def layer_compression(media_type: str) -> Compression:
         return _LAYER_COMPRESSION[media_type]
     except KeyError:
         raise FailedPrecondition(
-            f"layer media type {media_type!r} is not a supported filesystem layer "
-            "(tar, tar+gzip or tar+zstd)"
+            f"layer media type {media_type!r} is not a supported filesystem layer (tar, tar+gzip or tar+zstd)"
         ) from None
 
 
@@ -129,12 +128,8 @@ def parse_digest(text: str, field: str = "digest") -> str:
     looks_like_digest = isinstance(text, str) and _ANY_DIGEST_RE.fullmatch(text) is not None
     if looks_like_digest and not text.startswith(SHA256_PREFIX):
         algorithm = text.split(":", 1)[0]
-        raise InvalidArgument(
-            field, f"digest algorithm {algorithm!r} is not supported (only sha256)"
-        )
-    raise InvalidArgument(
-        field, f"{text!r} is not a digest (expected sha256: followed by 64 lowercase hex digits)"
-    )
+        raise InvalidArgument(field, f"digest algorithm {algorithm!r} is not supported (only sha256)")
+    raise InvalidArgument(field, f"{text!r} is not a digest (expected sha256: followed by 64 lowercase hex digits)")
 
 
 def sha256_digest(data: bytes) -> str:
@@ -236,13 +231,10 @@ def parse_manifest_document(
     kind = _manifest_kind(document, body_type, header_type, source)
     if kind in _SCHEMA1_TYPES:
         raise FailedPrecondition(
-            f"{source}: Docker image manifest schema 1 is not supported; "
-            "push the image again with a current tool"
+            f"{source}: Docker image manifest schema 1 is not supported; push the image again with a current tool"
         )
     if document.get("schemaVersion") != 2:
-        raise FailedPrecondition(
-            f"{source}: manifest schemaVersion is {document.get('schemaVersion')!r}, expected 2"
-        )
+        raise FailedPrecondition(f"{source}: manifest schemaVersion is {document.get('schemaVersion')!r}, expected 2")
     if kind in INDEX_TYPES:
         return _parse_index(document, kind, source)
     if kind in IMAGE_MANIFEST_TYPES:
@@ -250,15 +242,12 @@ def parse_manifest_document(
     raise FailedPrecondition(f"{source}: unsupported manifest media type {kind!r}")
 
 
-def _manifest_kind(
-    document: Mapping[str, Any], body_type: str | None, header_type: str, source: str
-) -> str:
+def _manifest_kind(document: Mapping[str, Any], body_type: str | None, header_type: str, source: str) -> str:
     header_specific = header_type in MANIFEST_TYPES or header_type in _SCHEMA1_TYPES
     if body_type:
         if header_specific and body_type != header_type:
             raise FailedPrecondition(
-                f"{source}: the registry served media type {header_type!r} but the manifest "
-                f"says {body_type!r}"
+                f"{source}: the registry served media type {header_type!r} but the manifest says {body_type!r}"
             )
         return body_type
     if header_specific:
@@ -283,8 +272,7 @@ def _parse_image_manifest(document: Mapping[str, Any], kind: str, source: str) -
     if not isinstance(raw_layers, list):
         raise FailedPrecondition(f"{source}: manifest field layers must be a list")
     layers = tuple(
-        _parse_descriptor(item, f"{source}: layers[{index}]", source)
-        for index, item in enumerate(raw_layers)
+        _parse_descriptor(item, f"{source}: layers[{index}]", source) for index, item in enumerate(raw_layers)
     )
     return ImageManifest(
         media_type=kind,
@@ -327,9 +315,7 @@ def _optional_str(value: Any, name: str, source: str) -> str | None:
     return value
 
 
-def _parse_descriptor(
-    value: Any, where: str, source: str, *, with_platform: bool = False
-) -> Descriptor:
+def _parse_descriptor(value: Any, where: str, source: str, *, with_platform: bool = False) -> Descriptor:
     if not isinstance(value, dict):
         raise FailedPrecondition(f"{where}: descriptor must be a JSON object")
     media_type = value.get("mediaType")
@@ -338,8 +324,7 @@ def _parse_descriptor(
     digest = value.get("digest")
     if not isinstance(digest, str) or not is_digest(digest):
         raise FailedPrecondition(
-            f"{where}: descriptor digest {digest!r} is not sha256: "
-            "followed by 64 lowercase hex digits"
+            f"{where}: descriptor digest {digest!r} is not sha256: followed by 64 lowercase hex digits"
         )
     size = value.get("size")
     # bool is an int in Python; JSON true is not a size.
@@ -388,9 +373,7 @@ def _parse_platform(value: Any, where: str) -> Platform:
 def _parse_annotations(value: Any, source: str) -> dict[str, str]:
     if value is None:
         return {}
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise FailedPrecondition(f"{source}: annotations must map strings to strings")
     return dict(value)
 

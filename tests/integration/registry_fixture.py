@@ -73,9 +73,7 @@ def write_htpasswd(path: Path, users: Mapping[str, str]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def self_signed_certificate(
-    workdir: Path, name: str, *, ip: str | None = None
-) -> tuple[Path, Path]:
+def self_signed_certificate(workdir: Path, name: str, *, ip: str | None = None) -> tuple[Path, Path]:
     """(certificate, key) PEM files; with ``ip`` the certificate is valid for that address."""
     cert = workdir / f"{name}.crt"
     key = workdir / f"{name}.key"
@@ -170,9 +168,7 @@ class TokenServer:
             "jti": secrets.token_hex(8),
             "access": access,
         }
-        signing_input = (
-            f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
-        )
+        signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
         signature = subprocess.run(
             ["openssl", "dgst", "-sha256", "-sign", str(self.key)],
             input=signing_input.encode(),
@@ -203,9 +199,7 @@ class TokenServer:
                 service = query.get("service", [""])[0] or None
                 server.requests.append(TokenRequest(account, scopes, service, granted))
                 token = server.issue(account or "", scopes if granted else [])
-                self._reply(
-                    200, {"token": token, "access_token": token, "expires_in": server.lifetime}
-                )
+                self._reply(200, {"token": token, "access_token": token, "expires_in": server.lifetime})
 
             def _reply(self, status: int, payload: dict[str, Any]) -> None:
                 body = json.dumps(payload).encode()
@@ -295,9 +289,7 @@ def _wait_ready(process: subprocess.Popen[bytes], url: str, log_path: Path) -> N
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(
-                f"docker-registry exited with {process.returncode}: {log_path.read_text()[-2000:]}"
-            )
+            raise RuntimeError(f"docker-registry exited with {process.returncode}: {log_path.read_text()[-2000:]}")
         try:
             response = httpx.get(f"{url}/v2/", timeout=1.0, verify=False)
         except httpx.TransportError:
@@ -505,9 +497,7 @@ def push_image(
     manifest = oci.ImageManifest(
         media_type=media_type,
         config=oci.Descriptor(config_type, oci.sha256_digest(config), len(config)),
-        layers=tuple(
-            oci.Descriptor(layer_type, oci.sha256_digest(layer), len(layer)) for layer in layers
-        ),
+        layers=tuple(oci.Descriptor(layer_type, oci.sha256_digest(layer), len(layer)) for layer in layers),
         annotations=dict(annotations or {}),
     )
     data = oci.encode_manifest(manifest)

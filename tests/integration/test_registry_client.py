@@ -31,6 +31,7 @@ from agent.adapters.registry import (
     RegistryCredentials,
     RegistryHostConfig,
     credentials_for,
+    is_loopback_host,
 )
 from agent.domain import oci
 from agent.domain.errors import FailedPrecondition, NotFound, Unauthenticated, Unavailable
@@ -86,18 +87,69 @@ def as_lookup(running: RunningRegistry, password: str | None = None) -> Any:
     user, real_password = next(iter(running.users.items()))
     return credentials_for(
         running.host,
-        RegistryCredentials(
-            username=user, password=real_password if password is None else password
-        ),
+        RegistryCredentials(username=user, password=real_password if password is None else password),
     )
+
+
+# --- credentials (pure, no registry needed) ----------------------------------------
+
+
+def test_credentials_from_cri_auth_config() -> None:
+    @dataclass
+    class AuthConfig:  # the fields of runtime.v1.AuthConfig
+        username: str = ""
+        password: str = ""
+        auth: str = ""
+        server_address: str = ""
+        identity_token: str = ""
+        registry_token: str = ""
+
+    encoded = base64.b64encode(b"user:pa:ss").decode()
+    assert RegistryCredentials.from_auth_config(AuthConfig(auth=encoded)).basic() == (
+        "user",
+        "pa:ss",
+    )
+    explicit = RegistryCredentials.from_auth_config(AuthConfig("u", "p", auth=encoded))
+    assert explicit.basic() == ("u", "p")
+    token_only = RegistryCredentials.from_auth_config(AuthConfig(identity_token="t"))
+    assert token_only.basic() is None and not token_only.is_empty()
+    assert RegistryCredentials(auth="!!notbase64").basic() is None
+    assert RegistryCredentials().is_empty()
+    assert "secret" not in repr(RegistryCredentials("u", "secret", "secret", "secret", "secret"))
+
+
+def test_credentials_for_matches_only_its_registry() -> None:
+    creds = RegistryCredentials("u", "p")
+    hub = credentials_for("https://index.docker.io/v1/", creds)
+    assert hub("docker.io") is creds and hub("registry-1.docker.io") is creds
+    assert hub("mirror.gcr.io") is None
+    local = credentials_for("127.0.0.1:5000", creds)
+    assert local("127.0.0.1:5000") is creds and local("127.0.0.1:5001") is None
+    with pytest.raises(ValueError):
+        credentials_for("", creds)
+
+
+@pytest.mark.parametrize(
+    "host,loopback",
+    [
+        ("localhost", True),
+        ("localhost:5000", True),
+        ("127.0.0.1:5000", True),
+        ("127.1.2.3", True),
+        ("[::1]:5000", True),
+        ("10.0.0.1:5000", False),
+        ("quay.io", False),
+        ("localhost.example.com", False),
+    ],
+)
+def test_is_loopback_host(host: str, loopback: bool) -> None:
+    assert is_loopback_host(host) is loopback
 
 
 # --- pulling -----------------------------------------------------------------------
 
 
-def test_pull_by_tag_and_by_digest(
-    registry: RunningRegistry, client: RegistryClient, tmp_path: Path
-) -> None:
+def test_pull_by_tag_and_by_digest(registry: RunningRegistry, client: RegistryClient, tmp_path: Path) -> None:
     repo = registry.repository(unique("cirros"))
     pushed = push_image(client, repo, "v1", [disk_layer()])
     ref = parse_image_ref(f"{registry.host}/{repo.name}:v1")
@@ -148,9 +200,7 @@ def test_multi_arch_index_chooses_linux_amd64(
         )
 
     # amd64 neither first nor last, so "the first entry" would be wrong.
-    index = oci.ImageIndex(
-        oci.OCI_INDEX, (entry(arm64, "arm64", "v8"), entry(amd64, "amd64"), entry(s390x, "s390x"))
-    )
+    index = oci.ImageIndex(oci.OCI_INDEX, (entry(arm64, "arm64", "v8"), entry(amd64, "amd64"), entry(s390x, "s390x")))
     index_bytes = oci.encode_index(index)
     index_digest = client.push_manifest(repo, "multi", index_bytes, oci.OCI_INDEX)
 
@@ -169,9 +219,7 @@ def test_multi_arch_index_chooses_linux_amd64(
     assert by_digest.digest == amd64.digest
 
 
-def test_docker_manifest_list_without_amd64_is_not_found(
-    registry: RunningRegistry, client: RegistryClient
-) -> None:
+def test_docker_manifest_list_without_amd64_is_not_found(registry: RunningRegistry, client: RegistryClient) -> None:
     repo = registry.repository(unique("armonly"))
     arm64 = push_image(client, repo, None, [disk_layer()], architecture="arm64", docker=True)
     listing = oci.ImageIndex(
@@ -232,9 +280,7 @@ def test_blob_not_matching_its_digest_is_refused_and_removed(
         client.fetch_blob_bytes(repo, digest)
 
 
-def test_wrong_size_is_refused(
-    registry: RunningRegistry, client: RegistryClient, tmp_path: Path
-) -> None:
+def test_wrong_size_is_refused(registry: RunningRegistry, client: RegistryClient, tmp_path: Path) -> None:
     repo = registry.repository(unique("size"))
     digest = client.push_blob(repo, os.urandom(1000))
     for expected in (999, 1001):
@@ -243,9 +289,7 @@ def test_wrong_size_is_refused(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_manifest_not_matching_its_digest_is_refused(
-    registry: RunningRegistry, client: RegistryClient
-) -> None:
+def test_manifest_not_matching_its_digest_is_refused(registry: RunningRegistry, client: RegistryClient) -> None:
     repo = registry.repository(unique("badmanifest"))
     pushed = push_image(client, repo, "v1", [disk_layer()], annotations={"note": "aaaa"})
     stored = registry.blob_data_path(pushed.digest)
@@ -269,9 +313,7 @@ def test_rewrite_rule_serves_docker_hub_name_from_local_registry(
     assert resolved.repository.host == registry.host
 
 
-def test_dead_mirror_falls_through_to_the_registry(
-    registry: RunningRegistry, sleeps: SleepRecorder
-) -> None:
+def test_dead_mirror_falls_through_to_the_registry(registry: RunningRegistry, sleeps: SleepRecorder) -> None:
     repo = registry.repository(unique("mirrored"))
     dead = f"http://{LOOPBACK}:{free_port()}"
     mirrors = [Mirror(registry.host, (dead,))]
@@ -328,9 +370,7 @@ def test_push_blob_from_file_skips_existing_and_mounts(
     assert dest.read_bytes() == source.read_bytes()
 
 
-def test_push_manifest_by_digest_must_match(
-    registry: RunningRegistry, client: RegistryClient
-) -> None:
+def test_push_manifest_by_digest_must_match(registry: RunningRegistry, client: RegistryClient) -> None:
     repo = registry.repository(unique("bydigest"))
     pushed = push_image(client, repo, None, [disk_layer()])
     assert client.resolve(parse_image_ref(f"{registry.host}/{repo.name}@{pushed.digest}"))
@@ -338,9 +378,7 @@ def test_push_manifest_by_digest_must_match(
         client.push_manifest(repo, oci.sha256_digest(b"x"), pushed.manifest, pushed.media_type)
 
 
-def test_registry_refusing_a_manifest_is_failed_precondition(
-    registry: RunningRegistry, client: RegistryClient
-) -> None:
+def test_registry_refusing_a_manifest_is_failed_precondition(registry: RunningRegistry, client: RegistryClient) -> None:
     repo = registry.repository(unique("refused"))
     manifest = oci.ImageManifest(
         oci.OCI_MANIFEST,
@@ -359,9 +397,7 @@ needs_skopeo = pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo
 
 
 def skopeo(*args: str) -> str:
-    result = subprocess.run(
-        ["skopeo", "--insecure-policy", *args], capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run(["skopeo", "--insecure-policy", *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -463,15 +499,11 @@ def test_htpasswd_right_credentials(auth_registry: RunningRegistry, sleeps: Slee
     encoded = base64.b64encode(f"{user}:{password}".encode()).decode()
     per_call = credentials_for(auth_registry.host, RegistryCredentials(auth=encoded))
     with RegistryClient(sleep=sleeps) as client:
-        again = client.resolve(
-            parse_image_ref(f"{auth_registry.host}/{repo.name}:v1"), credentials=per_call
-        )
+        again = client.resolve(parse_image_ref(f"{auth_registry.host}/{repo.name}:v1"), credentials=per_call)
     assert again.digest == pushed.digest
 
 
-def test_htpasswd_wrong_or_missing_credentials(
-    auth_registry: RunningRegistry, sleeps: SleepRecorder
-) -> None:
+def test_htpasswd_wrong_or_missing_credentials(auth_registry: RunningRegistry, sleeps: SleepRecorder) -> None:
     ref = parse_image_ref(f"{auth_registry.host}/test/whatever:v1")
     with RegistryClient(credentials=as_lookup(auth_registry, "wrong"), sleep=sleeps) as client:
         with pytest.raises(Unauthenticated) as caught:
@@ -489,9 +521,7 @@ def test_htpasswd_wrong_or_missing_credentials(
 # --- token (Bearer) ----------------------------------------------------------------------
 
 
-def test_bearer_token_flow(
-    token_registry: RunningRegistry, sleeps: SleepRecorder, tmp_path: Path
-) -> None:
+def test_bearer_token_flow(token_registry: RunningRegistry, sleeps: SleepRecorder, tmp_path: Path) -> None:
     token_server = token_registry.token_server
     assert token_server is not None
     user = next(iter(token_registry.users))
@@ -517,16 +547,12 @@ def test_bearer_token_flow(
     ]
 
 
-def test_bearer_token_is_refreshed_after_expiry(
-    token_registry: RunningRegistry, sleeps: SleepRecorder
-) -> None:
+def test_bearer_token_is_refreshed_after_expiry(token_registry: RunningRegistry, sleeps: SleepRecorder) -> None:
     token_server = token_registry.token_server
     assert token_server is not None
     repo = token_registry.repository(unique("expiry"))
     now = [1000.0]
-    with RegistryClient(
-        credentials=as_lookup(token_registry), sleep=sleeps, clock=lambda: now[0]
-    ) as client:
+    with RegistryClient(credentials=as_lookup(token_registry), sleep=sleeps, clock=lambda: now[0]) as client:
         push_image(client, repo, "v1", [disk_layer()])
         ref = parse_image_ref(f"{token_registry.host}/{repo.name}:v1")
         client.resolve(ref)
@@ -538,9 +564,7 @@ def test_bearer_token_is_refreshed_after_expiry(
         assert len(token_server.requests) == count + 1
 
 
-def test_bearer_wrong_credentials_and_anonymous(
-    token_registry: RunningRegistry, sleeps: SleepRecorder
-) -> None:
+def test_bearer_wrong_credentials_and_anonymous(token_registry: RunningRegistry, sleeps: SleepRecorder) -> None:
     repo = token_registry.repository(unique("private"))
     with RegistryClient(credentials=as_lookup(token_registry), sleep=sleeps) as client:
         push_image(client, repo, "v1", [disk_layer()])
@@ -558,9 +582,7 @@ def test_bearer_wrong_credentials_and_anonymous(
     assert token_registry.host in caught_anonymous.value.message
 
 
-def test_registry_token_is_used_as_is(
-    token_registry: RunningRegistry, sleeps: SleepRecorder
-) -> None:
+def test_registry_token_is_used_as_is(token_registry: RunningRegistry, sleeps: SleepRecorder) -> None:
     token_server = token_registry.token_server
     assert token_server is not None
     repo = token_registry.repository(unique("regtoken"))

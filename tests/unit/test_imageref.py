@@ -114,9 +114,7 @@ def test_parse_image_ref_custom_field() -> None:
 def test_reference_prefers_digest() -> None:
     assert parse_image_ref("a:1").reference == "1"
     assert parse_image_ref(f"a:1@{DIGEST}").reference == DIGEST
-    assert parse_image_ref("a:1").with_digest(DIGEST) == ImageRef(
-        "docker.io", "library/a", None, DIGEST
-    )
+    assert parse_image_ref("a:1").with_digest(DIGEST) == ImageRef("docker.io", "library/a", None, DIGEST)
 
 
 @pytest.mark.parametrize(
@@ -220,16 +218,12 @@ def test_rewrite_rule_validation(prefix: str, replacement: str) -> None:
 
 
 def test_candidates_without_rules_is_the_upstream() -> None:
-    assert pull_candidates(parse_image_ref("quay.io/a/b")) == [
-        RemoteRepository("quay.io", "quay.io", "a/b")
-    ]
+    assert pull_candidates(parse_image_ref("quay.io/a/b")) == [RemoteRepository("quay.io", "quay.io", "a/b")]
 
 
 def test_candidates_mirrors_first_in_order_then_upstream() -> None:
     mirrors = [
-        Mirror(
-            "docker.io", ("https://mirror.gcr.io", "127.0.0.1:5001", "http://127.0.0.1:5002/v2/")
-        ),
+        Mirror("docker.io", ("https://mirror.gcr.io", "127.0.0.1:5001", "http://127.0.0.1:5002/v2/")),
         Mirror("quay.io", ("q-mirror:5000",)),
     ]
     assert pull_candidates(parse_image_ref("cirros"), mirrors=mirrors) == [
@@ -246,9 +240,7 @@ def test_candidates_rewrite_then_mirrors_of_the_new_registry() -> None:
         Mirror("docker.io", ("mirror.gcr.io",)),  # no longer applies after the rewrite
         Mirror("127.0.0.1:5000", ("http://127.0.0.1:6000",)),
     ]
-    candidates = pull_candidates(
-        parse_image_ref("kubevirt/cirros-container-disk-demo"), rules, mirrors
-    )
+    candidates = pull_candidates(parse_image_ref("kubevirt/cirros-container-disk-demo"), rules, mirrors)
     assert [(str(c), c.scheme) for c in candidates] == [
         ("127.0.0.1:6000/kubevirt/cirros-container-disk-demo", "http"),
         ("127.0.0.1:5000/kubevirt/cirros-container-disk-demo", None),

@@ -354,9 +354,7 @@ ATTESTATION = entry(D5, "unknown", "unknown")
         ([AMD64], "v3", AMD64),
     ],
 )
-def test_select_platform(
-    entries: list[Descriptor], variant: str | None, chosen: Descriptor
-) -> None:
+def test_select_platform(entries: list[Descriptor], variant: str | None, chosen: Descriptor) -> None:
     index = ImageIndex(oci.OCI_INDEX, tuple(entries))
     assert oci.select_platform(index, "linux", "amd64", variant) == chosen
 
@@ -374,9 +372,7 @@ def test_select_platform_skips_non_manifest_entries() -> None:
 
 
 def test_select_platform_none_matches() -> None:
-    index = ImageIndex(
-        oci.OCI_INDEX, (ARM64, WINDOWS, ATTESTATION, Descriptor(oci.OCI_MANIFEST, D1, 1))
-    )
+    index = ImageIndex(oci.OCI_INDEX, (ARM64, WINDOWS, ATTESTATION, Descriptor(oci.OCI_MANIFEST, D1, 1)))
     with pytest.raises(NotFound) as caught:
         oci.select_platform(index, source="quay.io/x:1")
     message = caught.value.message
@@ -387,8 +383,7 @@ def test_select_platform_none_matches() -> None:
 # --- WWW-Authenticate ----------------------------------------------------------------
 
 DOCKER_HUB = (
-    'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
-    'scope="repository:library/cirros:pull"'
+    'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/cirros:pull"'
 )
 
 CHALLENGE_CASES = [
@@ -410,8 +405,7 @@ CHALLENGE_CASES = [
     ("Basic", [AuthChallenge("basic", {})]),
     (
         # Commas inside quoted strings; spaces around '='; parameter names folded.
-        'Bearer Realm = "https://a/token" , scope="repository:a:pull,push",'
-        'error="insufficient_scope"',
+        'Bearer Realm = "https://a/token" , scope="repository:a:pull,push",error="insufficient_scope"',
         [
             AuthChallenge(
                 "bearer",
