@@ -19,6 +19,7 @@ from agent.domain.sandbox import (
     SandboxSpec,
 )
 from agent.services.runtime import HostInfo, RuntimeStatus
+
 from podvisor.v1 import podvisor_pb2
 from runtime.v1 import api_pb2 as pb
 
@@ -80,7 +81,7 @@ def _metadata_pb(md: Metadata) -> pb.PodSandboxMetadata:
 
 
 def _state_pb(sb: Sandbox) -> int:
-    return pb.SANDBOX_READY if sb.state.cri_ready else pb.SANDBOX_NOTREADY
+    return int(pb.SANDBOX_READY if sb.state.cri_ready else pb.SANDBOX_NOTREADY)
 
 
 def sandbox_to_pb(sb: Sandbox) -> pb.PodSandbox:
@@ -230,4 +231,4 @@ def host_info_to_pb(h: HostInfo) -> podvisor_pb2.HostInfoResponse:
 
 
 def message_to_json(msg: Any) -> str:
-    return json_format.MessageToJson(msg, preserving_proto_field_name=True)
+    return str(json_format.MessageToJson(msg, preserving_proto_field_name=True))

@@ -54,11 +54,11 @@ class _Call:
             self.code = grpc.StatusCode[exc.code_name]
             self.detail = exc.message
         else:
-            existing = context.code()  # type: ignore[attr-defined]
+            existing = context.code()
             if existing is not None and existing != grpc.StatusCode.OK:
                 # The handler (or grpc) already aborted with a status: keep it.
                 self.code = existing
-                self.detail = context.details() or ""  # type: ignore[attr-defined]
+                self.detail = context.details() or ""
                 raise exc
             self.code = grpc.StatusCode.INTERNAL
             self.detail = f"internal error in podvisor (request id {self.request_id})"

@@ -6,6 +6,7 @@ from typing import Any
 
 from agent.api import convert
 from agent.services.runtime import RuntimeInfoService
+
 from podvisor.v1 import podvisor_pb2, podvisor_pb2_grpc
 
 

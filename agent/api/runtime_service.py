@@ -9,6 +9,7 @@ from agent.api import convert
 from agent.api.unimplemented import fill
 from agent.services.runtime import RuntimeInfoService
 from agent.services.sandboxes import RUNTIME_HANDLERS, SandboxService
+
 from runtime.v1 import api_pb2 as pb
 from runtime.v1 import api_pb2_grpc
 
