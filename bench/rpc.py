@@ -25,6 +25,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import agent.api.gen  # noqa: E402,F401
+
 from runtime.v1 import api_pb2 as pb  # noqa: E402
 from runtime.v1 import api_pb2_grpc  # noqa: E402
 

@@ -19,9 +19,10 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2_grpc
 
 import agent.api.gen  # noqa: F401
-from grpc_health.v1 import health_pb2_grpc
+
 from podvisor.v1 import podvisor_pb2_grpc
 from runtime.v1 import api_pb2, api_pb2_grpc
 

@@ -7,6 +7,7 @@ import dataclasses
 import agent.api.gen  # noqa: F401
 from agent.api import convert
 from agent.domain.sandbox import Metadata, Sandbox, SandboxSpec, SandboxState
+
 from runtime.v1 import api_pb2 as pb
 
 
