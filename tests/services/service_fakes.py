@@ -1,0 +1,162 @@
+"""Recording fakes of the service ports (agent/services/ports.py).
+
+Both fakes append to one shared journal so tests can assert the order of
+calls across ports, not only within one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from agent.domain.errors import AlreadyExists
+from agent.domain.sandbox import Metadata, Sandbox, SandboxSpec, SandboxState
+from agent.services.ports import Ports
+
+Event = tuple[object, ...]
+
+
+class Journal:
+    """Thread-safe, ordered list of every port call."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.events: list[Event] = []
+
+    def record(self, *event: object) -> None:
+        with self._lock:
+            self.events.append(event)
+
+    def of(self, prefix: str) -> list[Event]:
+        with self._lock:
+            return [e for e in self.events if str(e[0]).startswith(prefix)]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.events.clear()
+
+
+class FakeClock:
+    """Strictly increasing nanoseconds, 1000 apart."""
+
+    def __init__(self, start: int = 1_000_000) -> None:
+        self._lock = threading.Lock()
+        self._now = start
+
+    def now_ns(self) -> int:
+        with self._lock:
+            self._now += 1000
+            return self._now
+
+
+class RecordingStore:
+    """In-memory SandboxStore with the real store's uniqueness rules."""
+
+    def __init__(self, journal: Journal, delay: float = 0.0) -> None:
+        self.journal = journal
+        self.rows: dict[str, Sandbox] = {}
+        self.fail_update: BaseException | None = None
+        self._delay = delay  # widens race windows in concurrency tests
+        self._lock = threading.Lock()
+
+    def insert_sandbox(self, sandbox: Sandbox) -> None:
+        self.journal.record("store.insert", sandbox.id, sandbox.state)
+        if self._delay:
+            time.sleep(self._delay)
+        key = sandbox.spec.metadata.reservation_key
+        with self._lock:
+            if sandbox.id in self.rows or any(
+                r.spec.metadata.reservation_key == key for r in self.rows.values()
+            ):
+                raise AlreadyExists(f"sandbox {key} is already stored")
+            self.rows[sandbox.id] = sandbox
+
+    def update_sandbox(self, sandbox: Sandbox) -> None:
+        self.journal.record("store.update", sandbox.id, sandbox.state)
+        if self.fail_update is not None:
+            raise self.fail_update
+        with self._lock:
+            if sandbox.id in self.rows:
+                self.rows[sandbox.id] = sandbox
+
+    def delete_sandbox(self, sandbox_id: str) -> None:
+        self.journal.record("store.delete", sandbox_id)
+        with self._lock:
+            self.rows.pop(sandbox_id, None)
+
+    def load_sandboxes(self) -> list[Sandbox]:
+        self.journal.record("store.load")
+        with self._lock:
+            return sorted(self.rows.values(), key=lambda s: s.created_at_ns)
+
+
+class RecordingFiles:
+    """SandboxFiles that only remembers which directories exist."""
+
+    def __init__(self, journal: Journal, root: Path = Path("/state/sandboxes")) -> None:
+        self.journal = journal
+        self.root = root
+        self.dirs: set[str] = set()
+        self.log_dirs: set[str] = set()
+        self.fail_create: BaseException | None = None
+        self.fail_log_directory: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def create_sandbox_dir(self, sandbox_id: str) -> Path:
+        self.journal.record("files.create_sandbox_dir", sandbox_id)
+        if self.fail_create is not None:
+            raise self.fail_create
+        with self._lock:
+            self.dirs.add(sandbox_id)
+        return self.root / sandbox_id
+
+    def remove_sandbox_dir(self, sandbox_id: str) -> None:
+        self.journal.record("files.remove_sandbox_dir", sandbox_id)
+        with self._lock:
+            self.dirs.discard(sandbox_id)
+
+    def list_sandbox_dirs(self) -> list[str]:
+        self.journal.record("files.list_sandbox_dirs")
+        with self._lock:
+            return sorted(self.dirs)
+
+    def ensure_log_directory(self, path: str) -> None:
+        self.journal.record("files.ensure_log_directory", path)
+        if self.fail_log_directory is not None:
+            raise self.fail_log_directory
+        if path:
+            with self._lock:
+                self.log_dirs.add(path)
+
+
+class FakePorts:
+    """The bundle a service receives, plus handles on each fake."""
+
+    def __init__(self, store_delay: float = 0.0) -> None:
+        self.journal = Journal()
+        self.store = RecordingStore(self.journal, delay=store_delay)
+        self.files = RecordingFiles(self.journal)
+        self.clock = FakeClock()
+        self.ports = Ports(store=self.store, files=self.files, clock=self.clock)
+
+
+def spec(
+    name: str = "vm-1",
+    namespace: str = "default",
+    uid: str = "uid-1",
+    attempt: int = 0,
+    labels: dict[str, str] | None = None,
+    log_directory: str = "/var/log/pods/default_vm-1_uid-1",
+) -> SandboxSpec:
+    return SandboxSpec(
+        metadata=Metadata(name, namespace, uid, attempt),
+        hostname=name,
+        log_directory=log_directory,
+        labels=labels or {},
+    )
+
+
+def sandbox(sandbox_id: str, state: SandboxState, name: str, created_at_ns: int) -> Sandbox:
+    return Sandbox(id=sandbox_id, spec=spec(name=name, uid=f"uid-{name}"), state=state,
+                   created_at_ns=created_at_ns)

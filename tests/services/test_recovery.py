@@ -1,0 +1,194 @@
+"""Start-up recovery over a real Store and real SandboxFiles in a tmp state dir."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent.adapters.files import SandboxFiles
+from agent.adapters.store import Store
+from agent.domain.errors import AlreadyExists, NotFound
+from agent.domain.sandbox import SandboxState
+from agent.services.ports import Ports
+from agent.services.recovery import recover
+from agent.services.sandboxes import SandboxService
+from tests.services.service_fakes import FakeClock, FakePorts, sandbox, spec
+
+CREATING_ID = "c" * 64
+READY_ID = "1" * 64
+NOTREADY_ID = "2" * 64
+REMOVING_ID = "d" * 64
+ORPHAN_ID = "e" * 64
+
+
+@dataclass
+class State:
+    root: Path
+    store: Store
+    files: SandboxFiles
+    ports: Ports
+
+    def reopen(self) -> State:
+        """What a restarted agent sees: a new Store on the same file."""
+        self.store.close()
+        store = Store(self.root / "podvisor.db")
+        files = SandboxFiles(self.root / "sandboxes")
+        return State(self.root, store, files, Ports(store=store, files=files, clock=FakeClock()))
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[State]:
+    store = Store(tmp_path / "podvisor.db")
+    files = SandboxFiles(tmp_path / "sandboxes")
+    st = State(tmp_path, store, files, Ports(store=store, files=files, clock=FakeClock()))
+    yield st
+    st.store.close()
+
+
+@pytest.fixture
+def crashed(state: State) -> Iterator[State]:
+    """A state dir as a crash leaves it: one sandbox in each state, plus an orphan dir."""
+    for sb in (
+        sandbox(READY_ID, SandboxState.READY, "ready", 10),
+        sandbox(NOTREADY_ID, SandboxState.NOTREADY, "notready", 20),
+        sandbox(CREATING_ID, SandboxState.CREATING, "creating", 30),
+        sandbox(REMOVING_ID, SandboxState.REMOVING, "removing", 40),
+    ):
+        state.store.insert_sandbox(sb)
+        (state.files.create_sandbox_dir(sb.id) / "marker").write_text(sb.id)
+    (state.files.create_sandbox_dir(ORPHAN_ID) / "overlay.qcow2").write_bytes(b"x")
+    # Not an id: never touched by the agent's cleanup.
+    (state.root / "sandboxes" / "lost+found").mkdir()
+    reopened = state.reopen()
+    yield reopened
+    reopened.store.close()
+
+
+def _dirs(state: State) -> set[str]:
+    return {p.name for p in (state.root / "sandboxes").iterdir()}
+
+
+def test_recovery_report(crashed: State) -> None:
+    report = recover(crashed.ports, SandboxService(crashed.ports))
+    assert report.kept == [READY_ID, NOTREADY_ID]
+    assert report.rolled_back == [CREATING_ID]
+    assert report.finished_removal == [REMOVING_ID]
+    assert report.orphan_dirs == [ORPHAN_ID]
+
+
+def test_creating_rows_are_rolled_back(crashed: State) -> None:
+    service = SandboxService(crashed.ports)
+    recover(crashed.ports, service)
+    assert CREATING_ID not in {s.id for s in crashed.store.load_sandboxes()}
+    assert CREATING_ID not in _dirs(crashed)
+    with pytest.raises(NotFound):
+        service.get(CREATING_ID)
+    # Its name is free again.
+    again = service.run(spec(name="creating", uid="uid-creating"))
+    assert again.id != CREATING_ID
+
+
+def test_removing_rows_are_finished(crashed: State) -> None:
+    service = SandboxService(crashed.ports)
+    recover(crashed.ports, service)
+    assert REMOVING_ID not in {s.id for s in crashed.store.load_sandboxes()}
+    assert REMOVING_ID not in _dirs(crashed)
+    with pytest.raises(NotFound):
+        service.get(REMOVING_ID)
+    service.run(spec(name="removing", uid="uid-removing"))
+
+
+def test_ready_and_notready_are_kept(crashed: State) -> None:
+    service = SandboxService(crashed.ports)
+    recover(crashed.ports, service)
+    assert [(s.id, s.state) for s in crashed.store.load_sandboxes()] == [
+        (READY_ID, SandboxState.READY), (NOTREADY_ID, SandboxState.NOTREADY)]
+    assert [(s.id, s.state) for s in service.list()] == [
+        (READY_ID, SandboxState.READY), (NOTREADY_ID, SandboxState.NOTREADY)]
+    assert service.get(READY_ID[:13]).spec.metadata.name == "ready"
+    # Their directories and contents survive.
+    for sid in (READY_ID, NOTREADY_ID):
+        assert (crashed.root / "sandboxes" / sid / "marker").read_text() == sid
+    # Their names stay reserved.
+    with pytest.raises(AlreadyExists, match=READY_ID):
+        service.run(spec(name="ready", uid="uid-ready"))
+
+
+def test_orphan_dirs_are_deleted_and_foreign_dirs_kept(crashed: State) -> None:
+    recover(crashed.ports, SandboxService(crashed.ports))
+    assert _dirs(crashed) == {READY_ID, NOTREADY_ID, "lost+found"}
+
+
+def test_recovery_is_idempotent(crashed: State) -> None:
+    recover(crashed.ports, SandboxService(crashed.ports))
+    again = crashed.reopen()
+    crashed.store = again.store  # so the fixture closes the open one
+    report = recover(again.ports, SandboxService(again.ports))
+    assert report.kept == [READY_ID, NOTREADY_ID]
+    assert report.rolled_back == []
+    assert report.finished_removal == []
+    assert report.orphan_dirs == []
+    assert _dirs(again) == {READY_ID, NOTREADY_ID, "lost+found"}
+
+
+def test_recovery_of_an_empty_state_dir(state: State) -> None:
+    service = SandboxService(state.ports)
+    report = recover(state.ports, service)
+    assert (report.kept, report.rolled_back, report.finished_removal, report.orphan_dirs) == (
+        [], [], [], [])
+    assert service.list() == []
+
+
+def test_sandboxes_survive_a_restart_through_the_service(state: State) -> None:
+    service = SandboxService(state.ports)
+    a = service.run(spec(name="a", uid="ua"))
+    b = service.run(spec(name="b", uid="ub"))
+    service.stop(b.id)
+    c = service.run(spec(name="c", uid="uc"))
+    service.remove(c.id)
+
+    restarted = state.reopen()
+    state.store = restarted.store
+    fresh = SandboxService(restarted.ports)
+    report = recover(restarted.ports, fresh)
+    assert report.kept == [a.id, b.id]
+    assert [(s.id, s.state) for s in fresh.list()] == [(a.id, SandboxState.READY),
+                                                       (b.id, SandboxState.NOTREADY)]
+    assert fresh.get(b.id).stopped_at_ns == service.get(b.id).stopped_at_ns
+    assert _dirs(restarted) == {a.id, b.id}
+
+
+# With recording fakes: the order of the calls ---------------------------------------
+
+
+def test_recovery_call_order_on_fakes() -> None:
+    fakes = FakePorts()
+    for sb in (
+        sandbox(READY_ID, SandboxState.READY, "ready", 10),
+        sandbox(CREATING_ID, SandboxState.CREATING, "creating", 30),
+        sandbox(REMOVING_ID, SandboxState.REMOVING, "removing", 40),
+    ):
+        fakes.store.rows[sb.id] = sb
+    fakes.files.dirs = {READY_ID, CREATING_ID, REMOVING_ID, ORPHAN_ID}
+    service = SandboxService(fakes.ports)
+
+    recover(fakes.ports, service)
+
+    assert fakes.journal.events == [
+        ("store.load",),
+        # Roll back the half-created sandbox: files first, then the row.
+        ("files.remove_sandbox_dir", CREATING_ID),
+        ("store.delete", CREATING_ID),
+        # Finish the removal.
+        ("files.remove_sandbox_dir", REMOVING_ID),
+        ("store.delete", REMOVING_ID),
+        # Orphans last, once every known sandbox is settled.
+        ("files.list_sandbox_dirs",),
+        ("files.remove_sandbox_dir", ORPHAN_ID),
+    ]
+    assert set(fakes.store.rows) == {READY_ID}
+    assert fakes.files.dirs == {READY_ID}
+    assert [s.id for s in service.list()] == [READY_ID]
