@@ -51,6 +51,41 @@ class CNIConfig:
 
 
 @dataclass(frozen=True)
+class ImagesConfig:
+    # Largest virtual size a containerDisk may declare (default 1 TiB).
+    max_virtual_size_bytes: int = 1 << 40
+    # Parallel blob downloads within one pull.
+    pull_parallelism: int = 4
+    # Whole-pull deadline, beyond the client's own.
+    pull_timeout_seconds: float = 1800.0
+    # Per-request timeout towards registries.
+    registry_timeout_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class RegistryHost:
+    """Settings for one registry, keyed by its name (``docker.io``, ``127.0.0.1:5000``)."""
+
+    mirrors: tuple[str, ...] = ()
+    insecure: bool = False
+    ca_file: str = ""
+    username: str = ""
+    password: str = ""
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    prefix: str
+    replacement: str
+
+
+@dataclass(frozen=True)
+class RegistriesConfig:
+    hosts: tuple[tuple[str, RegistryHost], ...] = ()
+    rewrites: tuple[Rewrite, ...] = ()
+
+
+@dataclass(frozen=True)
 class LogConfig:
     # "auto": human-readable on a terminal, JSON lines otherwise.
     format: str = "auto"
@@ -64,6 +99,12 @@ class AgentConfig:
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
     cni: CNIConfig = field(default_factory=CNIConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    registries: RegistriesConfig = field(default_factory=RegistriesConfig)
+
+    @property
+    def images_dir(self) -> Path:
+        return self.state_dir / "images"
 
     @property
     def db_path(self) -> Path:
@@ -79,6 +120,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "libvirt": LibvirtConfig,
     "cni": CNIConfig,
     "log": LogConfig,
+    "images": ImagesConfig,
 }
 
 
@@ -91,6 +133,10 @@ def _coerce(where: str, default: Any, value: Any) -> Any:
         if not path.is_absolute():
             raise ConfigError(f"{where}: {value!r} must be an absolute path")
         return path
+    if isinstance(default, tuple) and where.endswith("mirrors"):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{where}: expected a list of endpoints")
+        return tuple(value)
     if isinstance(default, tuple):
         if not isinstance(value, list) or not value:
             raise ConfigError(f"{where}: expected a non-empty list of absolute paths")
@@ -127,6 +173,39 @@ def _section(name: str, cls: type[Any], data: Any) -> Any:
     return dataclasses.replace(base, **values)
 
 
+def _registries(data: Any) -> RegistriesConfig:
+    """``[registries.hosts."<name>"]`` tables and ``[[registries.rewrite]]`` rules."""
+    if not isinstance(data, dict):
+        raise ConfigError("[registries]: expected a table")
+    hosts = []
+    rewrites = []
+    for key, value in data.items():
+        if key == "hosts":
+            if not isinstance(value, dict):
+                raise ConfigError("[registries.hosts]: expected a table of registries")
+            for name, table in value.items():
+                where = f'registries.hosts."{name}"'
+                host = _section(where, RegistryHost, table)
+                if isinstance(table, dict) and "mirrors" in table:
+                    mirrors = table["mirrors"]
+                    if not isinstance(mirrors, list) or not all(isinstance(m, str) and m for m in mirrors):
+                        raise ConfigError(f"[{where}] mirrors: expected a list of endpoints")
+                hosts.append((name, host))
+        elif key == "rewrite":
+            if not isinstance(value, list):
+                raise ConfigError("[[registries.rewrite]]: expected an array of tables")
+            for i, rule in enumerate(value):
+                where = f"registries.rewrite[{i}]"
+                if not isinstance(rule, dict) or set(rule) != {"prefix", "replacement"}:
+                    raise ConfigError(f"[{where}]: needs exactly the keys prefix and replacement")
+                if not all(isinstance(rule[k], str) and rule[k] for k in rule):
+                    raise ConfigError(f"[{where}]: prefix and replacement must be non-empty strings")
+                rewrites.append(Rewrite(rule["prefix"], rule["replacement"]))
+        else:
+            raise ConfigError(f"[registries] {key}: unknown setting (known: hosts, rewrite)")
+    return RegistriesConfig(hosts=tuple(hosts), rewrites=tuple(rewrites))
+
+
 def from_mapping(data: dict[str, Any]) -> AgentConfig:
     """Build and validate a config from parsed TOML."""
     cfg = AgentConfig()
@@ -136,9 +215,11 @@ def from_mapping(data: dict[str, Any]) -> AgentConfig:
             changes["state_dir"] = _coerce("state_dir", DEFAULT_STATE_DIR, value)
         elif key in _SECTIONS:
             changes[key] = _section(key, _SECTIONS[key], value)
+        elif key == "registries":
+            changes[key] = _registries(value)
         else:
             raise ConfigError(
-                f"{key}: unknown setting (known: state_dir, {', '.join(sorted(_SECTIONS))})"
+                f"{key}: unknown setting (known: state_dir, registries, {', '.join(sorted(_SECTIONS))})"
             )
     cfg = dataclasses.replace(cfg, **changes)
     validate(cfg)

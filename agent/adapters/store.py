@@ -53,6 +53,14 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        # Refuse a newer schema before changing anything about the file.
+        current = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if current > len(MIGRATIONS):
+            self._db.close()
+            raise Internal(
+                f"state database schema version {current} is newer than this agent "
+                f"understands ({len(MIGRATIONS)}); refusing to touch it"
+            )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -68,11 +76,6 @@ class Store:
     def _migrate(self) -> None:
         with self._lock:
             current = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-            if current > len(MIGRATIONS):
-                raise Internal(
-                    f"state database schema version {current} is newer than this agent "
-                    f"understands ({len(MIGRATIONS)}); refusing to touch it"
-                )
             for version in range(current, len(MIGRATIONS)):
                 self._db.execute("BEGIN IMMEDIATE")
                 try:

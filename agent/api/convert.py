@@ -134,7 +134,8 @@ class EncodedCache:
         if complete and len(cache) > len(values):
             # Forget values that no longer exist.
             live = {v.id for v in values}
-            for key in [k for k in cache if k not in live]:
+            # list(cache) is one atomic copy: other RPC threads may be adding.
+            for key in [k for k in list(cache) if k not in live]:
                 cache.pop(key, None)
         return b"".join(parts)
 

@@ -70,7 +70,7 @@ def validate_host_path(value: str, field_name: str) -> None:
         raise InvalidArgument(field_name, "not a valid path")
     if not value.startswith("/"):
         raise InvalidArgument(field_name, f"{value!r} must be an absolute path")
-    if os.path.normpath(value) != value.rstrip("/") and value != "/":
+    if "//" in value or (os.path.normpath(value) != value.rstrip("/") and value != "/"):
         raise InvalidArgument(field_name, f"{value!r} must be a normalised path (no '..', '//')")
     if ".." in value.split("/"):
         raise InvalidArgument(field_name, f"{value!r} must not contain '..'")

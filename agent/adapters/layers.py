@@ -1,0 +1,213 @@
+"""Applying image layers to find the containerDisk file under /disk/.
+
+Layers are applied bottom to top in one streaming pass each (compressed tar →
+tar entries), as an image's filesystem would be assembled, but only files
+under ``disk/`` are ever written, to temporary files this module names itself.
+Whiteouts (``.wh.<name>`` and the opaque ``.wh..wh..opq``) remove what lower
+layers put there.
+
+Safety: an entry whose name is absolute or climbs out with ``..`` makes the
+whole image unusable (no legitimate image has one, and it is the classic tar
+attack). Links, devices and FIFOs are never extracted; under ``disk/`` they
+are recorded as "not a regular file" so that choosing one as the disk fails
+with that reason.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import posixpath
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, BinaryIO
+
+from agent.domain.errors import FailedPrecondition
+from agent.domain.oci import Compression
+
+DISK_DIR = "disk"
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_WHITEOUT = ".wh..wh..opq"
+_CHUNK = 1 << 20
+_ZEROS = bytes(_CHUNK)
+
+
+@dataclass
+class DiskFile:
+    """A file under /disk/ as the layers so far left it."""
+
+    path: str  # normalised, e.g. "disk/cirros.qcow2"
+    layer: str  # digest of the layer that wrote it
+    temp: Path | None  # extracted content; None when not a regular file
+    kind: str = "file"  # "file", or what else the entry was ("symlink", ...)
+    size: int = 0
+
+
+def normalise_entry(name: str, layer: str) -> str:
+    """The tar entry's path relative to the image root; refuses escapes."""
+    if name.startswith("/"):
+        raise FailedPrecondition(f"layer {layer}: unsafe tar entry {name!r} (absolute path)")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise FailedPrecondition(f"layer {layer}: unsafe tar entry {name!r} ('..' leaves the image root)")
+    return "/".join(parts)
+
+
+def _under(path: str, directory: str) -> bool:
+    return directory == "" or path == directory or path.startswith(directory + "/")
+
+
+def _kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return "symlink"
+    if member.islnk():
+        return "hard link"
+    if member.ischr() or member.isblk():
+        return "device"
+    if member.isfifo():
+        return "fifo"
+    return "special file"
+
+
+def open_layer(stream: BinaryIO, compression: Compression) -> IO[bytes]:
+    """Wrap a layer blob stream in its decompressor."""
+    if compression is Compression.GZIP:
+        return gzip.GzipFile(fileobj=stream, mode="rb")
+    if compression is Compression.ZSTD:
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
+    return stream
+
+
+class DiskExtractor:
+    """Feed layers bottom to top; then ask which disk files the image holds."""
+
+    def __init__(self, workdir: Path, image: str) -> None:
+        self.workdir = workdir
+        self.image = image
+        self.files: dict[str, DiskFile] = {}
+
+    def add_layer(self, stream: BinaryIO, compression: Compression, digest: str) -> None:
+        lower = self.files
+        added: dict[str, DiskFile] = {}
+        try:
+            with open_layer(stream, compression) as plain, \
+                    tarfile.open(fileobj=plain, mode="r|") as tar:  # type: ignore[call-overload]
+                for member in tar:
+                    path = normalise_entry(member.name, digest)
+                    if member.issym() or member.islnk():
+                        self._check_link(member, path, digest)
+                    base = posixpath.basename(path)
+                    parent = posixpath.dirname(path)
+                    if base == OPAQUE_WHITEOUT:
+                        for key in [k for k in lower if _under(k, parent) and k != parent]:
+                            self._drop(lower.pop(key))
+                        continue
+                    if base.startswith(WHITEOUT_PREFIX):
+                        gone = posixpath.join(parent, base[len(WHITEOUT_PREFIX):])
+                        for key in [k for k in lower if _under(k, gone)]:
+                            self._drop(lower.pop(key))
+                        continue
+                    if not _under(path, DISK_DIR) or path == DISK_DIR or member.isdir():
+                        continue
+                    if path in added:
+                        self._drop(added.pop(path))
+                    if member.isreg():
+                        added[path] = self._extract(tar, member, path, digest)
+                    else:
+                        added[path] = DiskFile(path, digest, None, _kind(member))
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            for f in added.values():
+                self._drop(f)
+            raise FailedPrecondition(f"image {self.image}: layer {digest} is not a valid tar stream: {exc}") from None
+        except BaseException:
+            for f in added.values():
+                self._drop(f)
+            raise
+        for path, f in added.items():
+            if path in lower:
+                self._drop(lower.pop(path))
+            lower[path] = f
+        self.files = lower
+
+    @staticmethod
+    def _check_link(member: tarfile.TarInfo, path: str, digest: str) -> None:
+        target = member.linkname
+        if member.islnk():
+            normalise_entry(target, digest)  # hard links name entries of the image
+            return
+        if target.startswith("/"):
+            return  # absolute symlinks resolve inside the image root; never followed here
+        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+        if resolved == ".." or resolved.startswith("../"):
+            raise FailedPrecondition(
+                f"layer {digest}: unsafe symlink {member.name!r} -> {target!r} (leaves the image root)"
+            )
+
+    def _extract(self, tar: tarfile.TarFile, member: tarfile.TarInfo, path: str, digest: str) -> DiskFile:
+        src = tar.extractfile(member)
+        assert src is not None
+        fd, name = tempfile.mkstemp(prefix="disk-", dir=self.workdir)
+        written = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while True:
+                    chunk = src.read(_CHUNK)
+                    if not chunk:
+                        break
+                    # Keep raw disks sparse: skip over whole zero chunks.
+                    if len(chunk) == _CHUNK and chunk == _ZEROS:
+                        out.seek(len(chunk), io.SEEK_CUR)
+                    else:
+                        out.write(chunk)
+                    written += len(chunk)
+                out.truncate(written)
+        except BaseException:
+            os.unlink(name)
+            raise
+        return DiskFile(path, digest, Path(name), "file", written)
+
+    @staticmethod
+    def _drop(f: DiskFile) -> None:
+        if f.temp is not None:
+            f.temp.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Delete every extracted file (on failure, or after they were moved)."""
+        for f in self.files.values():
+            self._drop(f)
+        self.files = {}
+
+    def disks(self) -> dict[str, DiskFile]:
+        """Files under /disk/ in the final image, keyed by "/disk/<name>"."""
+        return {"/" + path: f for path, f in sorted(self.files.items())}
+
+
+def choose_disk(disks: dict[str, DiskFile], image: str, wanted: str | None) -> DiskFile:
+    """KubeVirt's rule: exactly one file under /disk/, unless a path names one."""
+    if wanted:
+        key = "/" + normalise_entry(wanted.lstrip("/"), image)
+        if not key.startswith("/" + DISK_DIR + "/"):
+            key = "/" + DISK_DIR + key
+        found = disks.get(key)
+        if found is None:
+            raise FailedPrecondition(
+                f"image {image} has no file {key} (files under /disk/: {', '.join(disks) or 'none'})"
+            )
+        chosen = found
+    elif not disks:
+        raise FailedPrecondition(f"image {image} is not a containerDisk: it has no file under /disk/")
+    elif len(disks) > 1:
+        raise FailedPrecondition(
+            f"image {image} has {len(disks)} files under /disk/ ({', '.join(disks)}); "
+            "name one with the containerDisk volume's path"
+        )
+    else:
+        chosen = next(iter(disks.values()))
+    if chosen.temp is None and chosen.kind != "file":
+        raise FailedPrecondition(f"image {image}: /{chosen.path} is a {chosen.kind}, not a regular file")
+    return chosen
