@@ -78,9 +78,7 @@ def render_meta_data(instance_id: str, hostname: str) -> bytes:
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def build_seed_iso(
-    meta_data: bytes, user_data: bytes, network_config: bytes | None = None
-) -> bytes:
+def build_seed_iso(meta_data: bytes, user_data: bytes, network_config: bytes | None = None) -> bytes:
     """Return a NoCloud seed: an ISO 9660 image labelled ``cidata``.
 
     It holds ``meta-data``, ``user-data`` and, when given, ``network-config``,

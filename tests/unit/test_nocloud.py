@@ -54,9 +54,7 @@ def _rr_names(iso: pycdlib.PyCdlib) -> set[str]:
         pytest.param(META, os.urandom(70_000), b"", id="large-binary-and-empty-network"),
     ],
 )
-def test_seed_files_read_back_through_rock_ridge_and_joliet(
-    meta: bytes, user: bytes, network: bytes | None
-) -> None:
+def test_seed_files_read_back_through_rock_ridge_and_joliet(meta: bytes, user: bytes, network: bytes | None) -> None:
     iso = _open_iso(build_seed_iso(meta, user, network))
     try:
         assert iso.pvd.volume_identifier.rstrip(b" ") == SEED_VOLUME_LABEL.encode()
@@ -92,9 +90,7 @@ def test_output_does_not_depend_on_clock_or_time_zone(tmp_path: Path) -> None:
         """
     )
     env = dict(os.environ, TZ="Pacific/Kiritimati")
-    other = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
-    ).stdout
+    other = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
     assert other == hashlib.sha256(build_seed_iso(b"m", b"u", b"n")).hexdigest()
 
 
