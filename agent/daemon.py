@@ -15,21 +15,25 @@ import os
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 
 import structlog
 
 from agent import __version__
-from agent.adapters import cni, host, kvm, systemd
+from agent.adapters import cni, host, kvm, qemu_img, registry, systemd
 from agent.adapters.files import SandboxFiles
+from agent.adapters.image_files import ImageFiles
+from agent.adapters.layers import DiskExtractor
 from agent.adapters.libvirt import Libvirt
 from agent.adapters.store import Store
 from agent.api import server as api_server
 from agent.api.podvisor_service import HostServicer
 from agent.api.runtime_service import ImageServicer, RuntimeServicer
 from agent.config import AgentConfig
-from agent.domain import virt
+from agent.domain import imageref, virt
+from agent.services.images import ImagePorts, ImageService
 from agent.services.ports import Ports, SystemClock
 from agent.services.recovery import recover
 from agent.services.runtime import RuntimeInfoService
@@ -86,6 +90,53 @@ def _choose_virt(configured: str) -> tuple[virt.VirtChoice, virt.KvmFacts]:
     return choice, facts
 
 
+def build_image_service(cfg: AgentConfig, store: Store) -> ImageService:
+    """Registry client, image files and store behind the image use cases."""
+    reg = cfg.registries
+    config_creds = {
+        name: registry.RegistryCredentials(username=h.username, password=h.password)
+        for name, h in reg.hosts if h.username
+    }
+
+    def config_lookup(name: str) -> registry.RegistryCredentials | None:
+        for host, creds in config_creds.items():
+            found = registry.credentials_for(host, creds)(name)
+            if found is not None:
+                return found
+        return None
+
+    client = registry.RegistryClient(
+        credentials=config_lookup,
+        hosts={name: registry.RegistryHostConfig(ca_file=h.ca_file or None, insecure=h.insecure)
+               for name, h in reg.hosts},
+        rewrites=[imageref.RewriteRule(r.prefix, r.replacement) for r in reg.rewrites],
+        mirrors=[imageref.Mirror(name, h.mirrors) for name, h in reg.hosts if h.mirrors],
+        timeout=cfg.images.registry_timeout_seconds,
+    )
+
+    def credentials(auth: object, ref: imageref.ImageRef) -> registry.CredentialLookup | None:
+        if auth is None:
+            return None
+        creds = registry.RegistryCredentials.from_auth_config(auth)
+        if creds.is_empty():
+            return None
+        server = getattr(auth, "server_address", "") or ref.registry
+        return registry.credentials_for(server, creds)
+
+    files = ImageFiles(cfg.images_dir)
+    ports = ImagePorts(
+        registry=client,
+        store=store,
+        files=files,
+        new_extractor=DiskExtractor,
+        inspect_disk=lambda path, source, limit: qemu_img.info(path, source=source, max_virtual_size=limit),
+        credentials=credentials,
+        now_ns=time.time_ns,
+    )
+    return ImageService(ports, max_virtual_size=cfg.images.max_virtual_size_bytes,
+                        parallelism=cfg.images.pull_parallelism)
+
+
 class Daemon:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
@@ -105,6 +156,9 @@ class Daemon:
         sandboxes = SandboxService(ports)
         recover(ports, sandboxes)
 
+        images = build_image_service(cfg, store)
+        images.recover()
+
         libvirt = Libvirt(cfg.libvirt.uri, cfg.libvirt.reconnect_interval_seconds)
         libvirt.start()
         choice, facts = _choose_virt(cfg.libvirt.virt_type)
@@ -120,7 +174,7 @@ class Daemon:
         )
         grpc_server, health = api_server.build(
             RuntimeServicer(runtime, sandboxes, str(cfg.sandboxes_dir)),
-            ImageServicer(),
+            ImageServicer(images, str(cfg.images_dir)),
             HostServicer(runtime),
             cfg.server.workers,
         )

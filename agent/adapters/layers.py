@@ -23,7 +23,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import Any, BinaryIO
 
 from agent.domain.errors import FailedPrecondition
 from agent.domain.oci import Compression
@@ -72,7 +72,7 @@ def _kind(member: tarfile.TarInfo) -> str:
     return "special file"
 
 
-def open_layer(stream: BinaryIO, compression: Compression) -> IO[bytes]:
+def open_layer(stream: BinaryIO, compression: Compression) -> Any:
     """Wrap a layer blob stream in its decompressor."""
     if compression is Compression.GZIP:
         return gzip.GzipFile(fileobj=stream, mode="rb")
@@ -96,7 +96,7 @@ class DiskExtractor:
         added: dict[str, DiskFile] = {}
         try:
             with open_layer(stream, compression) as plain, \
-                    tarfile.open(fileobj=plain, mode="r|") as tar:  # type: ignore[call-overload]
+                    tarfile.open(fileobj=plain, mode="r|") as tar:
                 for member in tar:
                     path = normalise_entry(member.name, digest)
                     if member.issym() or member.islnk():

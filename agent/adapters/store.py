@@ -9,6 +9,7 @@ right after a reply never loses what the reply promised.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.domain.errors import AlreadyExists, Internal
+from agent.domain.image import BaseDisk, Image
 from agent.domain.sandbox import (
     DNSConfig,
     Metadata,
@@ -41,6 +43,13 @@ MIGRATIONS: list[str] = [
         created_at_ns INTEGER NOT NULL,
         doc           TEXT NOT NULL,
         UNIQUE (name, namespace, uid, attempt)
+    );
+    """,
+    """
+    CREATE TABLE images (
+        id            TEXT PRIMARY KEY,
+        created_at_ns INTEGER NOT NULL,
+        doc           TEXT NOT NULL
     );
     """,
 ]
@@ -137,6 +146,53 @@ class Store:
                 " FROM sandboxes ORDER BY created_at_ns"
             ).fetchall()
         return [_sandbox_from_row(row) for row in rows]
+
+
+    # Images --------------------------------------------------------------
+
+    def save_images(self, images: list[Image], delete: tuple[str, ...] = ()) -> None:
+        """Insert or replace image records (and delete some) in one transaction."""
+        with self.transaction() as db:
+            for image_id in delete:
+                db.execute("DELETE FROM images WHERE id = ?", (image_id,))
+            for img in images:
+                db.execute(
+                    "INSERT OR REPLACE INTO images (id, created_at_ns, doc) VALUES (?, ?, ?)",
+                    (img.id, img.created_at_ns, _image_doc(img)),
+                )
+
+    def delete_image(self, image_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM images WHERE id = ?", (image_id,))
+
+    def load_images(self) -> list[Image]:
+        with self._lock:
+            rows = self._db.execute("SELECT id, created_at_ns, doc FROM images ORDER BY created_at_ns").fetchall()
+        return [_image_from_row(row) for row in rows]
+
+
+def _image_doc(img: Image) -> str:
+    doc = dataclasses.asdict(img)
+    del doc["id"], doc["created_at_ns"]
+    return json.dumps(doc, sort_keys=True)
+
+
+def _image_from_row(row: tuple[Any, ...]) -> Image:
+    image_id, created_at_ns, raw = row
+    doc = json.loads(raw)
+    return Image(
+        id=image_id,
+        created_at_ns=created_at_ns,
+        manifest_digest=doc["manifest_digest"],
+        repo_tags=tuple(doc["repo_tags"]),
+        repo_digests=tuple(doc["repo_digests"]),
+        size=doc["size"],
+        layers=tuple(doc["layers"]),
+        config_media_type=doc["config_media_type"],
+        user=doc["user"],
+        disks=tuple(BaseDisk(**d) for d in doc["disks"]),
+        disk_problem=doc.get("disk_problem", ""),
+    )
 
 
 def _sandbox_doc(sb: Sandbox) -> str:

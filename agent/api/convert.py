@@ -9,6 +9,7 @@ from google.protobuf import json_format
 
 import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
 from agent.domain.errors import InvalidArgument
+from agent.domain.image import Image
 from agent.domain.sandbox import (
     DNSConfig,
     Metadata,
@@ -182,6 +183,40 @@ def sandbox_verbose_info(sb: Sandbox, state_dir: str) -> dict[str, str]:
         "vm": None,
     }
     return {"info": json.dumps(doc, sort_keys=True)}
+
+
+def image_to_pb(img: Image) -> pb.Image:
+    out = pb.Image(
+        id=img.id,
+        repo_tags=img.repo_tags,
+        repo_digests=img.repo_digests,
+        size=img.size,
+        spec=pb.ImageSpec(image=img.id),
+        pinned=False,
+    )
+    user = img.user.split(":", 1)[0]
+    if user.isdigit():
+        out.uid.value = int(user)
+    elif user:
+        out.username = user
+    return out
+
+
+def image_verbose_info(img: Image, disk_paths: dict[str, str]) -> str:
+    """The JSON document behind a verbose ImageStatus' ``info``."""
+    return json.dumps({
+        "id": img.id,
+        "manifestDigest": img.manifest_digest,
+        "layers": list(img.layers),
+        "configMediaType": img.config_media_type,
+        "disks": [
+            {"pathInImage": d.path_in_image, "format": d.format, "virtualSize": d.virtual_size,
+             "size": d.size, "hostPath": disk_paths.get(d.file, "")}
+            for d in img.disks
+        ],
+        "containerDisk": not img.disk_problem,
+        "diskProblem": img.disk_problem,
+    }, sort_keys=True)
 
 
 def version_to_pb(v: dict[str, str]) -> pb.VersionResponse:

@@ -243,8 +243,9 @@ def test_unimplemented_calls_say_so(running_agent: AgentProcess) -> None:
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "CreateContainer is not implemented" in (err.value.details() or "")
     with pytest.raises(grpc.RpcError) as err:
-        running_agent.images.PullImage(api_pb2.PullImageRequest(), timeout=5)
+        running_agent.runtime.Exec(api_pb2.ExecRequest(container_id="x"), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "Exec is not implemented" in (err.value.details() or "")
     with pytest.raises(grpc.RpcError) as err:
         list(running_agent.runtime.GetContainerEvents(api_pb2.GetEventsRequest(), timeout=5))
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
