@@ -3,7 +3,6 @@ checked exit codes. Untrusted images are only ever inspected under limits."""
 
 from __future__ import annotations
 
-import resource
 import subprocess
 from pathlib import Path
 
@@ -17,15 +16,14 @@ INFO_CPU_SECONDS = 20
 INFO_ADDRESS_SPACE = 1 << 30
 
 
-def _limit() -> None:
-    resource.setrlimit(resource.RLIMIT_CPU, (INFO_CPU_SECONDS, INFO_CPU_SECONDS))
-    resource.setrlimit(resource.RLIMIT_AS, (INFO_ADDRESS_SPACE, INFO_ADDRESS_SPACE))
-
-
 def _run(args: list[str], *, timeout: float, limited: bool = False) -> bytes:
+    cmd = [QEMU_IMG, *args]
+    if limited:
+        # prlimit(1) rather than preexec_fn: running Python between fork and
+        # exec in a threaded server is unsafe.
+        cmd = ["prlimit", f"--cpu={INFO_CPU_SECONDS}", f"--as={INFO_ADDRESS_SPACE}", "--", *cmd]
     try:
-        proc = subprocess.run([QEMU_IMG, *args], capture_output=True, timeout=timeout,
-                              preexec_fn=_limit if limited else None, check=False)
+        proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise FailedPrecondition(f"qemu-img {args[0]} took longer than {timeout:.0f}s") from None
     except FileNotFoundError:
