@@ -22,6 +22,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -41,6 +42,9 @@ BUSYBOX_PACKAGE = "busybox-static"
 RAW_NAME = "tiny.raw"
 QCOW2_NAME = "tiny.qcow2"
 INFO_NAME = "tiny.build.json"
+# Also left beside the disk for direct kernel boot (-kernel/-initrd) and debugging.
+KERNEL_NAME = "vmlinuz"
+INITRD_NAME = "initrd.gz"
 # Bump to force a rebuild when the output layout changes without a recipe change.
 FORMAT_VERSION = 1
 
@@ -92,17 +96,22 @@ def run(args: list[str], cwd: Path | None = None) -> str:
 # --- packages ----------------------------------------------------------------
 
 
-def apt_show(package: str) -> dict[str, str]:
-    """Fields of the candidate version of a package, from the local apt lists."""
-    text = run(["apt-cache", "show", "--no-all-versions", package])
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        if line and not line[0].isspace() and ":" in line:
-            key, value = line.split(":", 1)
-            fields[key] = value.strip()
-    if "Version" not in fields:
-        raise SystemExit(f"tiny: apt-cache knows no version of {package}; run apt-get update")
-    return fields
+def apt_show(*packages: str) -> dict[str, dict[str, str]]:
+    """Fields of each package's candidate version, from the local apt lists (one apt-cache run)."""
+    text = run(["apt-cache", "show", "--no-all-versions", *packages])
+    found: dict[str, dict[str, str]] = {}
+    for paragraph in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in paragraph.splitlines():
+            if line and not line[0].isspace() and ":" in line:
+                key, value = line.split(":", 1)
+                fields[key] = value.strip()
+        if "Package" in fields and "Version" in fields:
+            found.setdefault(fields["Package"], fields)
+    missing = [package for package in packages if package not in found]
+    if missing:
+        raise SystemExit(f"tiny: apt-cache knows no version of {', '.join(missing)}; run apt-get update")
+    return found
 
 
 @dataclass(frozen=True)
@@ -122,14 +131,19 @@ class Packages:
 
 def resolve_packages() -> Packages:
     """The concrete kernel package behind the meta package, and both versions."""
-    depends = apt_show(KERNEL_META_PACKAGE).get("Depends", "")
-    kernel = depends.split(",")[0].split("(")[0].split("|")[0].strip()
-    if not kernel.startswith("linux-image-"):
+    shown = apt_show(KERNEL_META_PACKAGE, BUSYBOX_PACKAGE)
+    depends = shown[KERNEL_META_PACKAGE].get("Depends", "")
+    # e.g. "linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)"
+    match = re.match(r"\s*(linux-image-[^\s(,|]+)(?:\s*\(=\s*([^)\s]+)\))?", depends)
+    if match is None:
         raise SystemExit(f"tiny: cannot find the kernel package in {KERNEL_META_PACKAGE}: {depends}")
+    kernel, kernel_version = match.group(1), match.group(2)
+    if kernel_version is None:
+        kernel_version = apt_show(kernel)[kernel]["Version"]
     return Packages(
         kernel=kernel,
-        kernel_version=apt_show(kernel)["Version"],
-        busybox_version=apt_show(BUSYBOX_PACKAGE)["Version"],
+        kernel_version=kernel_version,
+        busybox_version=shown[BUSYBOX_PACKAGE]["Version"],
     )
 
 
@@ -178,7 +192,8 @@ def current_build(outdir: Path, key: str) -> bool:
         info = json.loads((outdir / INFO_NAME).read_text())
     except (OSError, ValueError):
         return False
-    return bool(info.get("key") == key and (outdir / RAW_NAME).is_file() and (outdir / QCOW2_NAME).is_file())
+    outputs = (RAW_NAME, QCOW2_NAME, KERNEL_NAME, INITRD_NAME)
+    return info.get("key") == key and all((outdir / name).is_file() for name in outputs)
 
 
 # --- kernel modules ------------------------------------------------------------
@@ -345,6 +360,8 @@ def build(outdir: Path, packages: Packages, key: str) -> None:
         debs = outdir / "debs"
         kernel_deb = fetch_deb(packages.kernel, packages.kernel_version, debs)
         busybox_deb = fetch_deb(BUSYBOX_PACKAGE, packages.busybox_version, debs)
+        for stale in set(debs.glob("*.deb")) - {kernel_deb, busybox_deb}:
+            stale.unlink()  # e.g. the previous kernel ABI's package
         log(f"unpacking {kernel_deb.name} and {busybox_deb.name}")
         run(["dpkg-deb", "-x", str(kernel_deb), str(work / "kernel")])
         run(["dpkg-deb", "-x", str(busybox_deb), str(work / "busybox")])
@@ -379,6 +396,8 @@ def build(outdir: Path, packages: Packages, key: str) -> None:
         (outdir / INFO_NAME).unlink(missing_ok=True)
         os.replace(raw, outdir / RAW_NAME)
         os.replace(qcow2, outdir / QCOW2_NAME)
+        os.replace(initrd, outdir / INITRD_NAME)
+        shutil.copyfile(vmlinuz, outdir / KERNEL_NAME)
         (work / INFO_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         os.replace(work / INFO_NAME, outdir / INFO_NAME)
     finally:
