@@ -37,10 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(cfg.log.format, cfg.log.level)
     # Imported after logging is set up so import-time warnings are formatted.
     from agent.daemon import Daemon, StartupError
+    from agent.domain.errors import PodvisorError
 
     try:
         return Daemon(cfg).run()
-    except StartupError as exc:
+    except (StartupError, PodvisorError) as exc:
         structlog.get_logger("agent").error("cannot start", error=str(exc))
         return 1
 

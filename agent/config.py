@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.domain import imageref
+
 DEFAULT_SOCKET = Path("/run/podvisor/podvisor.sock")
 DEFAULT_STATE_DIR = Path("/var/lib/podvisor")
 VIRT_TYPES = ("auto", "kvm", "qemu")
@@ -56,8 +58,6 @@ class ImagesConfig:
     max_virtual_size_bytes: int = 1 << 40
     # Parallel blob downloads within one pull.
     pull_parallelism: int = 4
-    # Whole-pull deadline, beyond the client's own.
-    pull_timeout_seconds: float = 1800.0
     # Per-request timeout towards registries.
     registry_timeout_seconds: float = 60.0
 
@@ -270,6 +270,22 @@ def validate(cfg: AgentConfig) -> None:
     for name, path in (("state_dir", cfg.state_dir), ("[server] socket", cfg.server.socket)):
         if not path.is_absolute():
             raise ConfigError(f"{name}: {str(path)!r} must be an absolute path")
+    if cfg.libvirt.reconnect_interval_seconds <= 0:
+        raise ConfigError("[libvirt] reconnect_interval_seconds: must be greater than 0")
+    if cfg.server.shutdown_grace_seconds <= 0:
+        raise ConfigError("[server] shutdown_grace_seconds: must be greater than 0")
+    for i, rule in enumerate(cfg.registries.rewrites):
+        try:
+            imageref.RewriteRule(rule.prefix, rule.replacement)
+        except ValueError as exc:
+            raise ConfigError(f"[[registries.rewrite]] #{i}: {exc}") from None
+    for name, host in cfg.registries.hosts:
+        try:
+            imageref.Mirror(name, host.mirrors)
+        except ValueError as exc:
+            raise ConfigError(f'[registries.hosts."{name}"] mirrors: {exc}') from None
+        if host.ca_file and not Path(host.ca_file).is_absolute():
+            raise ConfigError(f'[registries.hosts."{name}"] ca_file: must be an absolute path')
     if cfg.libvirt.virt_type not in VIRT_TYPES:
         raise ConfigError(
             f"[libvirt] virt_type: {cfg.libvirt.virt_type!r} is not one of {', '.join(VIRT_TYPES)}"

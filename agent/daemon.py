@@ -99,8 +99,8 @@ def build_image_service(cfg: AgentConfig, store: Store) -> ImageService:
     }
 
     def config_lookup(name: str) -> registry.RegistryCredentials | None:
-        for host, creds in config_creds.items():
-            found = registry.credentials_for(host, creds)(name)
+        for registry_name, creds in config_creds.items():
+            found = registry.credentials_for(registry_name, creds)(name)
             if found is not None:
                 return found
         return None

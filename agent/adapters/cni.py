@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from agent.domain import cni
-
-
-@dataclass(frozen=True)
-class ConfigLookup:
-    path: Path | None
-    config: cni.NetworkConfig | None
-    # Why no config applies (or what was skipped), for NetworkReady's message.
-    message: str
+from agent.domain.cni import ConfigLookup
 
 
 def find_config(conf_dirs: tuple[Path, ...], bin_dirs: tuple[Path, ...]) -> ConfigLookup:

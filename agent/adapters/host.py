@@ -5,22 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-
-@dataclass(frozen=True)
-class HostFacts:
-    hostname: str
-    kernel_release: str
-    cpu_model: str
-    cpus: int
-    memory_total_bytes: int
-    memory_available_bytes: int
-    disk_total_bytes: int
-    disk_free_bytes: int
+from agent.domain.host import HostFacts
 
 
 def _cpu_model() -> str:

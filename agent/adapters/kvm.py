@@ -8,7 +8,9 @@ QEMU warn that the host lacks basic CPU features; either way the answer is no.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -22,6 +24,7 @@ from agent.domain.virt import KvmFacts
 log = structlog.get_logger(__name__)
 
 KVM_DEVICE = Path("/dev/kvm")
+QEMU_USER = "libvirt-qemu"
 PVM_MODULE = Path("/sys/module/kvm_pvm")
 _BAD_SIGNS = (
     "doesn't support requested feature",
@@ -44,8 +47,27 @@ def gather(device: Path = KVM_DEVICE, pvm_module: Path = PVM_MODULE) -> KvmFacts
             usable = False
         else:
             os.close(fd)
-            usable = True
+            usable = qemu_user_can_open(device)
     return KvmFacts(device_present=present, device_usable=usable, pvm=pvm_module.exists())
+
+
+def qemu_user_can_open(device: Path, user: str = QEMU_USER) -> bool:
+    """Whether libvirt's unprivileged QEMU user may open the device read-write.
+
+    The probe runs as root and would pass regardless; guests would then fail
+    to start. Without that user (not a libvirt host), trust root's answer.
+    """
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return True
+    st = device.stat()
+    if st.st_mode & 0o006 == 0o006:
+        return True
+    groups = {pw.pw_gid, *(g.gr_gid for g in grp.getgrall() if user in g.gr_mem)}
+    if st.st_gid in groups and st.st_mode & 0o060 == 0o060:
+        return True
+    return st.st_uid == pw.pw_uid and st.st_mode & 0o600 == 0o600
 
 
 def find_emulator() -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -61,6 +62,9 @@ class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        # SQLite gives the -wal and -shm files the database's mode: create it
+        # private first (it holds user-data and keys).
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         # Refuse a newer schema before changing anything about the file.
         current = int(self._db.execute("PRAGMA user_version").fetchone()[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 CONFIG_SUFFIXES = (".conflist", ".conf", ".json")
 
@@ -39,3 +40,11 @@ def parse(raw: bytes) -> NetworkConfig:
         types.append(p["type"])
     return NetworkConfig(name=name, cni_version=str(doc.get("cniVersion", "")),
                          plugin_types=tuple(types))
+
+
+@dataclass(frozen=True)
+class ConfigLookup:
+    path: Path | None
+    config: NetworkConfig | None
+    # Why no config applies (or what was skipped), for NetworkReady's message.
+    message: str

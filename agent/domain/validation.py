@@ -76,6 +76,16 @@ def validate_host_path(value: str, field_name: str) -> None:
         raise InvalidArgument(field_name, f"{value!r} must not contain '..'")
 
 
+_SLICE = re.compile(r"^[A-Za-z0-9_.:-]+\.slice$")
+
+
+def validate_cgroup_parent(value: str) -> None:
+    """cgroupfs driver: a cgroup path; systemd driver: a slice name (kubepods-...slice)."""
+    if not value or _SLICE.match(value):
+        return
+    validate_host_path(value, "config.linux.cgroup_parent")
+
+
 def validate_sandbox_spec(spec: SandboxSpec) -> None:
     """Everything RunPodSandbox checks before touching any state."""
     md = spec.metadata
@@ -122,7 +132,7 @@ def validate_sandbox_spec(spec: SandboxSpec) -> None:
                 ipaddress.ip_address(pm.host_ip)
             except ValueError:
                 raise InvalidArgument(f"{where}.host_ip", f"{pm.host_ip!r} is not an IP address") from None
-    validate_host_path(spec.cgroup_parent, "config.linux.cgroup_parent")
+    validate_cgroup_parent(spec.cgroup_parent)
     _text(spec.runtime_handler, "runtime_handler", required=False, limit=MAX_NAME)
 
 

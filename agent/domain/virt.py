@@ -10,7 +10,7 @@ class KvmFacts:
     """What the host tells about /dev/kvm (gathered by agent.adapters.kvm)."""
 
     device_present: bool
-    device_usable: bool  # opened read-write by this process
+    device_usable: bool  # opened read-write here, and openable by libvirt's QEMU user
     pvm: bool  # /sys/module/kvm_pvm exists: a paravirtual PVM device
     # Result of booting firmware under KVM: None when not run.
     probe_ok: bool | None = None
@@ -43,7 +43,9 @@ def choose(configured: str, facts: KvmFacts) -> VirtChoice:
     if not facts.device_present:
         return VirtChoice("qemu", "no /dev/kvm on this host: using TCG")
     if not facts.device_usable:
-        return VirtChoice("qemu", "/dev/kvm cannot be opened read-write: using TCG")
+        return VirtChoice(
+            "qemu", "/dev/kvm cannot be opened read-write by QEMU (want group kvm, mode 0660): using TCG"
+        )
     if facts.pvm:
         return VirtChoice(
             "qemu",

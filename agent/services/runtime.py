@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Protocol
 
 from agent import __version__
-from agent.adapters.cni import ConfigLookup
-from agent.adapters.host import HostFacts
+from agent.domain.cni import ConfigLookup
 from agent.domain.errors import PodvisorError
+from agent.domain.host import HostFacts
 from agent.domain.virt import KvmFacts, VirtChoice
 
 RUNTIME_NAME = "podvisor"

@@ -21,6 +21,7 @@ from agent.adapters.registry import RegistryClient, RegistryCredentials
 from agent.domain import oci
 from tests.integration.agentproc import AgentProcess
 from tests.integration.registry_fixture import RunningRegistry, containerdisk_layer, push_image
+
 from runtime.v1 import api_pb2 as pb
 
 

@@ -23,14 +23,14 @@ from structlog.testing import capture_logs
 
 import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
 from agent import __version__
-from agent.adapters.cni import ConfigLookup
-from agent.adapters.host import HostFacts
 from agent.api import server as api_server
 from agent.api.podvisor_service import HostServicer
 from agent.api.runtime_service import ImageServicer, RuntimeServicer
 from agent.domain import errors
-from agent.domain.cni import NetworkConfig
+from agent.domain.cni import ConfigLookup, NetworkConfig
+from agent.domain.host import HostFacts
 from agent.domain.virt import KvmFacts, VirtChoice
+from agent.services.images import ImagePorts, ImageService
 from agent.services.runtime import RuntimeInfoService
 from agent.services.sandboxes import SandboxService
 from tests.services.service_fakes import FakePorts
@@ -87,6 +87,23 @@ class Harness:
     images: api_pb2_grpc.ImageServiceStub
 
 
+def _no_image_ports(root: Path) -> ImagePorts:
+    """An image service that holds no images; pulling is not exercised here."""
+    from agent.adapters.image_files import ImageFiles
+    from agent.adapters.layers import DiskExtractor
+    from agent.adapters.store import Store
+
+    def unreachable(*_args: object, **_kwargs: object) -> object:
+        raise AssertionError("no registry in this test")
+
+    class NoRegistry:
+        resolve = fetch_config = fetch_blob = staticmethod(unreachable)
+
+    return ImagePorts(registry=NoRegistry(), store=Store(root / "db"), files=ImageFiles(root),
+                      new_extractor=DiskExtractor, inspect_disk=unreachable,  # type: ignore[arg-type]
+                      credentials=lambda _a, _r: None, now_ns=lambda: 0)
+
+
 @pytest.fixture(autouse=True)
 def _plain_structlog() -> Iterator[None]:
     # Another test may have configured structlog (cached loggers, level filters).
@@ -117,7 +134,8 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     # The real assembly: ApiInterceptor, services registered from descriptors.
     server, _health = api_server.build(
         RuntimeServicer(runtime, sandboxes, "/var/lib/podvisor/sandboxes"),
-        ImageServicer(),
+        ImageServicer(ImageService(_no_image_ports(tmp_path_factory.mktemp("images")),
+                                   max_virtual_size=1 << 30), "/var/lib/podvisor/images"),
         HostServicer(runtime),
         workers=4,
     )
@@ -290,11 +308,17 @@ def test_unimplemented_runtime_calls_say_so(harness: Harness, method: str,
 
 
 def test_unimplemented_image_call_says_so(harness: Harness) -> None:
-    err = call_error(harness.images.PullImage,
-                     pb.PullImageRequest(image=pb.ImageSpec(image="quay.io/x/y:1")))
+    err = call_error(lambda req, timeout: list(harness.images.StreamImages(req, timeout=timeout)),
+                     pb.StreamImagesRequest())
     assert err.code() == grpc.StatusCode.UNIMPLEMENTED
     assert err.details().startswith(
-        f"runtime.v1.ImageService/PullImage is not implemented in Podvisor {__version__}: ")
+        f"runtime.v1.ImageService/StreamImages is not implemented in Podvisor {__version__}: ")
+
+
+def test_image_status_of_an_absent_image_is_empty(harness: Harness) -> None:
+    resp = harness.images.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image="quay.io/x/y:1")),
+                                      timeout=5)
+    assert not resp.HasField("image")
 
 
 def test_unimplemented_server_streaming_call(harness: Harness) -> None:

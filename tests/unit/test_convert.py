@@ -9,9 +9,9 @@ import pytest
 
 import agent.api.gen  # noqa: F401  (generated packages on sys.path)
 from agent import __version__
-from agent.adapters.host import HostFacts
 from agent.api import convert
 from agent.domain.errors import InvalidArgument
+from agent.domain.host import HostFacts
 from agent.domain.sandbox import (
     DNSConfig,
     Metadata,
