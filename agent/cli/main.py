@@ -26,6 +26,7 @@ from google.protobuf.message import Message
 
 import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
 from agent import __version__
+from agent.cli import image_build
 
 from podvisor.v1 import podvisor_pb2, podvisor_pb2_grpc
 from runtime.v1 import api_pb2, api_pb2_grpc
@@ -311,11 +312,20 @@ def build_parser() -> argparse.ArgumentParser:
         ("rm-pod", cmd_rm_pod, "remove a pod sandbox, stopping it first (succeeds if gone)"),
     ):
         add(name, fn, text).add_argument("id", metavar="ID", help="sandbox id or unique prefix")
+    image_build.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    local = getattr(args, "local", None)
+    if local is not None:  # commands that need no agent
+        try:
+            print(local(args))
+        except image_build.BuildError as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return 1
+        return 0
     try:
         client = Client(str(Path(args.socket)), args.timeout)
         try:
