@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from agent.domain import oci
 from agent.render import containerdisk
@@ -48,8 +49,10 @@ def build(disk: Path, layout: Path, tag: str, *, compress: bool = True) -> conta
     manifest = containerdisk.manifest_bytes(config, [layer])
     manifest_digest = _write_blob(layout, manifest)
     index_path = layout / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {"schemaVersion": 2, "manifests": []}
-    entries = [m for m in index.get("manifests", []) if m.get("annotations", {}).get(REF_NAME) != tag]
+    existing: list[dict[str, Any]] = (
+        json.loads(index_path.read_text()).get("manifests", []) if index_path.exists() else []
+    )
+    entries = [m for m in existing if m.get("annotations", {}).get(REF_NAME) != tag]
     entries.append({"mediaType": oci.OCI_MANIFEST, "digest": manifest_digest, "size": len(manifest),
                     "annotations": {REF_NAME: tag}})
     index = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": entries}

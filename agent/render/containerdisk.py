@@ -53,7 +53,7 @@ def write_layer(disk: Path, out: BinaryIO, *, name: str | None = None, compress:
     if "/" in name or name in ("", ".", ".."):
         raise ValueError(f"disk name {name!r} must be a plain file name")
     blob = _HashingWriter(out)
-    gz = gzip.GzipFile(fileobj=blob, mode="wb", compresslevel=level, mtime=0) if compress else None  # type: ignore[arg-type]
+    gz = gzip.GzipFile(fileobj=blob, mode="wb", compresslevel=level, mtime=0) if compress else None
     plain = _HashingWriter(gz if gz is not None else blob)  # type: ignore[arg-type]
     with tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
         d = tarfile.TarInfo("disk")

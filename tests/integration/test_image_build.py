@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tests.integration.agentproc import AgentProcess
 from tests.integration.registry_fixture import RunningRegistry
+
 from runtime.v1 import api_pb2 as pb
 
 CTL = [sys.executable, "-m", "agent.cli.main"]
