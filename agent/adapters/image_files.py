@@ -100,8 +100,19 @@ class ImageFiles:
             dest = staging / name
             os.replace(src, dest)
             dest.chmod(0o444)  # shared by every VM of the image: never written
+            # Durable before the image record says it exists.
+            fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         staging.chmod(0o755)
         os.replace(staging, final)
+        dirfd = os.open(self.disks, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
 
     def disk_path(self, image_id: str, file: str) -> Path:
         return self._disk_dir(image_id) / file

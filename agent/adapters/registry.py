@@ -45,6 +45,7 @@ from typing import Any, Protocol
 import httpx
 import structlog
 
+from agent.adapters.blobstream import BlobProgress
 from agent.domain.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -225,6 +226,27 @@ class _Sink(Protocol):
 
 class _MemorySink(io.BytesIO):
     pass
+
+
+class _ProgressSink:
+    """Writes through to the file and tells a follower how far it got."""
+
+    def __init__(self, out: Any, progress: BlobProgress) -> None:
+        self._out = out
+        self._progress = progress
+
+    def write(self, data: bytes, /) -> int:
+        n = int(self._out.write(data))
+        self._progress.wrote(n)
+        return n
+
+    def seek(self, offset: int, /) -> int:
+        if offset == 0 and self._progress.written:
+            self._progress.restarted()
+        return int(self._out.seek(offset))
+
+    def truncate(self, size: int | None = None, /) -> int:
+        return int(self._out.truncate(size))
 
 
 @dataclass
@@ -462,8 +484,13 @@ class RegistryClient:
         *,
         expected_size: int | None = None,
         credentials: CredentialLookup | None = None,
+        progress: BlobProgress | None = None,
     ) -> int:
         """Stream a blob to ``dest_path`` and return its size.
+
+        With ``progress``, another thread may follow the file while it is
+        written (agent.adapters.blobstream); the digest is still checked before
+        the file is renamed into place, and a failure reaches the follower.
 
         The content goes to a temporary file beside ``dest_path`` while being
         hashed, and is renamed into place only once its SHA-256 (and size, when
@@ -475,14 +502,22 @@ class RegistryClient:
         fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
         tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as out:
-                size = self._download(repo, digest, out, expected_size, None, credentials)
+            if progress is not None:
+                progress.started(tmp_name)
+            # Unbuffered when followed, so a reader sees every chunk at once.
+            with os.fdopen(fd, "wb", buffering=0 if progress is not None else -1) as out:
+                sink: _Sink = out if progress is None else _ProgressSink(out, progress)
+                size = self._download(repo, digest, sink, expected_size, None, credentials)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, dest)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
+            if progress is not None:
+                progress.finished(exc)
             raise
+        if progress is not None:
+            progress.finished()
         _fsync_dir(dest.parent)
         log.info("registry.blob_fetched", endpoint=str(repo), digest=digest, size=size)
         return size
@@ -523,7 +558,11 @@ class RegistryClient:
                     if response.status_code == 404:
                         raise NotFound(f"blob {digest} not found in repository {repo.name} of registry {repo.registry}")
                     self._check_status(response, repo, f"blob {digest}", ok=(200,))
-                    for chunk in response.iter_bytes(CHUNK_SIZE):
+                    # iter_raw avoids a re-chunking copy; a transfer encoding we
+                    # did not ask for still gets decoded.
+                    encoded = response.headers.get("content-encoding", "identity") not in ("", "identity")
+                    chunks = response.iter_bytes(CHUNK_SIZE) if encoded else response.iter_raw()
+                    for chunk in chunks:
                         size += len(chunk)
                         if expected_size is not None and size > expected_size:
                             raise FailedPrecondition(

@@ -1,0 +1,107 @@
+"""Reading a blob while it downloads, so extraction overlaps the download.
+
+The downloader writes the blob to its temporary file and reports progress
+here; a reader in another thread follows the file as it grows (the page cache
+makes that a memory copy). If the download restarts from zero (a broken
+stream retried), the reader raises :class:`Restarted` and the consumer starts
+over; if the download fails, the reader raises its error.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+
+
+class Restarted(Exception):
+    """The download began again from the first byte."""
+
+
+class BlobProgress:
+    """Shared state between one download (writer) and one follower (reader)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.path: str | None = None
+        self.written = 0
+        self.generation = 0
+        self.done = False
+        self.error: BaseException | None = None
+
+    # Writer side --------------------------------------------------------------
+
+    def started(self, path: str) -> None:
+        with self._cond:
+            self.path = path
+            self._cond.notify_all()
+
+    def restarted(self) -> None:
+        with self._cond:
+            self.written = 0
+            self.generation += 1
+            self._cond.notify_all()
+
+    def wrote(self, n: int) -> None:
+        with self._cond:
+            self.written += n
+            self._cond.notify_all()
+
+    def finished(self, error: BaseException | None = None) -> None:
+        with self._cond:
+            self.done = True
+            self.error = error
+            self._cond.notify_all()
+
+    # Reader side ----------------------------------------------------------------
+
+    def wait_for(self, offset: int, generation: int) -> tuple[int, bool]:
+        """Block until more than ``offset`` bytes exist; (written, finished)."""
+        with self._cond:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if self.generation != generation:
+                    raise Restarted()
+                if self.written > offset or self.done:
+                    return self.written, self.done
+                self._cond.wait(5.0)
+
+    def wait_path(self) -> tuple[str, int]:
+        with self._cond:
+            while self.path is None:
+                if self.error is not None:
+                    raise self.error
+                if self.done:
+                    raise FileNotFoundError("download finished without a file")
+                self._cond.wait(5.0)
+            return self.path, self.generation
+
+
+class FollowReader(io.RawIOBase):
+    """A raw reader over a file that another thread is still writing."""
+
+    def __init__(self, progress: BlobProgress) -> None:
+        super().__init__()
+        self._progress = progress
+        path, self._generation = progress.wait_path()
+        # Opened now, it stays readable after the writer renames the file.
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        available, finished = self._progress.wait_for(self._pos, self._generation)
+        if available <= self._pos and finished:
+            return 0
+        want = min(len(buffer), available - self._pos)
+        n = os.readv(self._fd, [memoryview(buffer)[:want]])
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
