@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import zstandard
+
 from agent.domain.errors import FailedPrecondition
 from agent.domain.oci import Compression
 
@@ -122,14 +124,31 @@ class _GzipReader(io.RawIOBase):
         return n
 
 
+class _ZstdReader(io.RawIOBase):
+    """zstd decompression whose errors surface as OSError like the others."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        super().__init__()
+        self._reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            data = self._reader.read(len(buffer))
+        except zstandard.ZstdError as exc:
+            raise OSError(f"bad zstd data: {exc}") from None
+        buffer[: len(data)] = data
+        return len(data)
+
+
 def open_layer(stream: BinaryIO, compression: Compression) -> Any:
     """Wrap a layer blob stream in its decompressor."""
     if compression is Compression.GZIP:
         return io.BufferedReader(_GzipReader(stream), _CHUNK)
     if compression is Compression.ZSTD:
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
+        return io.BufferedReader(_ZstdReader(stream), _CHUNK)
     return stream
 
 
@@ -170,7 +189,11 @@ class DiskExtractor:
                         added[path] = self._extract(tar, member, path, digest)
                     else:
                         added[path] = DiskFile(path, digest, None, _kind(member))
-        except (tarfile.TarError, OSError, EOFError) as exc:
+                # Read to the end: the compressor's own check (gzip CRC and
+                # length) is only verified there, and trailing junk is refused.
+                while plain.read(_CHUNK):
+                    pass
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
             for f in added.values():
                 self._drop(f)
             raise FailedPrecondition(f"image {self.image}: layer {digest} is not a valid tar stream: {exc}") from None
