@@ -68,6 +68,58 @@ def _fmt_version(v: int) -> str:
     return f"{v // 1_000_000}.{(v // 1000) % 1000}.{v % 1000}" if v else ""
 
 
+@dataclass(frozen=True)
+class DomainState:
+    """libvirt's state of a domain in plain words.
+
+    ``state``: running, paused, shutoff, crashed, other, or missing (no such
+    domain). ``reason`` for shutoff: shutdown (the guest powered off),
+    destroyed, crashed, failed, daemon, or unknown.
+    """
+
+    state: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class DomainStats:
+    cpu_time_ns: int
+    rss_bytes: int
+    balloon_bytes: int  # what the guest currently has (balloon "actual")
+    guest_available_bytes: int  # 0 when the balloon driver reports nothing
+    guest_unused_bytes: int
+
+
+@dataclass(frozen=True)
+class LifecycleEvent:
+    domain: str
+    kind: str  # defined, undefined, started, stopped, suspended, resumed, shutdown, crashed, other
+    detail: str  # for stopped: shutdown, destroyed, crashed, failed, other
+
+
+_STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "running",  # shutting down: still running
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff", libvirt.VIR_DOMAIN_CRASHED: "crashed",
+}
+_SHUTOFF_REASONS = {
+    libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: "destroyed",
+    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: "crashed", libvirt.VIR_DOMAIN_SHUTOFF_FAILED: "failed",
+    libvirt.VIR_DOMAIN_SHUTOFF_DAEMON: "daemon",
+}
+_EVENTS = {
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined", libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
+    libvirt.VIR_DOMAIN_EVENT_STARTED: "started", libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "suspended",
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed", libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
+}
+_STOPPED_DETAILS = {
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "destroyed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed", libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
+}
+
+
 class Libvirt:
     """A self-healing connection to libvirtd."""
 
@@ -81,6 +133,8 @@ class Libvirt:
         self._last_error = "not connected yet"
         self._last_attempt = 0.0
         self._monitor: threading.Thread | None = None
+        self._lifecycle: list[Callable[[LifecycleEvent], None]] = []
+        self._reconnected: list[Callable[[], None]] = []
 
     # Connection management -------------------------------------------------
 
@@ -136,9 +190,34 @@ class Libvirt:
             conn.setKeepAlive(5, 3)
         except libvirt.libvirtError as exc:
             log.warning("libvirt keepalive not enabled", error=exc.get_error_message())
+        try:
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+        except libvirt.libvirtError as exc:
+            log.warning("libvirt domain events unavailable", error=exc.get_error_message())
         log.info("libvirt connected", uri=self.uri,
                  libvirtd=_fmt_version(conn.getLibVersion()))
+        for fn in self._reconnected:
+            # Outside the connection lock: callbacks may call back into us.
+            threading.Thread(target=fn, name="libvirt-reconnected", daemon=True).start()
         return conn
+
+    def on_lifecycle(self, fn: Callable[[LifecycleEvent], None]) -> None:
+        """Call ``fn`` (on libvirt's event thread) for every domain lifecycle event."""
+        self._lifecycle.append(fn)
+
+    def on_reconnect(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` after every (re)connection: states may have changed unseen."""
+        self._reconnected.append(fn)
+
+    def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        kind = _EVENTS.get(event, "other")
+        what = _STOPPED_DETAILS.get(detail, "other") if kind == "stopped" else ""
+        ev = LifecycleEvent(domain=dom.name(), kind=kind, detail=what)
+        for fn in self._lifecycle:
+            try:
+                fn(ev)
+            except Exception:  # an event handler must never kill libvirt's loop
+                log.exception("lifecycle handler failed", domain=ev.domain)
 
     def _connection(self) -> Any:
         with self._lock:
@@ -206,3 +285,105 @@ class Libvirt:
     @staticmethod
     def library_version() -> str:
         return _fmt_version(libvirt.getVersion())
+
+    # Domains ---------------------------------------------------------------
+
+    def define_domain(self, xml: str) -> None:
+        self.call(lambda c: c.defineXML(xml))
+
+    def _domain(self, conn: Any, name: str) -> Any:
+        return conn.lookupByName(name)
+
+    def start_domain(self, name: str) -> None:
+        self.call(lambda c: self._domain(c, name).create())
+
+    def shutdown_domain(self, name: str) -> None:
+        """Press the ACPI power button."""
+        def press(c: Any) -> None:
+            dom = self._domain(c, name)
+            try:
+                dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # not running
+                    raise
+        self.call(press)
+
+    def destroy_domain(self, name: str) -> bool:
+        """Hard stop; False when it was not running (or does not exist)."""
+        def pull_the_plug(c: Any) -> bool:
+            try:
+                self._domain(c, name).destroy()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN):
+                    return False
+                raise
+            return True
+        return self.call(pull_the_plug)
+
+    def undefine_domain(self, name: str) -> bool:
+        """Remove the definition (and NVRAM); False when there was none."""
+        flags = (libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                 | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+
+        def forget(c: Any) -> bool:
+            try:
+                self._domain(c, name).undefineFlags(flags)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return False
+                raise
+            return True
+        return self.call(forget)
+
+    def domain_state(self, name: str) -> DomainState:
+        def read(c: Any) -> DomainState:
+            try:
+                state, reason = self._domain(c, name).state()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return DomainState("missing")
+                raise
+            word = _STATES.get(state, "other")
+            return DomainState(word, _SHUTOFF_REASONS.get(reason, "unknown") if word == "shutoff" else "")
+        return self.call(read)
+
+    def domain_xml(self, name: str) -> str:
+        return self.call(lambda c: str(self._domain(c, name).XMLDesc(0)))
+
+    def domain_stats(self, name: str) -> DomainStats:
+        def read(c: Any) -> DomainStats:
+            dom = self._domain(c, name)
+            info = dom.info()  # [state, maxMem KiB, mem KiB, vcpus, cpuTime ns]
+            try:
+                mem = dom.memoryStats() if dom.isActive() else {}
+            except libvirt.libvirtError:
+                mem = {}
+            return DomainStats(
+                cpu_time_ns=int(info[4]),
+                rss_bytes=int(mem.get("rss", 0)) * 1024,
+                balloon_bytes=int(mem.get("actual", info[2])) * 1024,
+                guest_available_bytes=int(mem.get("available", 0)) * 1024,
+                guest_unused_bytes=int(mem.get("unused", 0)) * 1024,
+            )
+        return self.call(read)
+
+    def set_domain_memory(self, name: str, size_bytes: int) -> None:
+        """Balloon target, live and in the persistent definition."""
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        self.call(lambda c: self._domain(c, name).setMemoryFlags(size_bytes // 1024, flags))
+
+    def set_domain_vcpus(self, name: str, count: int) -> None:
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        self.call(lambda c: self._domain(c, name).setVcpusFlags(count, flags))
+
+    def list_domains(self) -> dict[str, str]:
+        """Every domain's name → its XML (callers keep only their own)."""
+        def read(c: Any) -> dict[str, str]:
+            out = {}
+            for dom in c.listAllDomains(0):
+                try:
+                    out[dom.name()] = dom.XMLDesc(0)
+                except libvirt.libvirtError:
+                    continue  # vanished while listing
+            return out
+        return self.call(read)

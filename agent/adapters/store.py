@@ -21,6 +21,7 @@ from typing import Any
 
 from agent.domain.errors import AlreadyExists, Internal
 from agent.domain.image import BaseDisk, Image
+from agent.domain.vm import Container, ContainerState
 from agent.domain.sandbox import (
     DNSConfig,
     Metadata,
@@ -52,6 +53,16 @@ MIGRATIONS: list[str] = [
         created_at_ns INTEGER NOT NULL,
         doc           TEXT NOT NULL
     );
+    """,
+    """
+    CREATE TABLE containers (
+        id            TEXT PRIMARY KEY,
+        sandbox_id    TEXT NOT NULL,
+        state         TEXT NOT NULL,
+        created_at_ns INTEGER NOT NULL,
+        doc           TEXT NOT NULL
+    );
+    CREATE INDEX containers_by_sandbox ON containers (sandbox_id);
     """,
 ]
 
@@ -173,6 +184,44 @@ class Store:
         with self._lock:
             rows = self._db.execute("SELECT id, created_at_ns, doc FROM images ORDER BY created_at_ns").fetchall()
         return [_image_from_row(row) for row in rows]
+
+
+    # Containers ----------------------------------------------------------
+
+    def save_container(self, container: Container) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO containers (id, sandbox_id, state, created_at_ns, doc)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (container.id, container.sandbox_id, container.state.value, container.created_at_ns,
+                 _container_doc(container)),
+            )
+
+    def delete_container(self, container_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM containers WHERE id = ?", (container_id,))
+
+    def load_containers(self) -> list[Container]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, sandbox_id, state, created_at_ns, doc FROM containers ORDER BY created_at_ns"
+            ).fetchall()
+        return [_container_from_row(row) for row in rows]
+
+
+def _container_doc(c: Container) -> str:
+    doc = dataclasses.asdict(c)
+    for key in ("id", "sandbox_id", "state", "created_at_ns"):
+        del doc[key]
+    return json.dumps(doc, sort_keys=True)
+
+
+def _container_from_row(row: tuple[Any, ...]) -> Container:
+    cid, sandbox_id, state, created_at_ns, raw = row
+    doc = json.loads(raw)
+    known = {f.name for f in dataclasses.fields(Container)}
+    return Container(id=cid, sandbox_id=sandbox_id, state=ContainerState(state), created_at_ns=created_at_ns,
+                     **{k: v for k, v in doc.items() if k in known})
 
 
 def _image_doc(img: Image) -> str:

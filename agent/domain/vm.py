@@ -1,0 +1,152 @@
+"""Virtual machines: the typed values builders and services share (pure).
+
+A ``VMRequest`` is what a CreateContainer asked for after annotations and the
+KubeVirt VMI spec were merged (CRI fields first, then annotations, then the
+agent's defaults). A ``DomainSpec`` is everything the domain XML builder
+needs, with host paths already decided. Neither knows about protobuf or
+libvirt objects.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+METADATA_NAMESPACE = "https://podvisor.io/xmlns/domain/1"
+METADATA_PREFIX = "podvisor"
+
+
+class ContainerState(enum.Enum):
+    """Container records. CREATING/REMOVING mark operations in progress for
+    recovery; CRI sees CREATED, RUNNING, EXITED (and UNKNOWN)."""
+
+    CREATING = "creating"
+    CREATED = "created"
+    RUNNING = "running"
+    EXITED = "exited"
+    UNKNOWN = "unknown"
+    REMOVING = "removing"
+
+
+@dataclass(frozen=True)
+class CloudInit:
+    """Sources for the NoCloud seed, before rendering."""
+
+    user_data: bytes | None = None  # verbatim user-data (KubeVirt: userData wins over userDataBase64)
+    network_config: bytes | None = None  # verbatim network-config (v1 or v2, no top-level "network:")
+    ssh_authorized_keys: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)  # container env → /etc/environment
+    command: tuple[str, ...] = ()  # command + args → runcmd
+
+
+@dataclass(frozen=True)
+class VMRequest:
+    """A VM as CreateContainer asked for it (sizes resolved, nothing host-specific)."""
+
+    vcpus: int
+    max_vcpus: int
+    memory_bytes: int
+    max_memory_bytes: int
+    cpu_shares: int | None = None
+    firmware: str = "bios"  # "bios" or "uefi"
+    disk_bus: str = "virtio"  # bus of the boot disk: virtio, sata, scsi
+    containerdisk_path: str | None = None  # a KubeVirt containerDisk "path" naming the disk file
+    interface_model: str = "virtio"
+    pod_network: bool = True  # False: no NIC (the VMI lists no networks)
+    cloud_init: CloudInit = field(default_factory=CloudInit)
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    source: str  # host path
+    format: str  # "qcow2" or "raw", always stated
+    target: str  # "vda", "sda", ...
+    bus: str  # "virtio", "sata", "scsi"
+    device: str = "disk"  # or "cdrom"
+    readonly: bool = False
+    boot_order: int | None = None
+    serial: str = ""
+
+
+@dataclass(frozen=True)
+class InterfaceSpec:
+    bridge: str  # host bridge the NIC joins
+    mac: str
+    model: str = "virtio"
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str  # libvirt domain name
+    uuid: str
+    virt_type: str  # "kvm" or "qemu"
+    vcpus: int
+    max_vcpus: int
+    memory_bytes: int  # current (balloon target)
+    max_memory_bytes: int  # maximum, fixed at define time
+    disks: tuple[DiskSpec, ...]
+    serial_socket: str  # unix socket for the console (Attach)
+    console_log: str  # virtlogd copy of all serial output (the container log's source)
+    # Podvisor metadata: what the agent needs to recognise and adopt the domain.
+    sandbox_id: str
+    container_id: str
+    pod_name: str = ""
+    pod_namespace: str = ""
+    container_name: str = ""
+    cpu_shares: int | None = None
+    firmware: str = "bios"
+    uefi_loader: str = ""  # OVMF code path (firmware == "uefi")
+    uefi_vars_template: str = ""
+    uefi_nvram: str = ""  # per-VM copy of the vars
+    interfaces: tuple[InterfaceSpec, ...] = ()
+    guest_agent_socket: str = ""  # virtio-serial channel org.qemu.guest_agent.0; "" for none
+    machine: str = "q35"
+    emulator: str = ""  # "" lets libvirt choose
+
+
+@dataclass(frozen=True)
+class Container:
+    """A VM container record (what CRI calls a container)."""
+
+    id: str
+    sandbox_id: str
+    name: str
+    attempt: int
+    image: str  # the image as CreateContainer named it
+    image_id: str
+    state: ContainerState
+    created_at_ns: int
+    domain_name: str
+    directory: str  # per-container files: overlay, seed, console log
+    overlay_path: str
+    seed_path: str
+    console_log: str  # raw serial output (virtlogd)
+    serial_socket: str
+    log_path: str  # absolute CRI log path ("" when kubelet gave none)
+    vcpus: int
+    max_vcpus: int
+    memory_bytes: int
+    max_memory_bytes: int
+    cpu_shares: int | None = None
+    firmware: str = "bios"
+    started_at_ns: int = 0
+    finished_at_ns: int = 0
+    exit_code: int = 0
+    reason: str = ""
+    message: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    # Set while StopContainer runs, so that the "destroyed" event it causes
+    # reads as a hard stop (137 Killed) rather than a crash.
+    stop_requested: bool = False
+
+    @property
+    def live(self) -> bool:
+        """Occupies its sandbox's VM slot (DESIGN: one VM per sandbox)."""
+        return self.state in (ContainerState.CREATING, ContainerState.CREATED, ContainerState.RUNNING)
+
+
+def domain_name(container_id: str) -> str:
+    """The libvirt domain name of a container (recognisable, unique)."""
+    return f"podvisor-{container_id}"
