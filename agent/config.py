@@ -18,6 +18,7 @@ from agent.domain import imageref
 
 DEFAULT_SOCKET = Path("/run/podvisor/podvisor.sock")
 DEFAULT_STATE_DIR = Path("/var/lib/podvisor")
+DEFAULT_RUNTIME_DIR = Path("/run/podvisor")
 VIRT_TYPES = ("auto", "kvm", "qemu")
 LOG_FORMATS = ("auto", "console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -95,6 +96,8 @@ class LogConfig:
 @dataclass(frozen=True)
 class AgentConfig:
     state_dir: Path = DEFAULT_STATE_DIR
+    # Short-lived files: VM console sockets (unix socket paths must stay short).
+    runtime_dir: Path = DEFAULT_RUNTIME_DIR
     server: ServerConfig = field(default_factory=ServerConfig)
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
     cni: CNIConfig = field(default_factory=CNIConfig)
@@ -211,15 +214,15 @@ def from_mapping(data: dict[str, Any]) -> AgentConfig:
     cfg = AgentConfig()
     changes: dict[str, Any] = {}
     for key, value in data.items():
-        if key == "state_dir":
-            changes["state_dir"] = _coerce("state_dir", DEFAULT_STATE_DIR, value)
+        if key in ("state_dir", "runtime_dir"):
+            changes[key] = _coerce(key, DEFAULT_STATE_DIR, value)
         elif key in _SECTIONS:
             changes[key] = _section(key, _SECTIONS[key], value)
         elif key == "registries":
             changes[key] = _registries(value)
         else:
             raise ConfigError(
-                f"{key}: unknown setting (known: state_dir, registries, {', '.join(sorted(_SECTIONS))})"
+                f"{key}: unknown setting (known: state_dir, runtime_dir, registries, {', '.join(sorted(_SECTIONS))})"
             )
     cfg = dataclasses.replace(cfg, **changes)
     validate(cfg)

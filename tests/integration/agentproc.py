@@ -44,6 +44,7 @@ class AgentProcess:
         self.config_path = workdir / "agent.toml"
         self.config_path.write_text(
             f'state_dir = "{self.state_dir}"\n'
+            f'runtime_dir = "{self.socket_dir}"\n'
             f"[server]\nsocket = \"{self.socket}\"\nshutdown_grace_seconds = 5\n"
             f"[libvirt]\nreconnect_interval_seconds = 0.5\n"
             f"[cni]\nconf_dirs = [\"{self.cni_conf_dir}\"]\n"

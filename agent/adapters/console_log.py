@@ -1,0 +1,212 @@
+"""The VM's serial console as the container log, in the CRI log format.
+
+virtlogd copies every byte the guest writes to its serial port into a raw
+file (``<log file=... append='on'>`` in the domain), whether or not the agent
+runs. One thread here follows those raw files and appends CRI lines
+(``<RFC3339Nano> stdout F|P <text>``) to each container's log path.
+
+No output is lost or written twice across agent restarts: the raw offset
+consumed and the CRI log's size after the last write are saved together
+after each batch. On restart, a CRI log longer than the saved size means the
+last batch was written but not recorded: it is cut back and redone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+READ_LIMIT = 1 << 20
+# A line without its newline is written as a partial ("P") record after this
+# long, or once it is this big, so `kubectl logs -f` shows prompts.
+PARTIAL_AFTER_S = 1.0
+PARTIAL_MAX = 16 * 1024
+
+
+def cri_timestamp(ns: int) -> bytes:
+    """RFC 3339 with nanoseconds, UTC (what kubelet's parser expects)."""
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    stamp = datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{nanos:09d}Z".encode()
+
+
+def format_lines(data: bytes, now_ns: int, *, flush_partial: bool) -> tuple[bytes, int]:
+    """CRI records for the complete lines in ``data``; (records, bytes consumed).
+
+    CR LF and a trailing CR are dropped; an unfinished line is kept for later
+    unless ``flush_partial`` (then it becomes a "P" record).
+    """
+    stamp = cri_timestamp(now_ns)
+    out = []
+    consumed = 0
+    while True:
+        nl = data.find(b"\n", consumed)
+        if nl < 0:
+            break
+        line = data[consumed:nl].rstrip(b"\r")
+        out.append(stamp + b" stdout F " + line + b"\n")
+        consumed = nl + 1
+    rest = data[consumed:]
+    if rest and (flush_partial or len(rest) >= PARTIAL_MAX):
+        out.append(stamp + b" stdout P " + rest.rstrip(b"\r") + b"\n")
+        consumed = len(data)
+    return b"".join(out), consumed
+
+
+@dataclass
+class _Follower:
+    container_id: str
+    raw: Path
+    cri: Path
+    state_file: Path
+    offset: int = 0  # raw bytes consumed (written as records)
+    log_size: int = 0  # CRI log size after our last write
+    pending_since: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def load(self) -> None:
+        try:
+            doc = json.loads(self.state_file.read_text())
+            self.offset, self.log_size = int(doc["offset"]), int(doc["log_size"])
+        except (OSError, ValueError, KeyError):
+            self.offset = self.log_size = 0
+        try:
+            size = self.cri.stat().st_size
+        except FileNotFoundError:
+            return
+        if self.log_size and size > self.log_size:
+            # Written but not recorded before a crash: undo, it will be redone.
+            os.truncate(self.cri, self.log_size)
+
+    def save(self) -> None:
+        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        tmp.write_text(json.dumps({"offset": self.offset, "log_size": self.log_size}))
+        os.replace(tmp, self.state_file)
+
+    def _read(self) -> bytes:
+        try:
+            size = self.raw.stat().st_size
+        except FileNotFoundError:
+            return b""
+        if size < self.offset:
+            # virtlogd rotated the raw file: finish the old one, then start over.
+            rotated = self.raw.with_name(self.raw.name + ".0")
+            rest = b""
+            try:
+                with open(rotated, "rb") as f:
+                    f.seek(self.offset)
+                    rest = f.read()
+            except OSError:
+                pass
+            self.offset = 0
+            if rest:
+                return rest
+        with open(self.raw, "rb") as f:
+            f.seek(self.offset)
+            return f.read(READ_LIMIT)
+
+    def pump(self, now_ns: int, final: bool = False) -> int:
+        """Move new console output into the CRI log; bytes of records written."""
+        with self.lock:
+            start_offset = self.offset
+            data = self._read()
+            if not data:
+                return 0
+            now = time.monotonic()
+            if not self.pending_since:
+                self.pending_since = now
+            flush = final or now - self.pending_since >= PARTIAL_AFTER_S
+            records, consumed = format_lines(data, now_ns, flush_partial=flush)
+            if consumed:
+                self.pending_since = 0.0 if consumed == len(data) else now
+            if not records:
+                if self.offset != start_offset:
+                    self.save()
+                return 0
+            if self.cri.name:
+                self.cri.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.cri, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+                try:
+                    os.write(fd, records)
+                    self.log_size = os.fstat(fd).st_size
+                finally:
+                    os.close(fd)
+            self.offset += consumed
+            self.save()
+            return len(records)
+
+
+class ConsoleLogs:
+    """Follows the raw consoles of all running VMs from one thread."""
+
+    def __init__(self, interval: float = 0.2, now_ns: Callable[[], int] = time.time_ns) -> None:
+        self._interval = interval
+        self._now_ns = now_ns
+        self._followers: dict[str, _Follower] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="console-logs", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        for f in list(self._followers.values()):
+            f.pump(self._now_ns())
+
+    def follow(self, container_id: str, raw: str, cri: str, state_file: str) -> None:
+        with self._lock:
+            if container_id in self._followers:
+                return
+            f = _Follower(container_id, Path(raw), Path(cri) if cri else Path(""), Path(state_file))
+            f.load()
+            self._followers[container_id] = f
+
+    def unfollow(self, container_id: str) -> None:
+        """Write what is left (also an unfinished last line) and stop following."""
+        with self._lock:
+            f = self._followers.pop(container_id, None)
+        if f is not None:
+            f.pump(self._now_ns(), final=True)
+
+    def flush(self, container_id: str) -> None:
+        with self._lock:
+            f = self._followers.get(container_id)
+        if f is not None:
+            f.pump(self._now_ns())
+
+    def reopen(self, container_id: str, cri: str) -> None:
+        """ReopenContainerLog: kubelet moved the file away; start a new one now."""
+        with self._lock:
+            f = self._followers.get(container_id)
+        target = Path(cri)
+        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        os.close(fd)
+        if f is not None:
+            with f.lock:
+                f.log_size = 0
+                f.save()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                followers = list(self._followers.values())
+            for f in followers:
+                try:
+                    f.pump(self._now_ns())
+                except OSError as exc:
+                    log.warning("console log copy failed", container_id=f.container_id, error=str(exc))

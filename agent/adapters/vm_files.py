@@ -1,0 +1,109 @@
+"""Per-VM files on the host: overlay, seed, console, sockets, firmware vars.
+
+Layout: ``<state>/sandboxes/<sandbox>/containers/<container>/`` holds the
+qcow2 overlay, the NoCloud seed ISO, the raw console copy and its follower
+state; unix sockets live under a short runtime directory (socket paths are
+limited to 107 bytes). Directories are 0711 so libvirt's QEMU user can reach
+files libvirt hands it, but cannot list them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.adapters import qemu_img
+from agent.domain.errors import InvalidArgument, ResourceExhausted
+from agent.domain.sandbox import Sandbox
+
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+OVMF_CODE = ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd")
+OVMF_VARS = ("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd")
+
+
+@dataclass(frozen=True)
+class ContainerPaths:
+    directory: str
+    overlay: str
+    seed: str
+    console_log: str
+    serial_socket: str
+
+
+class VMFiles:
+    def __init__(self, sandboxes_dir: Path, runtime_dir: Path) -> None:
+        self.sandboxes = sandboxes_dir
+        self.sockets = runtime_dir / "vm"
+
+    def container_paths(self, sandbox_id: str, container_id: str) -> ContainerPaths:
+        for value, name in ((sandbox_id, "pod_sandbox_id"), (container_id, "container_id")):
+            if not _HEX.match(value):
+                raise InvalidArgument(name, f"{value!r} is not an id")
+        d = self.sandboxes / sandbox_id / "containers" / container_id
+        return ContainerPaths(
+            directory=str(d),
+            overlay=str(d / "disk.qcow2"),
+            seed=str(d / "cloudinit.iso"),
+            console_log=str(d / "console.raw"),
+            serial_socket=str(self.sockets / f"{container_id[:32]}.serial"),
+        )
+
+    def create_container_dir(self, paths: ContainerPaths) -> None:
+        d = Path(paths.directory)
+        try:
+            d.parent.mkdir(parents=True, exist_ok=True)
+            d.parent.chmod(0o711)
+            d.mkdir(exist_ok=True)
+            d.chmod(0o711)
+            self.sockets.mkdir(parents=True, exist_ok=True)
+            self.sockets.chmod(0o711)
+        except OSError as exc:
+            raise ResourceExhausted(f"cannot create {d}: {exc.strerror}") from None
+
+    def create_overlay(self, base: Path, base_format: str, overlay: str) -> None:
+        qemu_img.create_overlay(base, base_format, Path(overlay))
+
+    def write_seed(self, path: str, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    def remove_container_dir(self, directory: str) -> None:
+        d = Path(directory)
+        if d.parent.name != "containers" or not _HEX.match(d.name):
+            raise InvalidArgument("container_id", f"refusing to delete unexpected path {directory}")
+        shutil.rmtree(d, ignore_errors=True)
+        (self.sockets / f"{d.name[:32]}.serial").unlink(missing_ok=True)
+
+    def console_state(self, directory: str) -> str:
+        return str(Path(directory) / "console.state")
+
+    def firmware(self, kind: str, paths: ContainerPaths) -> dict[str, str]:
+        if kind != "uefi":
+            return {}
+        loader = next((p for p in OVMF_CODE if os.path.exists(p)), "")
+        template = next((p for p in OVMF_VARS if os.path.exists(p)), "")
+        if not loader or not template:
+            raise ResourceExhausted("UEFI firmware requested but OVMF is not installed (Debian package ovmf)")
+        return {"loader": loader, "vars_template": template, "nvram": str(Path(paths.directory) / "nvram.fd")}
+
+    def network_for(self, sandbox: Sandbox) -> tuple[str, str] | None:
+        """(host bridge, MAC) the VM's NIC joins; None until pod networking exists."""
+        return None
+
+    @staticmethod
+    def allocated_bytes(path: str) -> int:
+        try:
+            return os.stat(path).st_blocks * 512
+        except OSError:
+            return 0
+
+    def container_dirs(self, sandbox_id: str) -> list[str]:
+        d = self.sandboxes / sandbox_id / "containers"
+        try:
+            return [str(p) for p in d.iterdir() if _HEX.match(p.name)]
+        except OSError:
+            return []

@@ -1,0 +1,538 @@
+"""VM containers: create, start, stop, remove, status, stats, events, updates.
+
+Data path of CreateContainer: check the sandbox and its VM slot → resolve the
+image's base disk → merge sizes and cloud-init sources into a VMRequest →
+record the container as CREATING → qcow2 overlay over the base → NoCloud seed
+ISO → domain XML → define → record CREATED. A crash before CREATED is rolled
+back by recovery (the domain, if defined, carries our metadata and is
+undefined; files are deleted).
+
+Status comes from libvirt: lifecycle events move RUNNING containers to EXITED
+as they happen, and every read reconciles with the domain's state, so a
+domain destroyed behind the agent's back, or gone after a libvirtd restart,
+shows up as EXITED with a reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.domain import vm as vm_model
+from agent.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PodvisorError
+from agent.domain.sandbox import Sandbox, SandboxState, resolve_id
+from agent.domain.validation import validate_id, validate_string_map
+from agent.domain.vm import Container, ContainerState, DiskSpec, DomainSpec, InterfaceSpec, VMRequest
+
+log = structlog.get_logger(__name__)
+
+EXIT_KILLED = 137
+EXIT_ERROR = 1
+DEFAULT_STOP_TIMEOUT = 30
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """CreateContainer after conversion from protobuf."""
+
+    sandbox_id: str
+    name: str
+    attempt: int
+    image: str
+    command: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    log_path: str = ""  # relative to the sandbox's log directory
+    memory_limit_in_bytes: int = 0
+    cpu_quota: int = 0
+    cpu_period: int = 0
+    cpu_shares: int = 0
+
+
+@dataclass(frozen=True)
+class ContainerFilter:
+    id: str = ""
+    sandbox_id: str = ""
+    state: ContainerState | None = None
+    label_selector: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ContainerEvent:
+    container_id: str
+    sandbox_id: str
+    kind: str  # created, started, stopped, deleted
+    at_ns: int
+
+
+@dataclass(frozen=True)
+class ContainerStats:
+    container: Container
+    at_ns: int
+    cpu_time_ns: int
+    rss_bytes: int
+    balloon_bytes: int
+    guest_available_bytes: int
+    writable_bytes: int
+
+
+@dataclass
+class ContainerPorts:
+    store: Any  # save_container, delete_container, load_containers
+    libvirt: Any  # agent.adapters.libvirt.Libvirt
+    files: Any  # agent.adapters.vm_files.VMFiles
+    console: Any  # agent.adapters.console_log.ConsoleLogs
+    sandboxes: Any  # agent.services.sandboxes.SandboxService
+    images: Any  # agent.services.images.ImageService
+    build_request: Callable[[ContainerSpec, Sandbox], VMRequest]
+    build_seed: Callable[[VMRequest, Container, Sandbox], bytes]
+    render_domain: Callable[[DomainSpec], str]
+    parse_metadata: Callable[[str], dict[str, str] | None]
+    virt_type: Callable[[], str]
+    now_ns: Callable[[], int] = time.time_ns
+
+
+class ContainerService:
+    def __init__(self, ports: ContainerPorts) -> None:
+        self._p = ports
+        self._lock = threading.RLock()
+        self._by_id: dict[str, Container] = {}
+        self._op_locks: dict[str, threading.Lock] = {}
+        self._subscribers: list[queue.Queue[ContainerEvent | None]] = []
+        self._sub_lock = threading.Lock()
+
+    # In-memory view --------------------------------------------------------
+
+    def _put(self, c: Container, persist: bool = True) -> Container:
+        if persist:
+            self._p.store.save_container(c)
+        with self._lock:
+            self._by_id[c.id] = c
+        return c
+
+    def _op_lock(self, container_id: str) -> threading.Lock:
+        with self._lock:
+            return self._op_locks.setdefault(container_id, threading.Lock())
+
+    def image_ids_in_use(self) -> set[str]:
+        with self._lock:
+            return {c.image_id for c in self._by_id.values()}
+
+    def in_sandbox(self, sandbox_id: str) -> list[Container]:
+        with self._lock:
+            return [c for c in self._by_id.values() if c.sandbox_id == sandbox_id]
+
+    def _find(self, container_id: str) -> Container | None:
+        validate_id(container_id, "container_id")
+        with self._lock:
+            visible = [c.id for c in self._by_id.values() if c.state is not ContainerState.CREATING]
+        full = resolve_id(container_id, visible, "container_id")
+        return self._by_id.get(full) if full else None
+
+    def get(self, container_id: str) -> Container:
+        c = self._find(container_id)
+        if c is None:
+            raise NotFound(f"container {container_id!r} not found")
+        return self._reconcile(c)
+
+    # Events ------------------------------------------------------------------
+
+    def _emit(self, c: Container, kind: str) -> None:
+        ev = ContainerEvent(c.id, c.sandbox_id, kind, self._p.now_ns())
+        with self._sub_lock:
+            for q in self._subscribers:
+                q.put(ev)
+
+    def events(self, stop: threading.Event) -> Iterator[ContainerEvent]:
+        """Lifecycle events from now on, until ``stop`` is set."""
+        q: queue.Queue[ContainerEvent | None] = queue.Queue(maxsize=10_000)
+        with self._sub_lock:
+            self._subscribers.append(q)
+        try:
+            while not stop.is_set():
+                try:
+                    ev = q.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if ev is None:
+                    return
+                yield ev
+        finally:
+            with self._sub_lock:
+                self._subscribers.remove(q)
+
+    def close_streams(self) -> None:
+        with self._sub_lock:
+            for q in self._subscribers:
+                q.put(None)
+
+    # Create ------------------------------------------------------------------
+
+    def create(self, spec: ContainerSpec) -> Container:
+        if not spec.name:
+            raise InvalidArgument("config.metadata.name", "is required")
+        if not spec.image:
+            raise InvalidArgument("config.image.image", "is required")
+        if spec.log_path and (spec.log_path.startswith("/") or ".." in spec.log_path.split("/")):
+            raise InvalidArgument("config.log_path", "must be relative to the sandbox's log directory, without '..'")
+        validate_string_map(spec.labels, "config.labels", total_limit=64 * 1024, value_limit=1024)
+        validate_string_map(spec.annotations, "config.annotations", total_limit=256 * 1024,
+                            value_limit=256 * 1024)
+        sandbox = self._p.sandboxes.get(spec.sandbox_id)
+        if sandbox.state is not SandboxState.READY:
+            raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
+        image = self._p.images.get(spec.image)
+        request = self._p.build_request(spec, sandbox)
+        disk = image.disk_for(request.containerdisk_path)
+        base_path = self._p.images.base_disk_path(image, disk)
+
+        with self._lock:
+            live = [c for c in self._by_id.values() if c.sandbox_id == sandbox.id and c.live]
+            if live:
+                raise FailedPrecondition(
+                    f"pod sandbox {sandbox.id} already has a VM container ({live[0].id}, "
+                    f"{live[0].state.value}); a sandbox holds exactly one VM"
+                )
+            cid = uuid.uuid4().hex + uuid.uuid4().hex
+            paths = self._p.files.container_paths(sandbox.id, cid)
+            log_path = str(Path(sandbox.spec.log_directory) / spec.log_path) if (
+                sandbox.spec.log_directory and spec.log_path) else ""
+            c = Container(
+                id=cid, sandbox_id=sandbox.id, name=spec.name, attempt=spec.attempt, image=spec.image,
+                image_id=image.id, state=ContainerState.CREATING, created_at_ns=self._p.now_ns(),
+                domain_name=vm_model.domain_name(cid), directory=paths.directory,
+                overlay_path=paths.overlay, seed_path=paths.seed, console_log=paths.console_log,
+                serial_socket=paths.serial_socket, log_path=log_path,
+                vcpus=request.vcpus, max_vcpus=request.max_vcpus, memory_bytes=request.memory_bytes,
+                max_memory_bytes=request.max_memory_bytes, cpu_shares=request.cpu_shares,
+                firmware=request.firmware, labels=dict(spec.labels), annotations=dict(spec.annotations),
+            )
+            self._put(c)
+        try:
+            self._p.files.create_container_dir(paths)
+            self._p.files.create_overlay(base_path, disk.format, paths.overlay)
+            self._p.files.write_seed(paths.seed, self._p.build_seed(request, c, sandbox))
+            xml = self._p.render_domain(self._domain_spec(c, sandbox, request, paths))
+            self._p.libvirt.define_domain(xml)
+            c = self._put(dataclasses.replace(c, state=ContainerState.CREATED))
+        except BaseException:
+            self._roll_back(c)
+            raise
+        log.info("container created", container_id=c.id, sandbox_id=sandbox.id, domain=c.domain_name,
+                 image=image.name, vcpus=c.vcpus, memory=c.memory_bytes)
+        self._emit(c, "created")
+        return c
+
+    def _domain_spec(self, c: Container, sandbox: Sandbox, request: VMRequest, paths: Any) -> DomainSpec:
+        disks = [
+            DiskSpec(source=c.overlay_path, format="qcow2", target=_target(request.disk_bus, 0),
+                     bus=request.disk_bus, boot_order=1, serial="containerdisk"),
+            # KubeVirt attaches the NoCloud seed as a disk; any block device
+            # labelled cidata is found by cloud-init.
+            DiskSpec(source=c.seed_path, format="raw", target=_target("virtio", 1 if request.disk_bus == "virtio" else 0),
+                     bus="virtio", readonly=True, serial="cloudinit"),
+        ]
+        interfaces: list[InterfaceSpec] = []
+        network = self._p.files.network_for(sandbox) if request.pod_network else None
+        if network is not None:
+            interfaces.append(InterfaceSpec(bridge=network[0], mac=network[1], model=request.interface_model))
+        firmware = self._p.files.firmware(request.firmware, paths)
+        return DomainSpec(
+            name=c.domain_name, uuid=str(uuid.UUID(c.id[:32])), virt_type=self._p.virt_type(),
+            vcpus=c.vcpus, max_vcpus=c.max_vcpus, memory_bytes=c.memory_bytes,
+            max_memory_bytes=c.max_memory_bytes, disks=tuple(disks), serial_socket=c.serial_socket,
+            console_log=c.console_log, sandbox_id=c.sandbox_id, container_id=c.id,
+            pod_name=sandbox.spec.metadata.name, pod_namespace=sandbox.spec.metadata.namespace,
+            container_name=c.name, cpu_shares=c.cpu_shares, firmware=request.firmware,
+            uefi_loader=firmware.get("loader", ""), uefi_vars_template=firmware.get("vars_template", ""),
+            uefi_nvram=firmware.get("nvram", ""), interfaces=tuple(interfaces),
+        )
+
+    def _roll_back(self, c: Container) -> None:
+        log.warning("rolling back container creation", container_id=c.id)
+        try:
+            self._p.libvirt.undefine_domain(c.domain_name)
+        except PodvisorError as exc:
+            log.warning("could not undefine during rollback", container_id=c.id, error=exc.message)
+        self._p.files.remove_container_dir(c.directory)
+        self._p.store.delete_container(c.id)
+        with self._lock:
+            self._by_id.pop(c.id, None)
+
+    # Start / stop ---------------------------------------------------------------
+
+    def start(self, container_id: str) -> Container:
+        c = self._find(container_id)
+        if c is None:
+            raise NotFound(f"container {container_id!r} not found")
+        with self._op_lock(c.id):
+            c = self._reconcile(c)
+            if c.state is not ContainerState.CREATED:
+                raise FailedPrecondition(f"container {c.id} is {c.state.value}; only a created container can start")
+            self._p.console.follow(c.id, c.console_log, c.log_path, self._p.files.console_state(c.directory))
+            self._p.libvirt.start_domain(c.domain_name)
+            c = self._put(dataclasses.replace(c, state=ContainerState.RUNNING, started_at_ns=self._p.now_ns()))
+        log.info("container started", container_id=c.id, domain=c.domain_name)
+        self._emit(c, "started")
+        return c
+
+    def stop(self, container_id: str, timeout: int) -> None:
+        """ACPI shutdown, then a hard stop once ``timeout`` seconds pass.
+
+        CRI: stopping a stopped (or unknown) container is not an error.
+        """
+        c = self._find(container_id)
+        if c is None:
+            return
+        with self._op_lock(c.id):
+            c = self._reconcile(c)
+            if c.state is not ContainerState.RUNNING:
+                if c.state is ContainerState.CREATED:
+                    self._finish(c, exit_code=0, reason="Completed", message="stopped before it started")
+                return
+            c = self._put(dataclasses.replace(c, stop_requested=True))
+            if timeout > 0:
+                self._p.libvirt.shutdown_domain(c.domain_name)
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    state = self._p.libvirt.domain_state(c.domain_name)
+                    if state.state in ("shutoff", "missing", "crashed"):
+                        break
+                    time.sleep(0.1)
+            killed = self._p.libvirt.destroy_domain(c.domain_name)
+            current = self._by_id.get(c.id, c)
+            if current.state is ContainerState.EXITED:
+                return  # the event handler recorded the guest's own power-off
+            if killed:
+                self._finish(current, exit_code=EXIT_KILLED, reason="Killed",
+                             message=f"the guest did not shut down within {timeout}s; hard stop")
+            else:
+                self._finish(current, exit_code=0, reason="Completed", message="shut down on ACPI request")
+
+    def _finish(self, c: Container, *, exit_code: int, reason: str, message: str) -> Container:
+        with self._lock:
+            current = self._by_id.get(c.id)
+            if current is None or current.state is ContainerState.EXITED:
+                return current or c
+            done = dataclasses.replace(current, state=ContainerState.EXITED, finished_at_ns=self._p.now_ns(),
+                                       exit_code=exit_code, reason=reason, message=message, stop_requested=False)
+            self._put(done)
+        self._p.console.unfollow(c.id)
+        log.info("container exited", container_id=c.id, exit_code=exit_code, reason=reason, message=message)
+        self._emit(done, "stopped")
+        return done
+
+    # libvirt → state ------------------------------------------------------------
+
+    def on_domain_event(self, domain: str, kind: str, detail: str) -> None:
+        """A lifecycle event from libvirt (event thread)."""
+        if kind != "stopped" and kind != "crashed":
+            return
+        with self._lock:
+            c = next((x for x in self._by_id.values() if x.domain_name == domain), None)
+        if c is None or c.state is not ContainerState.RUNNING:
+            return
+        self._exit_from(c, detail)
+
+    def _exit_from(self, c: Container, why: str) -> Container:
+        if why == "shutdown":
+            return self._finish(c, exit_code=0, reason="Completed", message="the guest powered off")
+        if why == "destroyed" and c.stop_requested:
+            return self._finish(c, exit_code=EXIT_KILLED, reason="Killed", message="hard stop")
+        messages = {
+            "destroyed": "the domain was destroyed outside Podvisor",
+            "crashed": "the guest crashed",
+            "failed": "QEMU failed or was killed",
+            "daemon": "libvirtd lost the domain's QEMU process",
+            "missing": "the libvirt domain no longer exists",
+        }
+        return self._finish(c, exit_code=EXIT_ERROR, reason="Error",
+                            message=messages.get(why, f"the domain stopped ({why})"))
+
+    def _reconcile(self, c: Container) -> Container:
+        """Bring a record in line with libvirt (a missed event, a vanished domain)."""
+        if c.state is not ContainerState.RUNNING or c.stop_requested:
+            return c
+        try:
+            state = self._p.libvirt.domain_state(c.domain_name)
+        except PodvisorError:
+            return c  # libvirt unreachable: report the last known state
+        if state.state in ("running", "paused"):
+            return c
+        if state.state == "missing":
+            return self._exit_from(c, "missing")
+        return self._exit_from(c, state.reason or state.state)
+
+    def reconcile_all(self) -> None:
+        with self._lock:
+            running = [c for c in self._by_id.values() if c.state is ContainerState.RUNNING]
+        for c in running:
+            self._reconcile(c)
+
+    # Remove -------------------------------------------------------------------------
+
+    def remove(self, container_id: str) -> None:
+        """Undefine the domain and delete overlay, seed and logs' state.
+
+        CRI: removing a removed container is not an error; a running one is
+        stopped first.
+        """
+        c = self._find(container_id)
+        if c is None:
+            return
+        with self._op_lock(c.id):
+            c = self._by_id.get(c.id)
+            if c is None:
+                return
+            c = self._put(dataclasses.replace(c, state=ContainerState.REMOVING, stop_requested=True))
+            self.finish_removal(c)
+
+    def finish_removal(self, c: Container) -> None:
+        self._p.libvirt.destroy_domain(c.domain_name)
+        self._p.console.unfollow(c.id)
+        self._p.libvirt.undefine_domain(c.domain_name)
+        self._p.files.remove_container_dir(c.directory)
+        self._p.store.delete_container(c.id)
+        with self._lock:
+            self._by_id.pop(c.id, None)
+            self._op_locks.pop(c.id, None)
+        log.info("container removed", container_id=c.id)
+        self._emit(c, "deleted")
+
+    # Queries ----------------------------------------------------------------------
+
+    def list(self, flt: ContainerFilter | None = None) -> list[Container]:
+        with self._lock:
+            items = [c for c in self._by_id.values()
+                     if c.state not in (ContainerState.CREATING, ContainerState.REMOVING)]
+        items = [self._reconcile(c) for c in items]
+        items.sort(key=lambda c: c.created_at_ns)
+        if flt is None:
+            return items
+        out = []
+        for c in items:
+            if flt.id and not c.id.startswith(flt.id):
+                continue
+            if flt.sandbox_id and not c.sandbox_id.startswith(flt.sandbox_id):
+                continue
+            if flt.state is not None and c.state is not flt.state:
+                continue
+            if any(c.labels.get(k) != v for k, v in flt.label_selector.items()):
+                continue
+            out.append(c)
+        return out
+
+    def domain_xml(self, c: Container) -> str:
+        try:
+            return str(self._p.libvirt.domain_xml(c.domain_name))
+        except PodvisorError:
+            return ""
+
+    def stats(self, c: Container) -> ContainerStats:
+        now = self._p.now_ns()
+        writable = self._p.files.allocated_bytes(c.overlay_path)
+        if c.state is ContainerState.RUNNING:
+            try:
+                s = self._p.libvirt.domain_stats(c.domain_name)
+                return ContainerStats(c, now, s.cpu_time_ns, s.rss_bytes, s.balloon_bytes,
+                                      s.guest_available_bytes, writable)
+            except PodvisorError:
+                pass
+        return ContainerStats(c, now, 0, 0, 0, 0, writable)
+
+    # Updates -----------------------------------------------------------------------
+
+    def update_resources(self, container_id: str, *, memory_bytes: int = 0, vcpus: int = 0) -> Container:
+        c = self.get(container_id)
+        with self._op_lock(c.id):
+            if memory_bytes:
+                if memory_bytes > c.max_memory_bytes:
+                    raise InvalidArgument(
+                        "linux.memory_limit_in_bytes",
+                        f"{memory_bytes} bytes exceeds the VM's maximum of {c.max_memory_bytes} bytes set at "
+                        "creation; recreate the VM to grow beyond it")
+                if memory_bytes < 16 << 20:
+                    raise InvalidArgument("linux.memory_limit_in_bytes", "must be at least 16Mi")
+            if vcpus and vcpus > c.max_vcpus:
+                raise InvalidArgument(
+                    "linux.cpu_quota", f"{vcpus} vCPUs exceeds the VM's maximum of {c.max_vcpus} set at creation")
+            if c.state in (ContainerState.RUNNING, ContainerState.CREATED):
+                if memory_bytes and memory_bytes != c.memory_bytes:
+                    self._p.libvirt.set_domain_memory(c.domain_name, memory_bytes)
+                if vcpus and vcpus != c.vcpus:
+                    self._p.libvirt.set_domain_vcpus(c.domain_name, vcpus)
+            c = self._put(dataclasses.replace(c, memory_bytes=memory_bytes or c.memory_bytes,
+                                              vcpus=vcpus or c.vcpus))
+        log.info("container resources updated", container_id=c.id, vcpus=c.vcpus, memory=c.memory_bytes)
+        return c
+
+    def reopen_log(self, container_id: str) -> None:
+        c = self.get(container_id)
+        if c.state is not ContainerState.RUNNING:
+            raise FailedPrecondition(f"container {c.id} is not running")
+        if c.log_path:
+            self._p.console.reopen(c.id, c.log_path)
+
+    # Sandbox hooks --------------------------------------------------------------------
+
+    def stop_in_sandbox(self, sandbox_id: str) -> None:
+        for c in self.in_sandbox(sandbox_id):
+            if c.state is ContainerState.RUNNING:
+                self.stop(c.id, 0)
+
+    def remove_in_sandbox(self, sandbox_id: str) -> None:
+        for c in self.in_sandbox(sandbox_id):
+            self.remove(c.id)
+
+    # Recovery ---------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Adopt running domains, mark vanished ones, undo half-done creations,
+        and undefine orphan domains this agent made."""
+        stored = self._p.store.load_containers()
+        try:
+            domains = self._p.libvirt.list_domains()
+        except PodvisorError as exc:
+            log.warning("libvirt unreachable during recovery; states will reconcile later", error=exc.message)
+            domains = None
+        keep: list[Container] = []
+        for c in stored:
+            if c.state is ContainerState.CREATING:
+                self._roll_back(c)
+                continue
+            keep.append(c)
+        with self._lock:
+            for c in keep:
+                self._by_id[c.id] = c
+        for c in keep:
+            if c.state is ContainerState.REMOVING:
+                self.finish_removal(c)
+            elif c.state is ContainerState.RUNNING:
+                self._p.console.follow(c.id, c.console_log, c.log_path, self._p.files.console_state(c.directory))
+                self._reconcile(c)
+        if domains is not None:
+            known = {c.domain_name for c in keep}
+            for name, xml in domains.items():
+                meta = self._p.parse_metadata(xml)
+                if meta is None or name in known:
+                    continue  # not ours, or adopted
+                log.warning("undefining orphan domain made by Podvisor", domain=name)
+                self._p.libvirt.destroy_domain(name)
+                self._p.libvirt.undefine_domain(name)
+        log.info("containers recovered", containers=len(keep))
+
+
+def _target(bus: str, index: int) -> str:
+    prefix = {"virtio": "vd", "sata": "sd", "scsi": "sd", "ide": "hd"}.get(bus, "vd")
+    return prefix + "abcdefghijklmnopqrstuvwxyz"[index]
