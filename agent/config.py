@@ -64,6 +64,19 @@ class ImagesConfig:
 
 
 @dataclass(frozen=True)
+class VMConfig:
+    """Sizes for what neither the CRI request nor annotations state."""
+
+    vcpus: int = 1
+    memory_bytes: int = 512 * 2**20
+    # Ceilings UpdateContainerResources may grow a VM to: a VM's maximum is the
+    # larger of its size and these. 0: no headroom beyond the created size.
+    max_vcpus: int = 0
+    max_memory_bytes: int = 0
+    firmware: str = "bios"
+
+
+@dataclass(frozen=True)
 class RegistryHost:
     """Settings for one registry, keyed by its name (``docker.io``, ``127.0.0.1:5000``)."""
 
@@ -103,6 +116,7 @@ class AgentConfig:
     cni: CNIConfig = field(default_factory=CNIConfig)
     log: LogConfig = field(default_factory=LogConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    vm: VMConfig = field(default_factory=VMConfig)
     registries: RegistriesConfig = field(default_factory=RegistriesConfig)
 
     @property
@@ -124,6 +138,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "cni": CNIConfig,
     "log": LogConfig,
     "images": ImagesConfig,
+    "vm": VMConfig,
 }
 
 
@@ -153,8 +168,9 @@ def _coerce(where: str, default: Any, value: Any) -> Any:
             raise ConfigError(f"{where}: expected a non-negative number")
         return float(value)
     if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{where}: expected a positive integer")
+        # A default of 0 means "0 allowed" (e.g. no headroom).
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if default == 0 else 1):
+            raise ConfigError(f"{where}: expected a {'non-negative' if default == 0 else 'positive'} integer")
         return value
     if isinstance(default, str):
         if not isinstance(value, str):
@@ -277,6 +293,9 @@ def validate(cfg: AgentConfig) -> None:
         raise ConfigError("[libvirt] reconnect_interval_seconds: must be greater than 0")
     if cfg.server.shutdown_grace_seconds <= 0:
         raise ConfigError("[server] shutdown_grace_seconds: must be greater than 0")
+    if cfg.images.registry_timeout_seconds <= 0:
+        # httpx treats a zero timeout as "fail at once": every pull would fail.
+        raise ConfigError("[images] registry_timeout_seconds: must be greater than 0")
     for i, rule in enumerate(cfg.registries.rewrites):
         try:
             imageref.RewriteRule(rule.prefix, rule.replacement)
@@ -289,6 +308,10 @@ def validate(cfg: AgentConfig) -> None:
             raise ConfigError(f'[registries.hosts."{name}"] mirrors: {exc}') from None
         if host.ca_file and not Path(host.ca_file).is_absolute():
             raise ConfigError(f'[registries.hosts."{name}"] ca_file: must be an absolute path')
+    if cfg.vm.firmware not in ("bios", "uefi"):
+        raise ConfigError(f"[vm] firmware: {cfg.vm.firmware!r} is not bios or uefi")
+    if cfg.vm.memory_bytes < 16 * 2**20:
+        raise ConfigError("[vm] memory_bytes: must be at least 16 MiB")
     if cfg.libvirt.virt_type not in VIRT_TYPES:
         raise ConfigError(
             f"[libvirt] virt_type: {cfg.libvirt.virt_type!r} is not one of {', '.join(VIRT_TYPES)}"

@@ -23,16 +23,22 @@ import structlog
 
 from agent import __version__
 from agent.adapters import cni, host, kvm, qemu_img, registry, systemd
+from agent.adapters.console_log import ConsoleLogs
 from agent.adapters.files import SandboxFiles
 from agent.adapters.image_files import ImageFiles
 from agent.adapters.layers import DiskExtractor
 from agent.adapters.libvirt import Libvirt
 from agent.adapters.store import Store
+from agent.adapters.vm_files import VMFiles
 from agent.api import server as api_server
 from agent.api.podvisor_service import HostServicer
 from agent.api.runtime_service import ImageServicer, RuntimeServicer
 from agent.config import AgentConfig
-from agent.domain import imageref, virt
+from agent.domain import imageref, virt, vmrequest
+from agent.domain.sandbox import Sandbox
+from agent.domain.vm import Container, VMRequest
+from agent.render import cloudinit, domain_xml, nocloud
+from agent.services.containers import ContainerPorts, ContainerService, ContainerSpec
 from agent.services.images import ImagePorts, ImageService
 from agent.services.ports import Ports, SystemClock
 from agent.services.recovery import recover
@@ -137,6 +143,36 @@ def build_image_service(cfg: AgentConfig, store: Store) -> ImageService:
                         parallelism=cfg.images.pull_parallelism)
 
 
+def build_container_service(cfg: AgentConfig, store: Store, libvirt: Libvirt, console: ConsoleLogs,
+                            sandboxes: SandboxService, images: ImageService, virt_type: str) -> ContainerService:
+    """VM containers: request merging, seeds and domain XML behind the use cases."""
+    defaults = vmrequest.VMDefaults(vcpus=cfg.vm.vcpus, memory_bytes=cfg.vm.memory_bytes,
+                                    max_vcpus=cfg.vm.max_vcpus, max_memory_bytes=cfg.vm.max_memory_bytes,
+                                    firmware=cfg.vm.firmware)
+
+    def build_request(spec: ContainerSpec, sandbox: Sandbox) -> VMRequest:
+        return vmrequest.build_vm_request(
+            cri_resources=vmrequest.CRIResources(
+                memory_limit_in_bytes=spec.memory_limit_in_bytes, cpu_quota=spec.cpu_quota,
+                cpu_period=spec.cpu_period, cpu_shares=spec.cpu_shares),
+            pod_annotations=sandbox.spec.annotations, container_annotations=spec.annotations,
+            env=spec.env, command=spec.command, args=spec.args, defaults=defaults)
+
+    def build_seed(request: VMRequest, container: Container, sandbox: Sandbox) -> bytes:
+        # instance-id: the container id, stable for the VM's life, new for a new VM.
+        files = cloudinit.seed_files(instance_id=container.id,
+                                     hostname=sandbox.spec.hostname or sandbox.spec.metadata.name,
+                                     cloud_init=request.cloud_init)
+        return nocloud.build_seed_iso(files["meta-data"], files["user-data"], files.get("network-config"))
+
+    return ContainerService(ContainerPorts(
+        store=store, libvirt=libvirt, files=VMFiles(cfg.sandboxes_dir, cfg.runtime_dir), console=console,
+        sandboxes=sandboxes, images=images, build_request=build_request, build_seed=build_seed,
+        render_domain=domain_xml.render, parse_metadata=domain_xml.parse_metadata,
+        virt_type=lambda: virt_type,
+    ))
+
+
 class Daemon:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
@@ -164,6 +200,16 @@ class Daemon:
         choice, facts = _choose_virt(cfg.libvirt.virt_type)
         log.info("virtualisation type chosen", virt_type=choice.virt_type, reason=choice.reason)
 
+        console = ConsoleLogs()
+        containers = build_container_service(cfg, store, libvirt, console, sandboxes, images, choice.virt_type)
+        images.set_in_use(containers.image_ids_in_use)
+        sandboxes.stop_members = containers.stop_in_sandbox
+        sandboxes.remove_members = containers.remove_in_sandbox
+        libvirt.on_lifecycle(lambda ev: containers.on_domain_event(ev.domain, ev.kind, ev.detail))
+        libvirt.on_reconnect(containers.reconcile_all)
+        containers.recover()
+        console.start()
+
         runtime = RuntimeInfoService(
             libvirt=libvirt,
             cni_lookup=lambda: cni.find_config(cfg.cni.conf_dirs, cfg.cni.bin_dirs),
@@ -173,7 +219,7 @@ class Daemon:
             state_dir=cfg.state_dir,
         )
         grpc_server, health = api_server.build(
-            RuntimeServicer(runtime, sandboxes, str(cfg.sandboxes_dir)),
+            RuntimeServicer(runtime, sandboxes, str(cfg.sandboxes_dir), containers),
             ImageServicer(images, str(cfg.images_dir)),
             HostServicer(runtime),
             cfg.server.workers,
@@ -203,7 +249,9 @@ class Daemon:
         systemd.notify("STOPPING=1")
         api_server.set_serving(health, False)
         grace = cfg.server.shutdown_grace_seconds
+        containers.close_streams()
         grpc_server.stop(grace).wait(grace + 5)
+        console.close()
         libvirt.close()
         store.close()
         try:

@@ -69,13 +69,16 @@ class BlobProgress:
 
     def wait_path(self) -> tuple[str, int]:
         with self._cond:
-            while self.path is None:
+            while True:
+                # The error first: a failed download's file is gone, and opening
+                # it would replace the download's error by FileNotFoundError.
                 if self.error is not None:
                     raise self.error
+                if self.path is not None:
+                    return self.path, self.generation
                 if self.done:
                     raise FileNotFoundError("download finished without a file")
                 self._cond.wait(5.0)
-            return self.path, self.generation
 
 
 class FollowReader(io.RawIOBase):

@@ -10,11 +10,15 @@ Safety: an entry whose name is absolute or climbs out with ``..`` makes the
 whole image unusable (no legitimate image has one, and it is the classic tar
 attack). Links, devices and FIFOs are never extracted; under ``disk/`` they
 are recorded as "not a regular file" so that choosing one as the disk fails
-with that reason.
+with that reason. No extracted file may exceed ``max_file_bytes`` (an image
+must not fill the host's disk before qemu-img has judged it). Each layer's
+uncompressed tar stream is hashed as it is read: that is the layer's diff_id,
+which the caller checks against the image config's ``rootfs.diff_ids``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import posixpath
@@ -36,6 +40,9 @@ OPAQUE_WHITEOUT = ".wh..wh..opq"
 _CHUNK = 1 << 20
 _ZEROS = bytes(_CHUNK)
 _WRITEBACK_STEP = 32 << 20
+# Default bound on one extracted file: [images] max_virtual_size_bytes' default
+# (1 TiB) plus room for qcow2 metadata. The image service passes its own.
+DEFAULT_MAX_FILE_BYTES = (1 << 40) + (64 << 20)
 
 
 @dataclass
@@ -143,6 +150,26 @@ class _ZstdReader(io.RawIOBase):
         return len(data)
 
 
+class _HashingReader(io.RawIOBase):
+    """Hashes everything read through it (the layer's uncompressed tar: its diff_id)."""
+
+    def __init__(self, raw: Any) -> None:
+        super().__init__()
+        self._raw = raw
+        self._hash = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:  # no readinto copy: tarfile only calls read
+        data: bytes = self._raw.read(size)
+        self._hash.update(data)
+        return data
+
+    def digest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
+
+
 def open_layer(stream: BinaryIO, compression: Compression) -> Any:
     """Wrap a layer blob stream in its decompressor."""
     if compression is Compression.GZIP:
@@ -155,44 +182,27 @@ def open_layer(stream: BinaryIO, compression: Compression) -> Any:
 class DiskExtractor:
     """Feed layers bottom to top; then ask which disk files the image holds."""
 
-    def __init__(self, workdir: Path, image: str) -> None:
+    def __init__(self, workdir: Path, image: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
         self.workdir = workdir
         self.image = image
+        self.max_file_bytes = max_file_bytes
         self.files: dict[str, DiskFile] = {}
 
-    def add_layer(self, stream: BinaryIO, compression: Compression, digest: str) -> None:
+    def add_layer(self, stream: BinaryIO, compression: Compression, digest: str) -> str:
+        """Apply one layer; returns the sha256 digest of its uncompressed tar (diff_id)."""
         lower = self.files
         added: dict[str, DiskFile] = {}
         try:
-            with open_layer(stream, compression) as plain, \
-                    tarfile.open(fileobj=plain, mode="r|", bufsize=_CHUNK) as tar:
-                for member in tar:
-                    path = normalise_entry(member.name, digest)
-                    if member.issym() or member.islnk():
-                        self._check_link(member, path, digest)
-                    base = posixpath.basename(path)
-                    parent = posixpath.dirname(path)
-                    if base == OPAQUE_WHITEOUT:
-                        for key in [k for k in lower if _under(k, parent) and k != parent]:
-                            self._drop(lower.pop(key))
-                        continue
-                    if base.startswith(WHITEOUT_PREFIX):
-                        gone = posixpath.join(parent, base[len(WHITEOUT_PREFIX):])
-                        for key in [k for k in lower if _under(k, gone)]:
-                            self._drop(lower.pop(key))
-                        continue
-                    if not _under(path, DISK_DIR) or path == DISK_DIR or member.isdir():
-                        continue
-                    if path in added:
-                        self._drop(added.pop(path))
-                    if member.isreg():
-                        added[path] = self._extract(tar, member, path, digest)
-                    else:
-                        added[path] = DiskFile(path, digest, None, _kind(member))
+            with open_layer(stream, compression) as decompressed:
+                plain = _HashingReader(decompressed)
+                with tarfile.open(fileobj=plain, mode="r|", bufsize=_CHUNK) as tar:
+                    self._apply(tar, lower, added, digest)
                 # Read to the end: the compressor's own check (gzip CRC and
-                # length) is only verified there, and trailing junk is refused.
+                # length) is only verified there, trailing junk is refused, and
+                # the diff_id covers the whole stream (tar padding included).
                 while plain.read(_CHUNK):
                     pass
+                diff_id = plain.digest()
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
             for f in added.values():
                 self._drop(f)
@@ -206,6 +216,44 @@ class DiskExtractor:
                 self._drop(lower.pop(path))
             lower[path] = f
         self.files = lower
+        return diff_id
+
+    def _apply(self, tar: tarfile.TarFile, lower: dict[str, DiskFile], added: dict[str, DiskFile],
+               digest: str) -> None:
+        """Apply a layer's entries: whiteouts and hiding change ``lower``, files go to ``added``."""
+        for member in tar:
+            path = normalise_entry(member.name, digest)
+            if member.issym() or member.islnk():
+                self._check_link(member, path, digest)
+            base = posixpath.basename(path)
+            parent = posixpath.dirname(path)
+            if base == OPAQUE_WHITEOUT:
+                for key in [k for k in lower if _under(k, parent) and k != parent]:
+                    self._drop(lower.pop(key))
+                continue
+            if base.startswith(WHITEOUT_PREFIX):
+                gone = posixpath.join(parent, base[len(WHITEOUT_PREFIX):])
+                for key in [k for k in lower if _under(k, gone)]:
+                    self._drop(lower.pop(key))
+                continue
+            # An entry hides what lower layers had at its path when the types
+            # differ, as overlayfs does: a directory hides a lower file (the
+            # two are never merged), a non-directory hides a lower directory's
+            # whole subtree (a file named "disk" hides every lower disk).
+            if member.isdir():
+                if path in lower:
+                    self._drop(lower.pop(path))
+                continue
+            for key in [k for k in lower if k.startswith(path + "/")]:
+                self._drop(lower.pop(key))
+            if not _under(path, DISK_DIR) or path == DISK_DIR:
+                continue
+            if path in added:
+                self._drop(added.pop(path))
+            if member.isreg():
+                added[path] = self._extract(tar, member, path, digest)
+            else:
+                added[path] = DiskFile(path, digest, None, _kind(member))
 
     @staticmethod
     def _check_link(member: tarfile.TarInfo, path: str, digest: str) -> None:
@@ -222,6 +270,13 @@ class DiskExtractor:
             )
 
     def _extract(self, tar: tarfile.TarFile, member: tarfile.TarInfo, path: str, digest: str) -> DiskFile:
+        # The header's size is exactly what tarfile will read (for sparse
+        # members too), so a file too big is refused before a byte is written.
+        if member.size > self.max_file_bytes:
+            raise FailedPrecondition(
+                f"image {self.image}: /{path} in layer {digest} is {member.size} bytes, "
+                f"more than the {self.max_file_bytes} a disk file may have"
+            )
         src = tar.extractfile(member)
         assert src is not None
         fd, name = tempfile.mkstemp(prefix="disk-", dir=self.workdir)

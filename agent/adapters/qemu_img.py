@@ -3,6 +3,7 @@ checked exit codes. Untrusted images are only ever inspected under limits."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,6 +18,12 @@ INFO_ADDRESS_SPACE = 1 << 30
 
 
 def _run(args: list[str], *, timeout: float, limited: bool = False) -> bytes:
+    # Checked first: under prlimit a missing qemu-img is only prlimit's exit
+    # status 1, which would read as a fault of the image being inspected.
+    if shutil.which(QEMU_IMG) is None:
+        raise Internal("qemu-img is not installed (Debian package qemu-utils)")
+    if limited and shutil.which("prlimit") is None:
+        raise Internal("prlimit is not installed (Debian package util-linux)")
     cmd = [QEMU_IMG, *args]
     if limited:
         # prlimit(1) rather than preexec_fn: running Python between fork and

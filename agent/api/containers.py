@@ -41,7 +41,13 @@ def spec_from_pb(req: pb.CreateContainerRequest) -> ContainerSpec:
     for i, kv in enumerate(cfg.envs):
         if not kv.key:
             raise InvalidArgument(f"config.envs[{i}].key", "is required")
-        env[kv.key] = kv.value
+        value = kv.value
+        if isinstance(value, bytes):  # bytes on this wire (string upstream; same encoding)
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidArgument(f"config.envs[{i}].value", "is not UTF-8") from None
+        env[kv.key] = value
     if cfg.mounts:
         raise InvalidArgument("config.mounts", "host mounts cannot be given to a VM; use cloud-init or volumes")
     res = cfg.linux.resources

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 from agent.api import convert
+from agent.api.containers import ContainerVerbs
 from agent.api.unimplemented import fill
 from agent.domain.errors import InvalidArgument
+from agent.services.containers import ContainerService
 from agent.services.images import ImageService
 from agent.services.runtime import RuntimeInfoService
 from agent.services.sandboxes import RUNTIME_HANDLERS, SandboxService
@@ -15,17 +18,9 @@ from agent.services.sandboxes import RUNTIME_HANDLERS, SandboxService
 from runtime.v1 import api_pb2 as pb
 from runtime.v1 import api_pb2_grpc
 
-_CONTAINER_VERBS = {
-    "CreateContainer", "StartContainer", "StopContainer", "RemoveContainer", "ListContainers",
-    "ContainerStatus", "UpdateContainerResources", "ReopenContainerLog", "ContainerStats",
-    "ListContainerStats", "PodSandboxStats", "ListPodSandboxStats", "GetContainerEvents",
-    "ListMetricDescriptors", "ListPodSandboxMetrics",
-}
-
-
 def _why(method: str) -> str:
-    if method in _CONTAINER_VERBS:
-        return "VM containers (the libvirt domains inside sandboxes) are not available yet"
+    if method in ("ListMetricDescriptors", "ListPodSandboxMetrics"):
+        return "CRI-provided metrics are not offered; kubelet uses the stats calls"
     if method in ("Exec", "ExecSync", "Attach", "PortForward"):
         return "streaming into VMs (serial console, guest agent, port forwarding) is not available yet"
     if method == "CheckpointContainer":
@@ -33,13 +28,20 @@ def _why(method: str) -> str:
     return "this call is not supported by the VM runtime yet"
 
 
-class RuntimeServicer(api_pb2_grpc.RuntimeServiceServicer):  # type: ignore[misc]
+class RuntimeServicer(ContainerVerbs, api_pb2_grpc.RuntimeServiceServicer):  # type: ignore[misc]
     def __init__(self, runtime: RuntimeInfoService, sandboxes: SandboxService,
-                 sandboxes_dir: str) -> None:
+                 sandboxes_dir: str, containers: ContainerService) -> None:
         self._runtime = runtime
         self._sandboxes = sandboxes
+        self._containers = containers
+        self._stopping = threading.Event()
         self._sandboxes_dir = sandboxes_dir
         self._list_encoder = convert.EncodedCache(convert.sandbox_to_pb, field_number=1)
+
+    def UpdateRuntimeConfig(self, request: pb.UpdateRuntimeConfigRequest,
+                            context: Any) -> pb.UpdateRuntimeConfigResponse:
+        # kubelet sends the node's pod CIDR; CNI configuration owns addressing here.
+        return pb.UpdateRuntimeConfigResponse()
 
     def Version(self, request: pb.VersionRequest, context: Any) -> pb.VersionResponse:
         return convert.version_to_pb(self._runtime.version())

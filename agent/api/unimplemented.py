@@ -27,7 +27,9 @@ def _make(service: str, method: str, why: str) -> Callable[..., Any]:
 
 def fill(cls: type, descriptor: ServiceDescriptor, why: Callable[[str], str]) -> type:
     """Install an UNIMPLEMENTED handler for each method ``cls`` lacks."""
+    # Defined by us (the class or a mixin), not by the generated base class.
+    ours = [k for k in cls.__mro__ if not k.__module__.endswith("_pb2_grpc") and k is not object]
     for method in descriptor.methods:
-        if method.name not in cls.__dict__:
+        if not any(method.name in k.__dict__ for k in ours):
             setattr(cls, method.name, _make(descriptor.full_name, method.name, why(method.name)))
     return cls

@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from agent.domain.errors import FailedPrecondition
+from agent.domain.errors import FailedPrecondition, InvalidArgument
 from agent.domain.imageref import ImageRef, parse_image_ref
 
 _ID = re.compile(r"^(sha256:)?([0-9a-f]{12,64})$")
@@ -54,8 +54,15 @@ class Image:
                     return d
             names = ", ".join(d.path_in_image for d in self.disks) or "none"
             raise FailedPrecondition(f"image {self.name} has no disk {key} (disks: {names})")
-        if len(self.disks) == 1:
+        # A recorded problem beside one disk means other entries under /disk/
+        # (a symlink, a device) that count as files, as in choose_disk.
+        if len(self.disks) == 1 and not self.disk_problem:
             return self.disks[0]
+        if len(self.disks) == 1:
+            raise FailedPrecondition(
+                f"image {self.name} holds more than {self.disks[0].path_in_image} under /disk/ "
+                f"({self.disk_problem}); name the disk with the containerDisk path"
+            )
         if not self.disks:
             raise FailedPrecondition(
                 f"image {self.name} is not a containerDisk: {self.disk_problem or 'no file under /disk/'}"
@@ -81,8 +88,11 @@ def digest_ref(ref: ImageRef, digest: str) -> str:
 def lookup_keys(text: str) -> tuple[str | None, list[str]]:
     """How a client's image string may name a stored image.
 
-    Returns (id or id prefix, references): "sha256:<hex>" or bare hex is an id;
-    anything else is parsed as a reference (tag or digest form).
+    Returns (id or id prefix, references): "sha256:<hex>" or 64 bare hex
+    digits is an id; anything else is parsed as a reference (tag or digest
+    form). 12 to 63 bare hex digits (crictl prints 13) are both a reference
+    and an id prefix, which is the fallback when no reference matches (as in
+    containerd).
     """
     text = text.strip()
     m = _ID.match(text)
@@ -95,16 +105,23 @@ def lookup_keys(text: str) -> tuple[str | None, list[str]]:
     tag = tag_ref(ref)
     if tag is not None:
         refs.append(tag)
-    return None, refs
+    return ("sha256:" + m.group(2) if m else None), refs
 
 
 def find(images: Iterable[Image], text: str) -> Image | None:
-    """The stored image a client's string names, or None."""
+    """The stored image a client's string names, or None.
+
+    A reference wins over an id prefix; an ambiguous id prefix is a client
+    error rather than a guess (RemoveImage would act on it).
+    """
     wanted_id, refs = lookup_keys(text)
+    images = list(images)
     for img in images:
-        if wanted_id is not None:
-            if img.id.startswith(wanted_id):
-                return img
-        elif any(r in img.repo_tags or r in img.repo_digests for r in refs):
+        if any(r in img.repo_tags or r in img.repo_digests for r in refs):
             return img
-    return None
+    if wanted_id is None:
+        return None
+    matched = [img for img in images if img.id.startswith(wanted_id)]
+    if len(matched) > 1:
+        raise InvalidArgument("image.image", f"{text.strip()!r} is an ambiguous image id prefix")
+    return matched[0] if matched else None

@@ -3,13 +3,17 @@
 Data path of a cold pull: resolve the reference (mirrors, rewrites, index →
 linux/amd64) → store manifest and config → download missing layers in
 parallel, each verified by digest → apply the layers to find the files under
-/disk/ → validate every disk with qemu-img under limits → install them as the
-image's read-only base disks → record the image (one transaction) → visible.
+/disk/, each layer's uncompressed content checked against the config's
+rootfs.diff_ids (the image id is the config digest: layers that do not match
+it must never be stored under it) → validate every disk with qemu-img under
+limits → install them as the image's read-only base disks → record the image
+(one transaction) → visible.
 Nothing is visible before the record is written, and a crash at any point
 leaves only scratch files and unreferenced blobs, collected at the next start.
 
-Concurrent pulls of one reference share one pull; concurrent downloads of
-one blob share one download (across images too).
+Concurrent pulls of one reference share one pull; pulls of other references
+to the same image take turns after resolving it; concurrent downloads of one
+blob share one download (across images too).
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -38,6 +43,9 @@ from agent.domain.oci import layer_compression
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+# Room above max_virtual_size for one extracted disk file: qcow2 metadata
+# (header, L1/L2 tables, refcounts) on top of the guest data.
+DISK_FILE_SLACK = 64 << 20
 
 
 class RegistryPort(Protocol):
@@ -70,9 +78,15 @@ class ImageFilesPort(Protocol):
 
 
 class DiskExtractorPort(Protocol):
-    def add_layer(self, stream: Any, compression: Any, digest: str) -> None: ...
+    def add_layer(self, stream: Any, compression: Any, digest: str) -> str: ...  # → the layer's diff_id
     def disks(self) -> dict[str, Any]: ...
     def discard(self) -> None: ...
+
+
+class ExtractorFactory(Protocol):
+    """(workdir, image name, largest file it may extract) → extractor."""
+
+    def __call__(self, workdir: Path, image: str, max_file_bytes: int = ...) -> DiskExtractorPort: ...
 
 
 @dataclass(frozen=True)
@@ -80,8 +94,8 @@ class ImagePorts:
     registry: RegistryPort
     store: ImageStorePort
     files: ImageFilesPort
-    # (workdir, image name) → extractor; (path, source, max size) → DiskInfo.
-    new_extractor: Callable[[Path, str], DiskExtractorPort]
+    new_extractor: ExtractorFactory
+    # (path, source, max size) → DiskInfo.
     inspect_disk: Callable[[Path, str, int], DiskInfo]
     # credentials from a CRI AuthConfig (or None) for the image's registry.
     credentials: Callable[[Any, ImageRef], Any]
@@ -126,6 +140,30 @@ class SingleFlight(Generic[T]):
             flight.done.set()
 
 
+class KeyedLock:
+    """One lock per key; a key's lock exists only while someone holds or awaits it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._lock:
+            lock, users = self._locks.get(key) or (threading.Lock(), 0)
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                users = self._locks[key][1] - 1
+                if users:
+                    self._locks[key] = (lock, users)
+                else:
+                    del self._locks[key]
+
+
 class ImageService:
     def __init__(self, ports: ImagePorts, *, max_virtual_size: int, parallelism: int = 4,
                  in_use: Callable[[], set[str]] = set) -> None:
@@ -137,6 +175,8 @@ class ImageService:
         self._images: dict[str, Image] = {}
         self._snapshot: tuple[Image, ...] = ()
         self._pulls: SingleFlight[Image] = SingleFlight()
+        # Serialises the pulls of one image id (other references to it).
+        self._image_locks = KeyedLock()
         self._blobs: SingleFlight[int] = SingleFlight()
         self.downloads = 0  # blobs actually fetched (tests and metrics)
         # Pulls decide to reuse blobs already on disk; garbage collection must
@@ -213,75 +253,99 @@ class ImageService:
         resolved_at = time.perf_counter()
         manifest = resolved.manifest
         image_id = manifest.config.digest
+        layers = list(manifest.layers)
         tag = image_model.tag_ref(ref)
         digest_ref = image_model.digest_ref(ref, resolved.reference_digest)
-        with self._lock:
-            existing = self._images.get(image_id)
-        if existing is not None and self._complete(existing):
-            return self._add_refs(existing, tag, digest_ref)
+        reusable = self._reusable(image_id, layers)
+        if reusable is not None:
+            return self._add_refs(reusable, tag, digest_ref)
 
         name = str(ref)
         files = self._ports.files
-        workdir = files.new_workdir()
-        extractor = self._ports.new_extractor(workdir, name)
-        try:
-            files.write_blob(resolved.digest, resolved.manifest_bytes)
-            config_bytes = self._ports.registry.fetch_config(resolved.repository, manifest.config,
-                                                             credentials=credentials)
-            files.write_blob(image_id, config_bytes)
-            layers = list(manifest.layers)
-            for layer in layers:
-                layer_compression(layer.media_type)  # refuse unknown layer types before downloading
-
-            # Downloads run in parallel; extraction follows each layer's file
-            # while it is written, so unpacking overlaps the network.
-            progress = {layer.digest: BlobProgress() for layer in layers if not files.has_blob(layer.digest)}
-            with ThreadPoolExecutor(max_workers=max(1, self._parallelism)) as pool:
-                downloads = [
-                    pool.submit(self._fetch_blob, resolved.repository, layer.digest, layer.size,
-                                credentials, progress.get(layer.digest))
-                    for layer in layers
-                ]
-                for layer in layers:
-                    self._extract_layer(extractor, layer, progress.get(layer.digest))
-                extracted = time.perf_counter()
-                for d in downloads:
-                    d.result()  # a digest mismatch anywhere fails the pull
-            downloaded = time.perf_counter()
-            disks, staged, problem = self._validate_disks(extractor.disks(), name)
-            files.install_disks(image_id, staged)
-            log.info("image pulled", image=name, id=image_id,
-                     resolve_s=round(resolved_at - started, 3), extract_s=round(extracted - resolved_at, 3),
-                     download_s=round(downloaded - resolved_at, 3),
-                     check_install_s=round(time.perf_counter() - downloaded, 3))
-            img = Image(
-                id=image_id,
-                manifest_digest=resolved.digest,
-                repo_tags=(tag,) if tag else (),
-                repo_digests=(digest_ref,),
-                size=manifest.config.size + sum(layer.size for layer in layers),
-                layers=tuple(layer.digest for layer in layers),
-                config_media_type=manifest.config.media_type,
-                user=_config_user(config_bytes),
-                disks=tuple(disks),
-                created_at_ns=self._ports.now_ns(),
-                disk_problem=problem,
+        files.write_blob(resolved.digest, resolved.manifest_bytes)
+        config_bytes = self._ports.registry.fetch_config(resolved.repository, manifest.config,
+                                                         credentials=credentials)
+        files.write_blob(image_id, config_bytes)
+        for layer in layers:
+            layer_compression(layer.media_type)  # refuse unknown layer types before downloading
+        diff_ids = _config_diff_ids(config_bytes, name)
+        if len(diff_ids) != len(layers):
+            raise FailedPrecondition(
+                f"image {name}: the manifest has {len(layers)} layers but the config's "
+                f"rootfs.diff_ids lists {len(diff_ids)}"
             )
-            if existing is not None:  # re-pulled after its files went missing
-                img = dataclasses.replace(
-                    img,
-                    repo_tags=_merge(existing.repo_tags, img.repo_tags),
-                    repo_digests=_merge(existing.repo_digests, img.repo_digests),
-                    created_at_ns=existing.created_at_ns,
+
+        # Pulls of other references to this image wait here, then reuse what
+        # the first stored: two pulls installing one image's disks side by side
+        # would share its staging directory, and the later record would drop
+        # the earlier one's tag.
+        with self._image_locks.hold(image_id):
+            reusable = self._reusable(image_id, layers)
+            if reusable is not None:
+                return self._add_refs(reusable, tag, digest_ref)
+            with self._lock:
+                existing = self._images.get(image_id)
+            workdir = files.new_workdir()
+            extractor = self._ports.new_extractor(
+                workdir, name, max_file_bytes=self._max_virtual_size + DISK_FILE_SLACK)
+            try:
+                # Downloads run in parallel; extraction follows each layer's file
+                # while it is written, so unpacking overlaps the network.
+                progress = {layer.digest: BlobProgress() for layer in layers if not files.has_blob(layer.digest)}
+                with ThreadPoolExecutor(max_workers=max(1, self._parallelism)) as pool:
+                    downloads: dict[str, Future[None]] = {}
+                    for layer in layers:
+                        if layer.digest not in downloads:  # a layer listed twice is fetched once
+                            downloads[layer.digest] = pool.submit(
+                                self._fetch_blob, resolved.repository, layer.digest, layer.size,
+                                credentials, progress.get(layer.digest))
+                    for layer, diff_id in zip(layers, diff_ids, strict=True):
+                        self._extract_layer(extractor, layer, diff_id, name, progress.get(layer.digest),
+                                            downloads[layer.digest])
+                    extracted = time.perf_counter()
+                    for d in downloads.values():
+                        d.result()  # a digest mismatch anywhere fails the pull
+                downloaded = time.perf_counter()
+                disks, staged, problem = self._validate_disks(extractor.disks(), name)
+                files.install_disks(image_id, staged)
+                log.info("image pulled", image=name, id=image_id,
+                         resolve_s=round(resolved_at - started, 3), extract_s=round(extracted - resolved_at, 3),
+                         download_s=round(downloaded - resolved_at, 3),
+                         check_install_s=round(time.perf_counter() - downloaded, 3))
+                img = Image(
+                    id=image_id,
+                    manifest_digest=resolved.digest,
+                    repo_tags=(tag,) if tag else (),
+                    repo_digests=(digest_ref,),
+                    size=manifest.config.size + sum(layer.size for layer in layers),
+                    layers=tuple(layer.digest for layer in layers),
+                    config_media_type=manifest.config.media_type,
+                    user=_config_user(config_bytes),
+                    disks=tuple(disks),
+                    created_at_ns=self._ports.now_ns(),
+                    disk_problem=problem,
                 )
-            return self._record(img, tag)
-        except BaseException:
-            if existing is None:
-                files.remove_disks(image_id)
-            raise
-        finally:
-            extractor.discard()
-            shutil.rmtree(workdir, ignore_errors=True)
+                return self._record(img, tag)
+            except BaseException:
+                if existing is None:
+                    files.remove_disks(image_id)
+                raise
+            finally:
+                extractor.discard()
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    def _reusable(self, image_id: str, layers: list[Any]) -> Image | None:
+        """The stored image to reuse for a manifest: same config, same layers, files present.
+
+        The layers are compared too: a record made from other layers under
+        this config (an image stored before diff_ids were checked) is pulled
+        again rather than trusted.
+        """
+        with self._lock:
+            img = self._images.get(image_id)
+        if img is None or img.layers != tuple(layer.digest for layer in layers) or not self._complete(img):
+            return None
+        return img
 
     def _complete(self, img: Image) -> bool:
         files = self._ports.files
@@ -291,40 +355,55 @@ class ImageService:
     def _fetch_blob(self, repo: Any, digest: str, size: int, credentials: Any,
                     progress: BlobProgress | None) -> None:
         files = self._ports.files
-        try:
+
+        def download() -> int:
             if files.has_blob(digest):
-                return
+                return 0
+            n = self._ports.registry.fetch_blob(repo, digest, files.blob_path(digest),
+                                                expected_size=size, credentials=credentials,
+                                                progress=progress)
+            with self._lock:
+                self.downloads += 1
+            return n
 
-            def download() -> int:
-                if files.has_blob(digest):
-                    return 0
-                n = self._ports.registry.fetch_blob(repo, digest, files.blob_path(digest),
-                                                    expected_size=size, credentials=credentials,
-                                                    progress=progress)
-                with self._lock:
-                    self.downloads += 1
-                return n
+        try:
+            if not files.has_blob(digest):
+                self._blobs.do(digest, download)
+        except BaseException as exc:
+            if progress is not None:
+                # Also when another pull's download (shared) failed: the
+                # extraction following this progress must see that error.
+                progress.finished(exc)
+            raise
+        if progress is not None and progress.path is None:
+            progress.finished()  # another pull downloaded it: read the file
 
-            self._blobs.do(digest, download)
-        finally:
-            if progress is not None and progress.path is None:
-                progress.finished()  # another pull downloaded it: read the file
-
-    def _extract_layer(self, extractor: DiskExtractorPort, layer: Any, progress: BlobProgress | None) -> None:
+    def _extract_layer(self, extractor: DiskExtractorPort, layer: Any, diff_id: str, name: str,
+                       progress: BlobProgress | None, download: Future[None]) -> None:
+        """Apply one layer, following its download when this pull makes it."""
         compression = layer_compression(layer.media_type)
-        while progress is not None:
+        content: str | None = None
+        while progress is not None and content is None:
             try:
                 follow = FollowReader(progress)
             except FileNotFoundError:
-                break  # not downloaded by this pull: the finished file is read below
+                break  # not downloaded by this pull, or already renamed: the finished file is read below
             try:
                 with io.BufferedReader(follow, 1 << 20) as reader:
-                    extractor.add_layer(reader, compression, layer.digest)
-                return
+                    content = extractor.add_layer(reader, compression, layer.digest)
             except Restarted:
                 continue  # the download started over: so does the extraction
-        with open(self._ports.files.blob_path(layer.digest), "rb") as blob:
-            extractor.add_layer(blob, compression, layer.digest)
+        if content is None:
+            # A failed download's own error, not the FileNotFoundError of the
+            # blob file it never wrote.
+            download.result()
+            with open(self._ports.files.blob_path(layer.digest), "rb") as blob:
+                content = extractor.add_layer(blob, compression, layer.digest)
+        if content != diff_id:
+            raise FailedPrecondition(
+                f"image {name}: layer {layer.digest} does not match the image config "
+                f"(its content is {content}; the config's rootfs.diff_ids says {diff_id})"
+            )
 
     def _validate_disks(self, found: dict[str, Any], name: str) -> tuple[list[BaseDisk], dict[str, Path], str]:
         disks: list[BaseDisk] = []
@@ -341,13 +420,28 @@ class ImageService:
                                   virtual_size=info.virtual_size, size=f.size))
         if not found:
             problems.append("no file under /disk/")
-        elif len(disks) > 1:
-            problems.append(f"{len(disks)} files under /disk/; a containerDisk path must name one")
+        elif len(found) > 1:
+            # Entries that are not regular files count too (KubeVirt's rule, as
+            # in choose_disk): one disk beside a symlink is not "exactly one".
+            problems.append(f"{len(found)} files under /disk/; a containerDisk path must name one")
         return disks, staged, "; ".join(problems)
 
     def _record(self, img: Image, tag: str | None) -> Image:
-        """Write the record; a tag moves from the image that held it."""
+        """Write the record; a tag moves from the image that held it.
+
+        The references and creation time of the image's current record are
+        kept: merged here, under the lock, so that a caller's older copy of
+        the record cannot drop a reference added meanwhile.
+        """
         with self._lock:
+            current = self._images.get(img.id)
+            if current is not None:
+                img = dataclasses.replace(
+                    img,
+                    repo_tags=_merge(current.repo_tags, img.repo_tags),
+                    repo_digests=_merge(current.repo_digests, img.repo_digests),
+                    created_at_ns=current.created_at_ns,
+                )
             changed = [img]
             if tag is not None:
                 for other in self._images.values():
@@ -422,6 +516,17 @@ class ImageService:
 
 def _merge(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys((*a, *b)))
+
+
+def _config_diff_ids(config: bytes, name: str) -> list[str]:
+    """The config's rootfs.diff_ids: the digests of the layers' uncompressed tars."""
+    try:
+        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+    except (ValueError, KeyError, TypeError):
+        diff_ids = None
+    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
+        raise FailedPrecondition(f"image {name}: its config has no rootfs.diff_ids list")
+    return diff_ids
 
 
 def _config_user(config: bytes) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import structlog
 
@@ -48,6 +48,9 @@ class SandboxService:
         self._by_name: dict[str, str] = {}
         # Immutable snapshot for lock-free reads; replaced on every change.
         self._snapshot: tuple[Sandbox, ...] = ()
+        # Set by the composition root: what the sandbox's VM needs on stop/remove.
+        self.stop_members: Callable[[str], None] = lambda _sid: None
+        self.remove_members: Callable[[str], None] = lambda _sid: None
 
     # In-memory view ------------------------------------------------------
 
@@ -133,6 +136,9 @@ class SandboxService:
         sb = self._find(sandbox_id, "pod_sandbox_id")
         if sb is None:
             return
+        # CRI: any running container is forcibly stopped (kubelet normally
+        # stopped it gracefully before).
+        self.stop_members(sb.id)
         with self._lock:
             sb = self._by_id.get(sb.id)
             if sb is None or sb.state is not SandboxState.READY:
@@ -148,6 +154,8 @@ class SandboxService:
         sb = self._find(sandbox_id, "pod_sandbox_id")
         if sb is None:
             return
+        self.stop_members(sb.id)
+        self.remove_members(sb.id)
         with self._lock:
             sb = self._by_id.get(sb.id)
             if sb is None:

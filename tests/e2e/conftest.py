@@ -1,0 +1,179 @@
+"""End-to-end fixtures: the tiny guest as a containerDisk in a real registry,
+and agents that boot it under TCG through real libvirt.
+
+Every domain a test makes is removed at teardown even when the test or the
+agent failed: through the agent first, then directly with virsh for any
+domain whose disks live under the test's state directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.adapters import oci_layout
+from agent.adapters.registry import RegistryClient
+from agent.domain.imageref import RemoteRepository
+from tests.integration.agentproc import AgentProcess, agent_factory  # noqa: F401
+from tests.integration.registry_fixture import RunningRegistry, registry  # noqa: F401
+from runtime.v1 import api_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_DIR = Path(os.environ.get("PODVISOR_TINY_IMAGE_DIR", "/var/cache/podvisor/images/tiny"))
+# The tiny guest needs 76 MiB to boot (Debian's kernel decompresses into ~68 MiB).
+VM_MEMORY = 96 << 20
+
+
+@pytest.fixture(scope="session")
+def tiny_disk() -> Path:
+    subprocess.run([str(ROOT / "images/tiny/build.sh"), str(TINY_DIR)], check=True, timeout=900)
+    return TINY_DIR / "tiny.qcow2"
+
+
+@pytest.fixture(scope="session")
+def tiny_image(tiny_disk: Path, registry: RunningRegistry, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny guest pushed as a containerDisk; returns its reference."""
+    layout = tmp_path_factory.mktemp("tiny-layout")
+    built = oci_layout.build(tiny_disk, layout, "1")
+    repo = RemoteRepository(registry=registry.host, host=registry.host, name="podvisor/tiny")
+    with RegistryClient(timeout=120) as client:
+        oci_layout.push(client, layout, built, repo, "1")
+    return f"{registry.host}/podvisor/tiny:1"
+
+
+def virsh(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, timeout=120)
+
+
+def domains_under(path: Path) -> list[str]:
+    """Podvisor domains whose files are under ``path`` (this test's)."""
+    names = virsh("list", "--all", "--name").stdout.split()
+    mine = []
+    for name in names:
+        if name.startswith("podvisor-") and str(path) in virsh("dumpxml", name).stdout:
+            mine.append(name)
+    return mine
+
+
+def purge_domains(path: Path) -> None:
+    for name in domains_under(path):
+        virsh("destroy", name)
+        virsh("undefine", "--nvram", name)
+
+
+@dataclass
+class VM:
+    sandbox_id: str
+    container_id: str
+    log_path: Path
+
+
+class VMAgent:
+    """An agent plus helpers to run VM pods on it."""
+
+    def __init__(self, agent: AgentProcess, image: str, logs: Path) -> None:
+        self.agent = agent
+        self.image = image
+        self.logs = logs
+
+    def sandbox_config(self, name: str, **kw: Any) -> pb.PodSandboxConfig:
+        return pb.PodSandboxConfig(
+            metadata=pb.PodSandboxMetadata(name=name, namespace="e2e", uid=uuid.uuid4().hex),
+            hostname=kw.pop("hostname", name),
+            log_directory=str(self.logs / name),
+            annotations=kw.pop("pod_annotations", {}),
+            **kw,
+        )
+
+    def create(self, name: str, *, annotations: dict[str, str] | None = None,
+               pod_annotations: dict[str, str] | None = None, memory: int = VM_MEMORY,
+               envs: dict[str, str] | None = None, hostname: str | None = None,
+               image: str | None = None, pull: bool = True) -> VM:
+        image = image or self.image
+        if pull:
+            self.agent.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image)), timeout=300)
+        sb_cfg = self.sandbox_config(name, hostname=hostname or name, pod_annotations=pod_annotations or {})
+        sid = self.agent.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=sb_cfg), timeout=60).pod_sandbox_id
+        cfg = pb.ContainerConfig(
+            metadata=pb.ContainerMetadata(name="vm"),
+            image=pb.ImageSpec(image=image),
+            log_path="vm/0.log",
+            annotations=annotations or {},
+            envs=[pb.KeyValue(key=k, value=v.encode()) for k, v in (envs or {}).items()],
+            linux=pb.LinuxContainerConfig(resources=pb.LinuxContainerResources(memory_limit_in_bytes=memory)),
+        )
+        cid = self.agent.runtime.CreateContainer(
+            pb.CreateContainerRequest(pod_sandbox_id=sid, config=cfg, sandbox_config=sb_cfg), timeout=120
+        ).container_id
+        return VM(sid, cid, self.logs / name / "vm" / "0.log")
+
+    def start(self, vm: VM) -> None:
+        self.agent.runtime.StartContainer(pb.StartContainerRequest(container_id=vm.container_id), timeout=120)
+
+    def status(self, vm: VM, verbose: bool = False) -> Any:
+        return self.agent.runtime.ContainerStatus(
+            pb.ContainerStatusRequest(container_id=vm.container_id, verbose=verbose), timeout=30)
+
+    def wait_log(self, vm: VM, text: str, timeout: float = 180) -> str:
+        deadline = time.monotonic() + timeout
+        content = ""
+        while time.monotonic() < deadline:
+            try:
+                content = vm.log_path.read_text(errors="replace")
+            except FileNotFoundError:
+                content = ""
+            if text in content:
+                return content
+            time.sleep(0.25)
+        raise AssertionError(f"{text!r} not in {vm.log_path} after {timeout}s:\n{content[-4000:]}\n"
+                             f"agent log:\n{self.agent.log()[-4000:]}")
+
+    def wait_state(self, vm: VM, state: int, timeout: float = 60) -> Any:
+        deadline = time.monotonic() + timeout
+        st = None
+        while time.monotonic() < deadline:
+            st = self.status(vm).status
+            if st.state == state:
+                return st
+            time.sleep(0.2)
+        raise AssertionError(f"container never reached state {state}: {st}")
+
+    def remove_pod(self, vm: VM) -> None:
+        self.agent.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=vm.sandbox_id), timeout=120)
+        self.agent.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=vm.sandbox_id), timeout=120)
+
+
+@pytest.fixture
+def vm_agent(agent_factory: Any, tiny_image: str, tmp_path: Path) -> Iterator[VMAgent]:  # noqa: F811
+    # QEMU runs as libvirt-qemu and must traverse to the VM's files: pytest's
+    # tmp tree is private (0700), so the state lives in a 0711 directory.
+    state = Path(tempfile.mkdtemp(prefix="pv-e2e-", dir="/var/tmp"))
+    state.chmod(0o711)
+    agent: AgentProcess = agent_factory(state_dir=state / "state")
+    # Pin TCG: this fixture must boot guests on any machine the tests run on.
+    agent.config_path.write_text(agent.config_path.read_text().replace(
+        "[libvirt]\n", '[libvirt]\nvirt_type = "qemu"\n'))
+    agent.start()
+    logs = tmp_path / "pods"
+    helper = VMAgent(agent, tiny_image, logs)
+    try:
+        yield helper
+    finally:
+        try:
+            # helper.agent: a test may have replaced the agent (restarts).
+            for sb in helper.agent.runtime.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=30).items:
+                helper.remove_pod(VM(sb.id, "", Path()))
+        except Exception:  # noqa: BLE001 - the agent may be dead; virsh cleans below
+            pass
+        purge_domains(agent.state_dir)
+        shutil.rmtree(state, ignore_errors=True)
