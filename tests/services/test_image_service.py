@@ -38,7 +38,7 @@ from agent.domain.disk import DiskInfo
 from agent.domain.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from agent.domain.image import BaseDisk, Image
 from agent.domain.imageref import ImageRef, RemoteRepository, parse_image_ref
-from agent.services.images import ImagePorts, ImageService, SingleFlight
+from agent.services.images import DISK_FILE_SLACK, ImagePorts, ImageService, KeyedLock, SingleFlight
 from tests.services.service_fakes import FakeClock
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -498,15 +498,6 @@ def test_concurrent_pulls_of_images_sharing_a_layer_fetch_it_once(env: Env) -> N
     assert [env.disk_bytes(r) for r in results] == [f"disk {i}".encode() for i in range(5)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "bug: pulls of two references to one image run side by side (SingleFlight is keyed by reference); "
-        "both see no record, and services/images.py _record() overwrites the other's record, losing its tag "
-        "(and ImageFiles.install_disks of one image id can race with itself)"
-    ),
-)
 def test_concurrent_pulls_of_two_tags_of_one_image_keep_both_tags(env: Env) -> None:
     pub = publish_cirros(env)
     env.registry.manifests["docker.io/kubevirt/cirros:latest"] = pub
@@ -528,6 +519,8 @@ def test_concurrent_pulls_of_two_tags_of_one_image_keep_both_tags(env: Env) -> N
     assert sorted(img.repo_tags) == sorted(refs)
     assert env.store.load_images() == [img]
     assert env.disk_bytes(img) == qcow2_bytes(b"cirros")
+    assert env.registry.blob_fetches() == Counter(pub.layer_digests)  # the second pull reused the first's
+    assert len(env.inspect.calls) == 1
 
 
 def test_layers_are_applied_in_order(env: Env) -> None:
@@ -550,8 +543,10 @@ def test_layers_are_applied_in_order(env: Env) -> None:
          [("/disk/a.img", "disk0.raw", "raw"), ("/disk/b.qcow2", "disk1.qcow2", "qcow2")],
          "2 files under /disk/; a containerDisk path must name one"),
         ({"disk/a.img": None}, [], "/disk/a.img is a symlink, not a regular file"),
+        ({"disk/a.img": b"A", "disk/b.img": None}, [("/disk/a.img", "disk0.raw", "raw")],
+         "/disk/b.img is a symlink, not a regular file; 2 files under /disk/; a containerDisk path must name one"),
     ],
-    ids=["no-disk", "two-disks", "symlink"],
+    ids=["no-disk", "two-disks", "symlink", "disk-and-symlink"],
 )
 def test_images_that_cannot_back_a_vm_are_still_recorded(env: Env, files: dict[str, bytes | None],
                                                          disks: list[tuple[str, str, str]], problem: str) -> None:
@@ -612,19 +607,6 @@ def test_pull_failing_in_download_leaves_nothing(env: Env) -> None:
     assert not env.files.has_blob(pub.layer_digests[0])
 
 
-DOWNLOAD_ERROR_MASKED = pytest.mark.xfail(
-    strict=True,
-    raises=FileNotFoundError,
-    reason=(
-        "bug: when a layer's download fails before extraction reaches it (services/images.py "
-        "_extract_layer), FollowReader's os.open of the removed temp file, or BlobProgress.wait_path on a "
-        "progress that _fetch_blob finished without the error, raises FileNotFoundError; _extract_layer "
-        "then opens the missing blob file, and that FileNotFoundError replaces the download's own error"
-    ),
-)
-
-
-@DOWNLOAD_ERROR_MASKED
 def test_download_error_of_a_later_layer_is_the_pulls_error(env: Env) -> None:
     pub = publish_cirros(env)
     first, second = pub.layer_digests
@@ -639,7 +621,6 @@ def test_download_error_of_a_later_layer_is_the_pulls_error(env: Env) -> None:
     _assert_nothing_left(env, pub.id)
 
 
-@DOWNLOAD_ERROR_MASKED
 def test_download_error_reaches_a_pull_that_shared_the_download(env: Env) -> None:
     shared = gzip_layer({"disk/shared.img": os.urandom(256 << 10)})
     own = zstd_layer({"etc/b": b"b"})
@@ -730,15 +711,6 @@ def test_tag_moves_from_the_old_image_to_the_new(env: Env) -> None:
     assert env.disk_bytes(old_now) == qcow2_bytes(b"old")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "bug: an image is identified by its config digest alone and layer diff_ids are never checked against "
-        "the config's rootfs.diff_ids, so a manifest that reuses a trusted image's config with other layers "
-        "is stored under the trusted id, and a later pull of the trusted image reuses those layers' disks"
-    ),
-)
 def test_a_foreign_manifest_reusing_a_config_cannot_plant_disks(env: Env) -> None:
     good_layers = [gzip_layer({"disk/fedora.qcow2": qcow2_bytes(b"good")})]
     trusted_config = config_for(good_layers)
@@ -751,6 +723,92 @@ def test_a_foreign_manifest_reusing_a_config_cannot_plant_disks(env: Env) -> Non
         pass  # refusing layers that do not match the config is the fix
     img = env.service.pull("quay.io/containerdisks/fedora:39")
     assert env.disk_bytes(img) == qcow2_bytes(b"good")
+
+
+def test_layers_that_do_not_match_the_configs_diff_ids_are_refused(env: Env) -> None:
+    good = [gzip_layer({"etc/motd": b"hi\n"}), gzip_layer({"disk/fedora.qcow2": qcow2_bytes(b"good")})]
+    evil = gzip_layer({"disk/fedora.qcow2": qcow2_bytes(b"evil")})
+    pub = env.registry.publish("docker.io/attacker/x:1", [good[0], evil], config=config_for(good))
+    with pytest.raises(FailedPrecondition) as caught:
+        env.service.pull("docker.io/attacker/x:1")
+    assert caught.value.message == (
+        f"image docker.io/attacker/x:1: layer {pub.layer_digests[1]} does not match the image config "
+        f"(its content is {evil.diff_id}; the config's rootfs.diff_ids says {good[1].diff_id})"
+    )
+    _assert_nothing_left(env, pub.id)
+    assert env.inspect.calls == []
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (b'{"rootfs": {"type": "layers", "diff_ids": []}}',
+         "image docker.io/x/y:1: the manifest has 1 layers but the config's rootfs.diff_ids lists 0"),
+        (b'{"architecture": "amd64", "os": "linux"}', "image docker.io/x/y:1: its config has no rootfs.diff_ids list"),
+        (b'{"rootfs": {"diff_ids": [1]}}', "image docker.io/x/y:1: its config has no rootfs.diff_ids list"),
+        (b"[]", "image docker.io/x/y:1: its config has no rootfs.diff_ids list"),
+    ],
+    ids=["count", "no-rootfs", "not-strings", "not-an-object"],
+)
+def test_config_without_matching_diff_ids_is_refused_before_downloading(env: Env, config: bytes,
+                                                                        message: str) -> None:
+    pub = env.registry.publish("docker.io/x/y:1", [gzip_layer({"disk/a.img": b"A"})], config=config)
+    with pytest.raises(FailedPrecondition) as caught:
+        env.service.pull("docker.io/x/y:1")
+    assert caught.value.message == message
+    assert env.registry.count("fetch_blob") == 0
+    assert env.service.status(pub.id) is None
+    assert env.tmp_entries() == []
+
+
+def test_a_layer_listed_twice_is_fetched_once_and_applied_twice(env: Env) -> None:
+    base = zstd_layer({"etc/motd": b"hello\n"})
+    pub = env.registry.publish("docker.io/x/twice:1", [base, gzip_layer({"disk/a.img": b"A"}), base])
+    env.registry.blob_delay = 0.01
+    img = env.service.pull("docker.io/x/twice:1")
+    assert img.layers == pub.layer_digests
+    assert env.registry.blob_fetches() == Counter(set(pub.layer_digests))
+    assert env.disk_bytes(img) == b"A"
+
+
+def test_record_of_the_same_config_with_other_layers_is_not_reused(env: Env) -> None:
+    # The same content compressed another way: same config (and id), other layer blobs.
+    files = {"disk/a.img": qcow2_bytes(b"same")}
+    as_gzip = env.registry.publish("docker.io/x/gz:1", [gzip_layer(files)])
+    as_zstd = env.registry.publish("docker.io/x/zst:1", [zstd_layer(files)])
+    assert as_gzip.id == as_zstd.id
+    first = env.service.pull("docker.io/x/gz:1")
+
+    again = env.service.pull("docker.io/x/zst:1")
+
+    assert env.registry.blob_fetches() == Counter(as_gzip.layer_digests + as_zstd.layer_digests)
+    assert len(env.inspect.calls) == 2  # extracted and checked again, not trusted
+    assert again.id == first.id
+    assert again.layers == as_zstd.layer_digests
+    assert again.manifest_digest == as_zstd.digest
+    assert again.repo_tags == ("docker.io/x/gz:1", "docker.io/x/zst:1")
+    assert again.created_at_ns == first.created_at_ns
+    assert env.service.list_images() == [again]
+    assert env.disk_bytes(again) == qcow2_bytes(b"same")
+
+
+def test_extractor_is_bounded_by_the_largest_virtual_size(env: Env) -> None:
+    limits: list[int] = []
+
+    def new_extractor(workdir: Path, image: str, max_file_bytes: int = 0) -> DiskExtractor:
+        limits.append(max_file_bytes)
+        return DiskExtractor(workdir, image, max_file_bytes=16)
+
+    ports = ImagePorts(registry=env.registry, store=env.store, files=env.files, new_extractor=new_extractor,
+                       inspect_disk=env.inspect, credentials=credentials, now_ns=FakeClock().now_ns)
+    service = ImageService(ports, max_virtual_size=1000)
+    env.registry.publish("docker.io/x/big:1", [gzip_layer({"disk/big.img": b"B" * 17})])
+    with pytest.raises(FailedPrecondition, match="/disk/big.img in layer .* is 17 bytes, more than the 16"):
+        service.pull("docker.io/x/big:1")
+    assert limits == [1000 + DISK_FILE_SLACK]
+    assert DISK_FILE_SLACK == 64 << 20
+    assert env.tmp_entries() == []
+    assert env.disk_dirs() == []
 
 
 def test_pull_again_after_the_disk_files_went_missing(env: Env) -> None:
@@ -1041,3 +1099,24 @@ def test_single_flight_after_an_error_runs_again() -> None:
     with pytest.raises(ValueError):
         flight.do("k", lambda: int("x"))
     assert flight.do("k", lambda: 7) == (7, True)
+
+
+# KeyedLock -----------------------------------------------------------------------------------
+
+
+def test_keyed_lock_serialises_one_key_and_forgets_it() -> None:
+    locks = KeyedLock()
+    inside: list[str] = []
+    overlap: list[bool] = []
+
+    def hold(i: int) -> None:
+        key = "same" if i < 3 else f"other{i}"
+        with locks.hold(key):
+            overlap.append(any(k == key for k in inside))
+            inside.append(key)
+            time.sleep(0.05)
+            inside.remove(key)
+
+    in_parallel(6, hold)
+    assert overlap == [False] * 6
+    assert locks._locks == {}  # noqa: SLF001 - no lock is kept for a key nobody holds

@@ -147,7 +147,8 @@ def test_images_dir_follows_state_dir(tmp_path: Path) -> None:
          '[registries.hosts."docker.io"] tls_verify: unknown setting '
          "(known: ca_file, insecure, mirrors, password, username)"),
         ("[registry]\n",
-         "registry: unknown setting (known: state_dir, runtime_dir, registries, cni, images, libvirt, log, server)"),
+         "registry: unknown setting "
+         "(known: state_dir, runtime_dir, registries, cni, images, libvirt, log, server, vm)"),
     ],
 )
 def test_unknown_keys_are_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -248,6 +249,8 @@ def test_rewrite_rule_that_is_not_host_path(tmp_path: Path, prefix: str, replace
     assert message.startswith(f"[[registries.rewrite]] #0: registry rewrite {label} {bad!r} ")
 
 
-def test_zero_registry_timeout_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="registry_timeout_seconds"):
-        load(tmp_path, "[images]\nregistry_timeout_seconds = 0\n")
+@pytest.mark.parametrize("value", ["0", "0.0"])
+def test_zero_registry_timeout_is_refused(tmp_path: Path, value: str) -> None:
+    assert error(tmp_path, f"[images]\nregistry_timeout_seconds = {value}\n") == (
+        "[images] registry_timeout_seconds: must be greater than 0"
+    )

@@ -429,18 +429,19 @@ def test_info_with_unreadable_answer(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert caught.value.message == f"{SRC}: qemu-img info gave no readable answer"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=FailedPrecondition,
-    reason=(
-        "bug: info() runs qemu-img through prlimit, so a missing qemu-img is prlimit's exit status 1 "
-        "(FailedPrecondition blaming the image), never the FileNotFoundError that _run maps to Internal"
-    ),
-)
 def test_info_without_qemu_img_installed_is_internal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(qemu_img, "QEMU_IMG", str(tmp_path / "no-such-qemu-img"))
     with pytest.raises(Internal, match="qemu-img is not installed"):
         qemu_img.info(tmp_path / "x.img", source=SRC, max_virtual_size=GiB)
+
+
+def test_info_without_prlimit_installed_is_internal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    script = _fake_qemu_img(tmp_path, "exit 0\n")
+    monkeypatch.setattr(qemu_img, "QEMU_IMG", str(script))
+    monkeypatch.setenv("PATH", str(tmp_path))  # qemu-img is found by its path; prlimit is not found
+    with pytest.raises(Internal) as caught:
+        qemu_img.info(tmp_path / "x.img", source=SRC, max_virtual_size=GiB)
+    assert caught.value.message == "prlimit is not installed (Debian package util-linux)"
 
 
 def test_create_overlay_without_qemu_img_installed_is_internal(tmp_path: Path,

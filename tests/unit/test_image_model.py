@@ -76,6 +76,10 @@ IMAGES = [CIRROS, LOCAL]
         (f"cirros@{MANIFEST_B}", (None, [f"docker.io/library/cirros@{MANIFEST_B}"])),
         # tag and digest: the digest decides, as containerd does
         (f"quay.io/x/y:tag@{MANIFEST_B}", (None, [f"quay.io/x/y@{MANIFEST_B}"])),
+        # 12 to 63 bare hex digits: a reference first, an id prefix as the fallback
+        (HEX_A[:13], ("sha256:" + HEX_A[:13], [f"docker.io/library/{HEX_A[:13]}:latest"])),
+        (HEX_A[:63], ("sha256:" + HEX_A[:63], [f"docker.io/library/{HEX_A[:63]}:latest"])),
+        (HEX_A[:11], (None, [f"docker.io/library/{HEX_A[:11]}:latest"])),
     ],
 )
 def test_lookup_keys(text: str, expected: tuple[str | None, list[str]]) -> None:
@@ -156,32 +160,27 @@ def test_find_tag_that_moved_to_another_image() -> None:
     assert find([old, new], f"127.0.0.1:5000/vm/fedora@{MANIFEST_B}") is old
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "bug: lookup_keys treats bare hex as an id only at 64 digits; crictl prints 13-digit ids without "
-        "'sha256:' (docs/debugging.md), and containerd falls back to an id prefix when no reference matches"
-    ),
-)
 @pytest.mark.parametrize("length", [12, 13, 40])
 def test_find_by_bare_short_id_as_crictl_prints_it(length: int) -> None:
     assert find(IMAGES, HEX_A[:length]) is CIRROS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason=(
-        "bug: find() returns the first image whose id starts with an ambiguous prefix (a guess that "
-        "RemoveImage then acts on); sandbox ids make that INVALID_ARGUMENT (docs/sandboxes.md)"
-    ),
-)
 def test_ambiguous_id_prefix_is_not_a_guess() -> None:
     one = image("sha256:" + "abcdef012345" + "1" * 52)
     two = image("sha256:" + "abcdef012345" + "2" * 52)
     with pytest.raises(InvalidArgument, match="ambiguous"):
         find([one, two], "sha256:abcdef012345")
+    with pytest.raises(InvalidArgument) as caught:
+        find([one, two], "abcdef012345")
+    assert caught.value.field == "image.image"
+    assert caught.value.message == "image.image: 'abcdef012345' is an ambiguous image id prefix"
+    assert find([one, two], "sha256:abcdef0123452") is two
+
+
+def test_a_reference_that_looks_like_an_id_prefix_wins() -> None:
+    named = image(ID_B, tags=(f"docker.io/library/{HEX_A[:13]}:latest",))
+    assert find([CIRROS, named], HEX_A[:13]) is named
+    assert find([CIRROS, named], "sha256:" + HEX_A[:13]) is CIRROS
 
 
 # disk_for -----------------------------------------------------------------------
@@ -236,6 +235,23 @@ def test_disk_for_without_disks_gives_the_recorded_problem() -> None:
     with pytest.raises(FailedPrecondition) as caught:
         img.disk_for("a.img")
     assert caught.value.message == "image docker.io/x/empty:1 has no disk /disk/a.img (disks: none)"
+
+
+def test_disk_for_one_disk_beside_an_entry_that_is_not_a_file() -> None:
+    # A symlink under /disk/ counts as a file (as in choose_disk): "exactly one" fails.
+    img = image(tags=("docker.io/x/link:1",), disks=(_disk("a.img", 0),),
+                problem="/disk/b.img is a symlink, not a regular file; 2 files under /disk/; "
+                        "a containerDisk path must name one")
+    with pytest.raises(FailedPrecondition) as caught:
+        img.disk_for(None)
+    assert caught.value.message == (
+        "image docker.io/x/link:1 holds more than /disk/a.img under /disk/ (/disk/b.img is a symlink, "
+        "not a regular file; 2 files under /disk/; a containerDisk path must name one); "
+        "name the disk with the containerDisk path"
+    )
+    assert img.disk_for("a.img") is img.disks[0]
+    with pytest.raises(FailedPrecondition, match="has no disk /disk/b.img"):
+        img.disk_for("b.img")
 
 
 def test_disk_for_without_disks_or_problem() -> None:

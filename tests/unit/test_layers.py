@@ -19,27 +19,15 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from agent.adapters.layers import DiskExtractor, DiskFile, choose_disk, normalise_entry
+from agent.adapters.layers import DEFAULT_MAX_FILE_BYTES, DiskExtractor, DiskFile, choose_disk, normalise_entry
 from agent.domain.errors import FailedPrecondition
-from agent.domain.oci import Compression
+from agent.domain.oci import Compression, sha256_digest
 
 L1 = "sha256:" + "1" * 64
 L2 = "sha256:" + "2" * 64
 L3 = "sha256:" + "3" * 64
 IMAGE = "docker.io/kubevirt/test:v1"
 MiB = 1 << 20
-
-
-# A bug a test below shows (strict: it turns red once fixed, so the marker goes).
-TYPE_CHANGE_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "bug: an upper layer's directory (or a file named 'disk') does not hide a lower entry of "
-        "another type at the same path: layers.py add_layer skips directories and the path 'disk' "
-        "before it replaces lower entries"
-    ),
-)
 
 
 # Building layers ------------------------------------------------------------
@@ -302,13 +290,58 @@ def test_three_layers_add_remove_and_add_again(extractor: DiskExtractor, workdir
     assert len(temp_files(workdir)) == 1
 
 
-@TYPE_CHANGE_BUG
 @pytest.mark.parametrize("upper", [directory("disk/a.img"), file("disk", b"not a directory any more")],
                          ids=["dir-over-file", "file-over-disk-dir"])
 def test_entry_of_another_type_replaces_the_lower_one(extractor: DiskExtractor, upper: Entry) -> None:
     add(extractor, [file("disk/a.img", b"A")], L1)
     add(extractor, [upper], L2)
     assert extractor.disks() == {}
+
+
+def test_symlink_named_disk_hides_every_lower_disk(extractor: DiskExtractor, workdir: Path) -> None:
+    add(extractor, [file("disk/a.img", b"A"), file("disk/sub/b.img", b"B")], L1)
+    add(extractor, [symlink("disk", "elsewhere")], L2)
+    assert extractor.disks() == {}
+    assert temp_files(workdir) == []
+
+
+def test_directory_over_a_lower_directory_keeps_its_files(extractor: DiskExtractor) -> None:
+    add(extractor, [file("disk/sub/a.img", b"A")], L1)
+    add(extractor, [directory("disk"), directory("disk/sub")], L2)
+    assert contents(extractor.disks()) == {"/disk/sub/a.img": b"A"}
+
+
+# diff_id and size limit ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression", list(Compression), ids=lambda c: c.value)
+def test_add_layer_returns_the_digest_of_the_uncompressed_tar(extractor: DiskExtractor,
+                                                             compression: Compression) -> None:
+    entries = [directory("etc"), file("etc/motd", b"hi\n"), file("disk/a.img", b"A" * 5000)]
+    tar = tar_bytes(entries)
+    diff_id = extractor.add_layer(io.BytesIO(compress(tar, compression)), compression, L1)
+    assert diff_id == sha256_digest(tar)
+
+
+def test_diff_id_of_a_layer_without_disks_covers_it_all(extractor: DiskExtractor) -> None:
+    tar = tar_bytes([file("etc/motd", b"hi\n")]) + bytes(64 << 10)  # extra zero blocks after the end
+    assert extractor.add_layer(io.BytesIO(gzip.compress(tar)), Compression.GZIP, L1) == sha256_digest(tar)
+
+
+def test_file_over_the_size_limit_is_refused_before_it_is_written(workdir: Path) -> None:
+    extractor = DiskExtractor(workdir, IMAGE, max_file_bytes=1000)
+    add(extractor, [file("disk/keep.img", b"K" * 1000)], L1)  # at the limit: fine
+    with pytest.raises(FailedPrecondition) as caught:
+        add(extractor, [file("disk/a.img", b"a"), file("disk/big.img", b"B" * 1001)], L2)
+    assert caught.value.message == (
+        f"image {IMAGE}: /disk/big.img in layer {L2} is 1001 bytes, more than the 1000 a disk file may have"
+    )
+    assert list(extractor.disks()) == ["/disk/keep.img"]
+    assert len(temp_files(workdir)) == 1  # the first layer's file; nothing of the refused layer
+
+
+def test_default_size_limit_is_a_tebibyte_plus_qcow2_metadata(workdir: Path) -> None:
+    assert DiskExtractor(workdir, IMAGE).max_file_bytes == DEFAULT_MAX_FILE_BYTES == (1 << 40) + (64 << 20)
 
 
 # Unsafe entries ----------------------------------------------------------------
