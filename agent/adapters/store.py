@@ -21,7 +21,6 @@ from typing import Any
 
 from agent.domain.errors import AlreadyExists, Internal
 from agent.domain.image import BaseDisk, Image
-from agent.domain.vm import Container, ContainerState
 from agent.domain.sandbox import (
     DNSConfig,
     Metadata,
@@ -31,6 +30,7 @@ from agent.domain.sandbox import (
     SandboxSpec,
     SandboxState,
 )
+from agent.domain.vm import Container, ContainerState
 
 # Each entry moves the schema from version i to i+1. Append only.
 MIGRATIONS: list[str] = [

@@ -16,6 +16,7 @@ from agent.domain.errors import InvalidArgument, PodvisorError
 from agent.domain.vm import Container, ContainerState
 from agent.services.containers import ContainerFilter, ContainerService, ContainerSpec, ContainerStats
 from agent.services.sandboxes import SandboxService
+
 from runtime.v1 import api_pb2 as pb
 
 _STATES = {

@@ -18,6 +18,7 @@ from agent.services.sandboxes import RUNTIME_HANDLERS, SandboxService
 from runtime.v1 import api_pb2 as pb
 from runtime.v1 import api_pb2_grpc
 
+
 def _why(method: str) -> str:
     if method in ("ListMetricDescriptors", "ListPodSandboxMetrics"):
         return "CRI-provided metrics are not offered; kubelet uses the stats calls"

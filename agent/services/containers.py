@@ -240,7 +240,8 @@ class ContainerService:
                      bus=request.disk_bus, boot_order=1, serial="containerdisk"),
             # KubeVirt attaches the NoCloud seed as a disk; any block device
             # labelled cidata is found by cloud-init.
-            DiskSpec(source=c.seed_path, format="raw", target=_target("virtio", 1 if request.disk_bus == "virtio" else 0),
+            DiskSpec(source=c.seed_path, format="raw",
+                     target=_target("virtio", 1 if request.disk_bus == "virtio" else 0),
                      bus="virtio", readonly=True, serial="cloudinit"),
         ]
         interfaces: list[InterfaceSpec] = []

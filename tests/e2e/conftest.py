@@ -26,6 +26,7 @@ from agent.adapters.registry import RegistryClient
 from agent.domain.imageref import RemoteRepository
 from tests.integration.agentproc import AgentProcess, agent_factory  # noqa: F401
 from tests.integration.registry_fixture import RunningRegistry, registry  # noqa: F401
+
 from runtime.v1 import api_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +42,8 @@ def tiny_disk() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_image(tiny_disk: Path, registry: RunningRegistry, tmp_path_factory: pytest.TempPathFactory) -> str:
+def tiny_image(tiny_disk: Path, registry: RunningRegistry,  # noqa: F811
+               tmp_path_factory: pytest.TempPathFactory) -> str:
     """The tiny guest pushed as a containerDisk; returns its reference."""
     layout = tmp_path_factory.mktemp("tiny-layout")
     built = oci_layout.build(tiny_disk, layout, "1")

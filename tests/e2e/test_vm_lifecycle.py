@@ -18,6 +18,7 @@ import yaml
 
 from tests.e2e.conftest import VM, VMAgent, purge_domains, virsh
 from tests.integration import hostctl
+
 from runtime.v1 import api_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,7 +182,8 @@ def test_libvirtd_restart_under_a_running_vm(vm_agent: VMAgent) -> None:
         hostctl.start_libvirtd()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        cond = {c.type: c.status for c in vm_agent.agent.runtime.Status(pb.StatusRequest(), timeout=10).status.conditions}
+        status = vm_agent.agent.runtime.Status(pb.StatusRequest(), timeout=10).status
+        cond = {c.type: c.status for c in status.conditions}
         if cond["RuntimeReady"]:
             break
         time.sleep(0.5)

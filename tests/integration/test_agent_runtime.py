@@ -239,13 +239,13 @@ def test_kvm_probe_rejects_this_pvm_device() -> None:
 
 def test_unimplemented_calls_say_so(running_agent: AgentProcess) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        running_agent.runtime.CreateContainer(api_pb2.CreateContainerRequest(), timeout=5)
+        running_agent.runtime.CheckpointContainer(api_pb2.CheckpointContainerRequest(container_id="x"), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "CreateContainer is not implemented" in (err.value.details() or "")
+    assert "CheckpointContainer is not implemented" in (err.value.details() or "")
     with pytest.raises(grpc.RpcError) as err:
         running_agent.runtime.Exec(api_pb2.ExecRequest(container_id="x"), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "Exec is not implemented" in (err.value.details() or "")
     with pytest.raises(grpc.RpcError) as err:
-        list(running_agent.runtime.GetContainerEvents(api_pb2.GetEventsRequest(), timeout=5))
+        list(running_agent.images.StreamImages(api_pb2.StreamImagesRequest(), timeout=5))
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED

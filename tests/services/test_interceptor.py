@@ -30,6 +30,7 @@ from agent.domain import errors
 from agent.domain.cni import ConfigLookup, NetworkConfig
 from agent.domain.host import HostFacts
 from agent.domain.virt import KvmFacts, VirtChoice
+from agent.services.containers import ContainerService
 from agent.services.images import ImagePorts, ImageService
 from agent.services.runtime import RuntimeInfoService
 from agent.services.sandboxes import SandboxService
@@ -87,6 +88,20 @@ class Harness:
     images: api_pb2_grpc.ImageServiceStub
 
 
+def _no_containers(root: Path, sandboxes: SandboxService) -> ContainerService:
+    """A container service with no VMs; creating one is not exercised here."""
+    from agent.adapters.store import Store
+    from agent.services.containers import ContainerPorts
+
+    def unreachable(*_args: object, **_kwargs: object) -> object:
+        raise AssertionError("no VMs in this test")
+
+    return ContainerService(ContainerPorts(
+        store=Store(root / "db"), libvirt=None, files=None, console=None, sandboxes=sandboxes, images=None,
+        build_request=unreachable, build_seed=unreachable, render_domain=unreachable,  # type: ignore[arg-type]
+        parse_metadata=unreachable, virt_type=lambda: "qemu"))  # type: ignore[arg-type]
+
+
 def _no_image_ports(root: Path) -> ImagePorts:
     """An image service that holds no images; pulling is not exercised here."""
     from agent.adapters.image_files import ImageFiles
@@ -133,7 +148,8 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     sandboxes = SandboxService(fakes.ports)
     # The real assembly: ApiInterceptor, services registered from descriptors.
     server, _health = api_server.build(
-        RuntimeServicer(runtime, sandboxes, "/var/lib/podvisor/sandboxes"),
+        RuntimeServicer(runtime, sandboxes, "/var/lib/podvisor/sandboxes",
+                        _no_containers(tmp_path_factory.mktemp("vms"), sandboxes)),
         ImageServicer(ImageService(_no_image_ports(tmp_path_factory.mktemp("images")),
                                    max_virtual_size=1 << 30), "/var/lib/podvisor/images"),
         HostServicer(runtime),
@@ -281,18 +297,14 @@ def test_server_keeps_serving_after_an_unexpected_exception(harness: Harness) ->
 @pytest.mark.parametrize(
     ("method", "request_type", "why"),
     [
-        ("CreateContainer", pb.CreateContainerRequest,
-         "VM containers (the libvirt domains inside sandboxes) are not available yet"),
-        ("StartContainer", pb.StartContainerRequest,
-         "VM containers (the libvirt domains inside sandboxes) are not available yet"),
+        ("ListMetricDescriptors", pb.ListMetricDescriptorsRequest,
+         "CRI-provided metrics are not offered; kubelet uses the stats calls"),
         ("ExecSync", pb.ExecSyncRequest,
          "streaming into VMs (serial console, guest agent, port forwarding) is not available yet"),
         ("PortForward", pb.PortForwardRequest,
          "streaming into VMs (serial console, guest agent, port forwarding) is not available yet"),
         ("CheckpointContainer", pb.CheckpointContainerRequest,
          "checkpointing VMs is not supported"),
-        ("UpdateRuntimeConfig", pb.UpdateRuntimeConfigRequest,
-         "this call is not supported by the VM runtime yet"),
     ],
 )
 def test_unimplemented_runtime_calls_say_so(harness: Harness, method: str,
@@ -323,15 +335,22 @@ def test_image_status_of_an_absent_image_is_empty(harness: Harness) -> None:
 
 def test_unimplemented_server_streaming_call(harness: Harness) -> None:
     with capture_logs() as logs:
-        stream = harness.rt.GetContainerEvents(pb.GetEventsRequest(), timeout=TIMEOUT)
+        stream = harness.images.StreamImages(pb.StreamImagesRequest(), timeout=TIMEOUT)
         with pytest.raises(grpc.RpcError) as exc_info:
             next(iter(stream))
     assert exc_info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert exc_info.value.details().startswith(
-        "runtime.v1.RuntimeService/GetContainerEvents is not implemented in Podvisor")
+        "runtime.v1.ImageService/StreamImages is not implemented in Podvisor")
     [event] = rpc_events(logs)
-    assert event["method"] == RUNTIME + "GetContainerEvents"
+    assert event["method"] == "/runtime.v1.ImageService/StreamImages"
     assert event["code"] == "UNIMPLEMENTED"
+
+
+def test_container_events_stream_ends_when_the_client_leaves(harness: Harness) -> None:
+    stream = harness.rt.GetContainerEvents(pb.GetEventsRequest(), timeout=1)
+    with pytest.raises(grpc.RpcError) as exc_info:
+        next(iter(stream))
+    assert exc_info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 # The "rpc" log event -----------------------------------------------------------------------
