@@ -7,7 +7,9 @@ SHARED ?= ../shared
 STAMPS := .stamps
 PYTEST_ARGS ?=
 
-.PHONY: run test unit integration check-wire lint bench setup deps host proto clean
+.PHONY: run test unit integration check-wire lint bench setup deps host proto clean guest
+
+include images/tiny/Makefile.inc
 
 setup: deps $(STAMPS)/venv proto host
 
@@ -35,21 +37,28 @@ check-wire: $(STAMPS)/venv
 	    --descriptor_set_out=$(STAMPS)/cri.pb proto/runtime/v1/api.proto
 	$(PY) $(SHARED)/cri/check_wire.py $(STAMPS)/cri.pb --require-all
 
-test: setup check-wire
+# The tiny test guest (cached per machine); refreshes apt lists once if a
+# package moved since they were fetched.
+guest:
+	@images/tiny/build.sh $(TINY_IMAGE_DIR) || (apt-get update -q && images/tiny/build.sh $(TINY_IMAGE_DIR))
+
+test: setup check-wire lint guest
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest $(PYTEST_ARGS) tests
 
 unit: setup
 	$(PY) -m pytest -m "not integration and not e2e" $(PYTEST_ARGS) tests
 
-integration: setup
+integration: setup guest
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -m "integration or e2e" $(PYTEST_ARGS) tests
 
 lint: $(STAMPS)/venv proto
 	$(VENV)/bin/ruff check agent tests bench
 	$(VENV)/bin/mypy agent
 
-bench: setup
+bench: setup guest
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/rpc.py
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/pull.py
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/start.py
 
 clean:
 	rm -rf $(VENV) $(STAMPS) agent/api/gen

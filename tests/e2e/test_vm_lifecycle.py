@@ -8,6 +8,7 @@ import json
 import re
 import sqlite3
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +30,26 @@ def containers(vma: VMAgent, **flt: object) -> list[pb.Container]:
     return list(vma.agent.runtime.ListContainers(req, timeout=30).containers)
 
 
+def _collect_events(vma: VMAgent, into: list[pb.ContainerEventResponse]) -> threading.Thread:
+    stream = vma.agent.runtime.GetContainerEvents(pb.GetEventsRequest(), timeout=600)
+
+    def run() -> None:
+        try:
+            for ev in stream:
+                into.append(ev)
+        except grpc.RpcError:
+            pass
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.stream = stream  # type: ignore[attr-defined]
+    return t
+
+
 def test_full_lifecycle(vm_agent: VMAgent) -> None:
+    events: list[pb.ContainerEventResponse] = []
+    watcher = _collect_events(vm_agent, events)
+    time.sleep(0.5)
     vm = vm_agent.create("life", hostname="life-host", envs={"GREETING": "hello-env"})
     st = vm_agent.status(vm, verbose=True)
     assert st.status.state == pb.CONTAINER_CREATED
@@ -79,6 +99,16 @@ def test_full_lifecycle(vm_agent: VMAgent) -> None:
     assert not directory.exists()
     assert domain not in virsh("list", "--all", "--name").stdout
     assert vm_agent.agent.runtime.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=30).items == []
+    deadline = time.monotonic() + 10
+    while len(events) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    watcher.stream.cancel()  # type: ignore[attr-defined]
+    mine = [e for e in events if e.container_id == vm.container_id]
+    assert [e.container_event_type for e in mine] == [
+        pb.CONTAINER_CREATED_EVENT, pb.CONTAINER_STARTED_EVENT, pb.CONTAINER_STOPPED_EVENT,
+        pb.CONTAINER_DELETED_EVENT]
+    assert mine[0].pod_sandbox_status.id == vm.sandbox_id
+    assert mine[1].containers_statuses[0].state == pb.CONTAINER_RUNNING
 
 
 def test_user_data_script_runs_and_guest_poweroff_is_completed(vm_agent: VMAgent) -> None:
@@ -110,6 +140,17 @@ def test_domain_destroyed_behind_the_agents_back(vm_agent: VMAgent) -> None:
     assert virsh("destroy", info["domain"]).returncode == 0
     st = vm_agent.wait_state(vm, pb.CONTAINER_EXITED, timeout=30)
     assert st.exit_code != 0 and st.reason == "Error" and "outside Podvisor" in st.message
+
+
+def test_qemu_killed_behind_the_agents_back(vm_agent: VMAgent) -> None:
+    vm = vm_agent.create("crashy")
+    vm_agent.start(vm)
+    vm_agent.wait_log(vm, "PODVISOR-READY")
+    domain = json.loads(vm_agent.status(vm, verbose=True).info["info"])["domain"]
+    pid = int(Path(f"/run/libvirt/qemu/{domain}.pid").read_text().strip())
+    subprocess.run(["kill", "-9", str(pid)], check=True)
+    st = vm_agent.wait_state(vm, pb.CONTAINER_EXITED, timeout=30)
+    assert st.exit_code != 0 and st.reason == "Error" and st.message
 
 
 def test_five_vms_start_concurrently(vm_agent: VMAgent) -> None:
@@ -145,6 +186,17 @@ def test_kill9_agent_adopts_running_vm_and_log_continues(vm_agent: VMAgent) -> N
     ticks = [int(n) for n in re.findall(r"^\S+ stdout F .*?\btick-(\d+)$", vm.log_path.read_text(), re.M)]
     assert ticks == list(range(1, len(ticks) + 1)), "console output lost or duplicated across the restart"
     assert vm.log_path.read_text().count("PODVISOR-READY") == 1
+
+    # Rotation as kubelet does it: move the file away, then ReopenContainerLog.
+    rotated = vm.log_path.with_name("0.log.1")
+    vm.log_path.rename(rotated)
+    vm_agent.agent.runtime.ReopenContainerLog(pb.ReopenContainerLogRequest(container_id=vm.container_id),
+                                              timeout=30)
+    assert vm.log_path.exists()
+    vm_agent.wait_log(vm, "tick-")
+    old_last = int(re.findall(r"tick-(\d+)$", rotated.read_text(), re.M)[-1])
+    new_first = int(re.findall(r"tick-(\d+)$", vm.log_path.read_text(), re.M)[0])
+    assert new_first == old_last + 1
 
 
 def test_half_done_create_is_rolled_back_and_foreign_domains_untouched(vm_agent: VMAgent,
