@@ -120,7 +120,7 @@ def baseline_xml(agent_xml: str, workdir: Path, info: dict[str, str], i: int) ->
     base_dir = workdir / f"base-{i}"
     base_dir.mkdir(mode=0o711)
     overlay, seed, console = base_dir / "disk.qcow2", base_dir / "seed.iso", base_dir / "console.raw"
-    backing = json.loads(subprocess.run(["qemu-img", "info", "--output=json", info["overlay"]],
+    backing = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", info["overlay"]],
                                         capture_output=True, check=True).stdout)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing["backing-filename-format"],
                     "-b", backing["backing-filename"], str(overlay)], check=True)
@@ -186,9 +186,10 @@ def main() -> int:
                 ready_run = i < args.ready_runs
                 if ready_run:
                     agent_ready.append(wait_for(Path(status.status.log_path), "PODVISOR-READY") - t_req)
+                # The baseline's overlay and seed are prepared before timing it.
+                xml, name, console = baseline_xml(info["domainXML"], workdir, info, i)
                 bench.remove(sid)
 
-                xml, name, console = baseline_xml(info["domainXML"], workdir, info, i)
                 t_base = time.monotonic()
                 t0 = time.perf_counter()
                 dom = conn.defineXML(xml)
