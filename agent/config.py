@@ -308,6 +308,10 @@ def validate(cfg: AgentConfig) -> None:
             raise ConfigError(f'[registries.hosts."{name}"] mirrors: {exc}') from None
         if host.ca_file and not Path(host.ca_file).is_absolute():
             raise ConfigError(f'[registries.hosts."{name}"] ca_file: must be an absolute path')
+    if not 1 <= cfg.vm.vcpus <= 512 or cfg.vm.max_vcpus > 512:
+        raise ConfigError("[vm] vcpus / max_vcpus: must be between 1 and 512")
+    if len(str(cfg.runtime_dir)) > 60:
+        raise ConfigError("runtime_dir: keep it under 60 characters (VM console socket paths must fit 107 bytes)")
     if cfg.vm.firmware not in ("bios", "uefi"):
         raise ConfigError(f"[vm] firmware: {cfg.vm.firmware!r} is not bios or uefi")
     if cfg.vm.memory_bytes < 16 * 2**20:

@@ -78,13 +78,15 @@ class _Follower:
         try:
             doc = json.loads(self.state_file.read_text())
             self.offset, self.log_size = int(doc["offset"]), int(doc["log_size"])
+            recorded = True
         except (OSError, ValueError, KeyError):
             self.offset = self.log_size = 0
+            recorded = False
         try:
             size = self.cri.stat().st_size
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):
             return
-        if self.log_size and size > self.log_size:
+        if recorded and size > self.log_size:
             # Written but not recorded before a crash: undo, it will be redone.
             os.truncate(self.cri, self.log_size)
 

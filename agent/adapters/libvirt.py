@@ -367,13 +367,13 @@ class Libvirt:
             )
         return self.call(read)
 
-    def set_domain_memory(self, name: str, size_bytes: int) -> None:
-        """Balloon target, live and in the persistent definition."""
-        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    def set_domain_memory(self, name: str, size_bytes: int, *, live: bool) -> None:
+        """Balloon target in the persistent definition, and live when running."""
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
         self.call(lambda c: self._domain(c, name).setMemoryFlags(size_bytes // 1024, flags))
 
-    def set_domain_vcpus(self, name: str, count: int) -> None:
-        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    def set_domain_vcpus(self, name: str, count: int, *, live: bool) -> None:
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
         self.call(lambda c: self._domain(c, name).setVcpusFlags(count, flags))
 
     def list_domains(self) -> dict[str, str]:

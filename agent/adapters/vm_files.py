@@ -94,6 +94,10 @@ class VMFiles:
         """(host bridge, MAC) the VM's NIC joins; None until pod networking exists."""
         return None
 
+    def owns(self, domain_xml: str) -> bool:
+        """Whether a domain's files live under this agent's state directory."""
+        return f"{self.sandboxes}/" in domain_xml
+
     @staticmethod
     def allocated_bytes(path: str) -> int:
         try:

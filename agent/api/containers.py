@@ -49,8 +49,9 @@ def spec_from_pb(req: pb.CreateContainerRequest) -> ContainerSpec:
             except UnicodeDecodeError:
                 raise InvalidArgument(f"config.envs[{i}].value", "is not UTF-8") from None
         env[kv.key] = value
-    if cfg.mounts:
-        raise InvalidArgument("config.mounts", "host mounts cannot be given to a VM; use cloud-init or volumes")
+    # Host mounts cannot enter a VM (no shared filesystem yet). kubelet always
+    # sends some (termination log, service account token): they are accepted
+    # and not attached, as documented in docs/vms.md.
     res = cfg.linux.resources
     return ContainerSpec(
         sandbox_id=req.pod_sandbox_id, name=cfg.metadata.name, attempt=cfg.metadata.attempt,
@@ -163,8 +164,9 @@ class ContainerVerbs:
                                  context: Any) -> pb.UpdateContainerResourcesResponse:
         res = request.linux
         vcpus = 0
-        if res.cpu_quota > 0 and res.cpu_period > 0:
-            vcpus = math.ceil(res.cpu_quota / res.cpu_period)
+        if res.cpu_quota > 0:
+            # As at create: an unset period is the kernel's 100000 µs.
+            vcpus = math.ceil(res.cpu_quota / (res.cpu_period or 100_000))
         self._containers.update_resources(request.container_id, memory_bytes=res.memory_limit_in_bytes,
                                           vcpus=vcpus)
         return pb.UpdateContainerResourcesResponse()

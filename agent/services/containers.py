@@ -37,7 +37,6 @@ log = structlog.get_logger(__name__)
 
 EXIT_KILLED = 137
 EXIT_ERROR = 1
-DEFAULT_STOP_TIMEOUT = 30
 
 
 @dataclass(frozen=True)
@@ -111,6 +110,9 @@ class ContainerService:
         self._op_locks: dict[str, threading.Lock] = {}
         self._subscribers: list[queue.Queue[ContainerEvent | None]] = []
         self._sub_lock = threading.Lock()
+        # Containers a StopContainer is handling right now: reconciliation
+        # leaves them to it.
+        self._stopping: set[str] = set()
 
     # In-memory view --------------------------------------------------------
 
@@ -152,7 +154,10 @@ class ContainerService:
         ev = ContainerEvent(c.id, c.sandbox_id, kind, self._p.now_ns())
         with self._sub_lock:
             for q in self._subscribers:
-                q.put(ev)
+                try:
+                    q.put_nowait(ev)
+                except queue.Full:  # a client that stopped reading must not stall VMs
+                    log.warning("container event dropped for a slow client", container_id=c.id, kind=kind)
 
     def events(self, stop: threading.Event) -> Iterator[ContainerEvent]:
         """Lifecycle events from now on, until ``stop`` is set."""
@@ -303,23 +308,30 @@ class ContainerService:
                     self._finish(c, exit_code=0, reason="Completed", message="stopped before it started")
                 return
             c = self._put(dataclasses.replace(c, stop_requested=True))
-            if timeout > 0:
-                self._p.libvirt.shutdown_domain(c.domain_name)
-                deadline = time.monotonic() + timeout
-                while time.monotonic() < deadline:
-                    state = self._p.libvirt.domain_state(c.domain_name)
-                    if state.state in ("shutoff", "missing", "crashed"):
-                        break
-                    time.sleep(0.1)
-            killed = self._p.libvirt.destroy_domain(c.domain_name)
-            current = self._by_id.get(c.id, c)
-            if current.state is ContainerState.EXITED:
-                return  # the event handler recorded the guest's own power-off
-            if killed:
-                self._finish(current, exit_code=EXIT_KILLED, reason="Killed",
-                             message=f"the guest did not shut down within {timeout}s; hard stop")
-            else:
-                self._finish(current, exit_code=0, reason="Completed", message="shut down on ACPI request")
+            self._stopping.add(c.id)
+            try:
+                self._stop_domain(c, timeout)
+            finally:
+                self._stopping.discard(c.id)
+
+    def _stop_domain(self, c: Container, timeout: int) -> None:
+        if timeout > 0:
+            self._p.libvirt.shutdown_domain(c.domain_name)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                state = self._p.libvirt.domain_state(c.domain_name)
+                if state.state in ("shutoff", "missing", "crashed"):
+                    break
+                time.sleep(0.1)
+        killed = self._p.libvirt.destroy_domain(c.domain_name)
+        current = self._by_id.get(c.id, c)
+        if current.state is ContainerState.EXITED:
+            return  # the event handler recorded the guest's own power-off
+        if killed:
+            self._finish(current, exit_code=EXIT_KILLED, reason="Killed",
+                         message=f"the guest did not shut down within {timeout}s; hard stop")
+        else:
+            self._finish(current, exit_code=0, reason="Completed", message="shut down on ACPI request")
 
     def _finish(self, c: Container, *, exit_code: int, reason: str, message: str) -> Container:
         with self._lock:
@@ -349,7 +361,8 @@ class ContainerService:
     def _exit_from(self, c: Container, why: str) -> Container:
         if why == "shutdown":
             return self._finish(c, exit_code=0, reason="Completed", message="the guest powered off")
-        if why == "destroyed" and c.stop_requested:
+        if c.stop_requested and why in ("destroyed", "shutoff", "unknown"):
+            # Our own hard stop (also one a crashed agent did not get to record).
             return self._finish(c, exit_code=EXIT_KILLED, reason="Killed", message="hard stop")
         messages = {
             "destroyed": "the domain was destroyed outside Podvisor",
@@ -363,7 +376,7 @@ class ContainerService:
 
     def _reconcile(self, c: Container) -> Container:
         """Bring a record in line with libvirt (a missed event, a vanished domain)."""
-        if c.state is not ContainerState.RUNNING or c.stop_requested:
+        if c.state is not ContainerState.RUNNING or c.id in self._stopping:
             return c
         try:
             state = self._p.libvirt.domain_state(c.domain_name)
@@ -469,10 +482,11 @@ class ContainerService:
                 raise InvalidArgument(
                     "linux.cpu_quota", f"{vcpus} vCPUs exceeds the VM's maximum of {c.max_vcpus} set at creation")
             if c.state in (ContainerState.RUNNING, ContainerState.CREATED):
+                live = c.state is ContainerState.RUNNING
                 if memory_bytes and memory_bytes != c.memory_bytes:
-                    self._p.libvirt.set_domain_memory(c.domain_name, memory_bytes)
+                    self._p.libvirt.set_domain_memory(c.domain_name, memory_bytes, live=live)
                 if vcpus and vcpus != c.vcpus:
-                    self._p.libvirt.set_domain_vcpus(c.domain_name, vcpus)
+                    self._p.libvirt.set_domain_vcpus(c.domain_name, vcpus, live=live)
             c = self._put(dataclasses.replace(c, memory_bytes=memory_bytes or c.memory_bytes,
                                               vcpus=vcpus or c.vcpus))
         log.info("container resources updated", container_id=c.id, vcpus=c.vcpus, memory=c.memory_bytes)
@@ -528,6 +542,8 @@ class ContainerService:
                 meta = self._p.parse_metadata(xml)
                 if meta is None or name in known:
                     continue  # not ours, or adopted
+                if not self._p.files.owns(xml):
+                    continue  # another agent's (its own state directory) on the same libvirtd
                 log.warning("undefining orphan domain made by Podvisor", domain=name)
                 self._p.libvirt.destroy_domain(name)
                 self._p.libvirt.undefine_domain(name)
