@@ -71,6 +71,7 @@ class _Follower:
     state_file: Path
     offset: int = 0  # raw bytes consumed (written as records)
     log_size: int = 0  # CRI log size after our last write
+    inode: int = 0  # of the raw file ``offset`` refers to (virtlogd rotates it)
     pending_since: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -78,6 +79,7 @@ class _Follower:
         try:
             doc = json.loads(self.state_file.read_text())
             self.offset, self.log_size = int(doc["offset"]), int(doc["log_size"])
+            self.inode = int(doc.get("inode", 0))
             recorded = True
         except (OSError, ValueError, KeyError):
             self.offset = self.log_size = 0
@@ -92,27 +94,31 @@ class _Follower:
 
     def save(self) -> None:
         tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-        tmp.write_text(json.dumps({"offset": self.offset, "log_size": self.log_size}))
+        tmp.write_text(json.dumps({"offset": self.offset, "log_size": self.log_size, "inode": self.inode}))
         os.replace(tmp, self.state_file)
 
     def _read(self) -> bytes:
         try:
-            size = self.raw.stat().st_size
+            st = self.raw.stat()
         except FileNotFoundError:
             return b""
-        if size < self.offset:
-            # virtlogd rotated the raw file: finish the old one, then start over.
+        if not self.inode:
+            self.inode = st.st_ino
+        if st.st_ino != self.inode or st.st_size < self.offset:
+            # virtlogd rotated the raw file (to <name>.0): finish the old one,
+            # then continue from the start of the new one.
             rotated = self.raw.with_name(self.raw.name + ".0")
-            rest = b""
             try:
                 with open(rotated, "rb") as f:
-                    f.seek(self.offset)
-                    rest = f.read()
+                    if os.fstat(f.fileno()).st_ino == self.inode:
+                        f.seek(self.offset)
+                        rest = f.read(READ_LIMIT)
+                        if rest:
+                            return rest
             except OSError:
                 pass
             self.offset = 0
-            if rest:
-                return rest
+            self.inode = st.st_ino
         with open(self.raw, "rb") as f:
             f.seek(self.offset)
             return f.read(READ_LIMIT)

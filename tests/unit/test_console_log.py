@@ -1,0 +1,111 @@
+"""The serial console → CRI log conversion, and its crash-safe bookkeeping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.adapters import console_log
+from agent.adapters.console_log import ConsoleLogs, cri_timestamp, format_lines
+
+NS = 1_764_000_000_123_456_789
+
+
+def test_timestamp_is_rfc3339_nano_utc() -> None:
+    assert cri_timestamp(NS) == b"2025-11-24T16:00:00.123456789Z"
+    assert cri_timestamp(1_000_000_000) == b"1970-01-01T00:00:01.000000000Z"
+
+
+@pytest.mark.parametrize(
+    ("data", "flush", "records", "consumed"),
+    [
+        (b"hello\r\n", False, [b"F hello"], 7),
+        (b"a\nb\n", False, [b"F a", b"F b"], 4),
+        (b"a\nunfinished", False, [b"F a"], 2),
+        (b"a\nunfinished", True, [b"F a", b"P unfinished"], 12),
+        (b"prompt# \r", True, [b"P prompt# "], 9),
+        (b"", True, [], 0),
+        (b"\n", False, [b"F "], 1),
+        (b"x" * console_log.PARTIAL_MAX, False, [b"P " + b"x" * console_log.PARTIAL_MAX],
+         console_log.PARTIAL_MAX),
+    ],
+)
+def test_format_lines(data: bytes, flush: bool, records: list[bytes], consumed: int) -> None:
+    out, used = format_lines(data, NS, flush_partial=flush)
+    stamp = cri_timestamp(NS)
+    assert out == b"".join(stamp + b" stdout " + r + b"\n" for r in records)
+    assert used == consumed
+
+
+def _logs(tmp_path: Path) -> tuple[ConsoleLogs, Path, Path, Path]:
+    raw, cri, state = tmp_path / "console.raw", tmp_path / "pod" / "0.log", tmp_path / "console.state"
+    clock = iter(range(NS, NS + 10**12, 10**9))
+    return ConsoleLogs(now_ns=lambda: next(clock)), raw, cri, state
+
+
+def test_follow_copies_new_output_once(tmp_path: Path) -> None:
+    logs, raw, cri, state = _logs(tmp_path)
+    raw.write_bytes(b"boot\r\nready\r\n")
+    logs.follow("c1", str(raw), str(cri), str(state))
+    logs.flush("c1")
+    logs.flush("c1")
+    assert [line.split(b" ", 3)[3] for line in cri.read_bytes().splitlines()] == [b"boot", b"ready"]
+    with open(raw, "ab") as f:
+        f.write(b"more\n")
+    logs.unfollow("c1")
+    assert cri.read_bytes().count(b"more") == 1
+    doc = json.loads(state.read_text())
+    assert (doc["offset"], doc["log_size"], doc["inode"]) == (
+        raw.stat().st_size, cri.stat().st_size, raw.stat().st_ino)
+
+
+def test_batch_written_but_not_recorded_is_not_duplicated(tmp_path: Path) -> None:
+    logs, raw, cri, state = _logs(tmp_path)
+    raw.write_bytes(b"one\n")
+    logs.follow("c1", str(raw), str(cri), str(state))
+    logs.unfollow("c1")
+    recorded = state.read_text()
+    with open(raw, "ab") as f:
+        f.write(b"two\n")
+    logs2, *_ = _logs(tmp_path)
+    logs2.follow("c1", str(raw), str(cri), str(state))
+    logs2.unfollow("c1")
+    # A crash after writing "two" but before recording it:
+    state.write_text(recorded)
+    logs3, *_ = _logs(tmp_path)
+    logs3.follow("c1", str(raw), str(cri), str(state))
+    logs3.unfollow("c1")
+    text = cri.read_bytes()
+    assert text.count(b" one\n") == 1 and text.count(b" two\n") == 1
+
+
+def test_reopen_starts_a_new_file_after_rotation(tmp_path: Path) -> None:
+    logs, raw, cri, state = _logs(tmp_path)
+    raw.write_bytes(b"before\n")
+    logs.follow("c1", str(raw), str(cri), str(state))
+    logs.flush("c1")
+    cri.rename(cri.with_name("0.log.1"))
+    logs.reopen("c1", str(cri))
+    assert cri.exists() and cri.stat().st_size == 0
+    with open(raw, "ab") as f:
+        f.write(b"after\n")
+    logs.unfollow("c1")
+    assert b"after" in cri.read_bytes() and b"before" not in cri.read_bytes()
+    assert b"before" in cri.with_name("0.log.1").read_bytes()
+
+
+def test_virtlogd_rotation_of_the_raw_file(tmp_path: Path) -> None:
+    logs, raw, cri, state = _logs(tmp_path)
+    raw.write_bytes(b"first\n")
+    logs.follow("c1", str(raw), str(cri), str(state))
+    logs.flush("c1")
+    with open(raw, "ab") as f:
+        f.write(b"tail of old\n")
+    raw.rename(raw.with_name("console.raw.0"))
+    raw.write_bytes(b"new file\n")
+    logs.flush("c1")
+    logs.unfollow("c1")
+    lines = [line.split(b" ", 3)[3] for line in cri.read_bytes().splitlines()]
+    assert lines == [b"first", b"tail of old", b"new file"]
