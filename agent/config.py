@@ -49,8 +49,14 @@ class LibvirtConfig:
 
 @dataclass(frozen=True)
 class CNIConfig:
+    # false: sandboxes get no network namespace and VMs no NIC (hosts or tests
+    # that do not want pod networking).
+    enabled: bool = True
     conf_dirs: tuple[Path, ...] = (Path("/etc/cni/net.d"),)
     bin_dirs: tuple[Path, ...] = (Path("/usr/lib/cni"), Path("/opt/cni/bin"))
+    # The network used when conf_dirs hold no configuration.
+    builtin_bridge: str = "podvisor0"
+    builtin_subnet: str = "10.85.0.0/16"
 
 
 @dataclass(frozen=True)

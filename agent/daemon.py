@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import structlog
 
@@ -28,6 +29,7 @@ from agent.adapters.files import SandboxFiles
 from agent.adapters.image_files import ImageFiles
 from agent.adapters.layers import DiskExtractor
 from agent.adapters.libvirt import Libvirt
+from agent.adapters.pod_network import PodNetworkManager
 from agent.adapters.store import Store
 from agent.adapters.vm_files import VMFiles
 from agent.api import server as api_server
@@ -35,7 +37,8 @@ from agent.api.podvisor_service import HostServicer
 from agent.api.runtime_service import ImageServicer, RuntimeServicer
 from agent.config import AgentConfig
 from agent.domain import imageref, virt, vmrequest
-from agent.domain.sandbox import Sandbox
+from agent.domain.cni import ConfigLookup, NetworkConfig
+from agent.domain.sandbox import NetworkMode, Sandbox
 from agent.domain.vm import Container, VMRequest
 from agent.render import cloudinit, domain_xml, nocloud
 from agent.services.containers import ContainerPorts, ContainerService, ContainerSpec
@@ -96,6 +99,20 @@ def _choose_virt(configured: str) -> tuple[virt.VirtChoice, virt.KvmFacts]:
     return choice, facts
 
 
+def network_readiness(cfg: AgentConfig) -> ConfigLookup:
+    """What NetworkReady reports: the CNI configuration in use, the built-in
+    fallback, or that pod networking is switched off."""
+    if not cfg.cni.enabled:
+        return ConfigLookup(None, NetworkConfig("none", "", ()),
+                            "pod networking is disabled ([cni] enabled = false): VMs get no NIC")
+    lookup = cni.find_config(cfg.cni.conf_dirs, cfg.cni.bin_dirs)
+    if lookup.config is not None:
+        return lookup
+    return ConfigLookup(None, NetworkConfig("podvisor", "1.0.0", ("bridge", "host-local", "portmap")),
+                        f"{lookup.message}; using the built-in network (bridge {cfg.cni.builtin_bridge}, "
+                        f"subnet {cfg.cni.builtin_subnet})")
+
+
 def build_image_service(cfg: AgentConfig, store: Store) -> ImageService:
     """Registry client, image files and store behind the image use cases."""
     reg = cfg.registries
@@ -144,7 +161,8 @@ def build_image_service(cfg: AgentConfig, store: Store) -> ImageService:
 
 
 def build_container_service(cfg: AgentConfig, store: Store, libvirt: Libvirt, console: ConsoleLogs,
-                            sandboxes: SandboxService, images: ImageService, virt_type: str) -> ContainerService:
+                            sandboxes: SandboxService, images: ImageService, virt_type: str,
+                            network: PodNetworkManager | None) -> ContainerService:
     """VM containers: request merging, seeds and domain XML behind the use cases."""
     defaults = vmrequest.VMDefaults(vcpus=cfg.vm.vcpus, memory_bytes=cfg.vm.memory_bytes,
                                     max_vcpus=cfg.vm.max_vcpus, max_memory_bytes=cfg.vm.max_memory_bytes,
@@ -158,15 +176,34 @@ def build_container_service(cfg: AgentConfig, store: Store, libvirt: Libvirt, co
             pod_annotations=sandbox.spec.annotations, container_annotations=spec.annotations,
             env=spec.env, command=spec.command, args=spec.args, defaults=defaults)
 
+    def wiring(sandbox: Sandbox) -> Any:
+        if network is None or sandbox.spec.network_mode is not NetworkMode.POD:
+            return None
+        status = network.status(sandbox.id, cfg.sandboxes_dir / sandbox.id)
+        return status.wiring if status is not None else None
+
+    def nic(sandbox: Sandbox) -> tuple[str, str] | None:
+        w = wiring(sandbox)
+        return (w.host_bridge, w.vm_mac) if w is not None else None
+
     def build_seed(request: VMRequest, container: Container, sandbox: Sandbox) -> bytes:
+        # Default network-config: what CNI assigned, so guests come up on the
+        # pod network even without DHCP.
+        w = wiring(sandbox) if request.pod_network else None
+        pod_net = None
+        if w is not None:
+            pod_net = cloudinit.PodNetwork(
+                mac=w.vm_mac, addresses=(f"{w.ip}/{w.prefix}",), gateways=(w.gateway,) if w.gateway else (),
+                routes=tuple(cloudinit.Route(to=r.dst, via=r.gw) for r in w.routes),
+                dns_servers=tuple(w.dns_servers), dns_searches=tuple(w.dns_searches), mtu=w.mtu)
         # instance-id: the container id, stable for the VM's life, new for a new VM.
         files = cloudinit.seed_files(instance_id=container.id,
                                      hostname=sandbox.spec.hostname or sandbox.spec.metadata.name,
-                                     cloud_init=request.cloud_init)
+                                     cloud_init=request.cloud_init, network=pod_net)
         return nocloud.build_seed_iso(files["meta-data"], files["user-data"], files.get("network-config"))
 
     return ContainerService(ContainerPorts(
-        store=store, libvirt=libvirt, files=VMFiles(cfg.sandboxes_dir, cfg.runtime_dir), console=console,
+        store=store, libvirt=libvirt, files=VMFiles(cfg.sandboxes_dir, cfg.runtime_dir, nic), console=console,
         sandboxes=sandboxes, images=images, build_request=build_request, build_seed=build_seed,
         render_domain=domain_xml.render, parse_metadata=domain_xml.parse_metadata,
         virt_type=lambda: virt_type,
@@ -188,7 +225,11 @@ class Daemon:
         lock_fd = _lock_state_dir(cfg.state_dir)
         store = Store(cfg.db_path)
         files = SandboxFiles(cfg.sandboxes_dir)
-        ports = Ports(store=store, files=files, clock=SystemClock())
+        network = None
+        if cfg.cni.enabled:
+            network = PodNetworkManager(cfg.cni.conf_dirs, cfg.cni.bin_dirs, cfg.state_dir / "cni",
+                                        cfg.cni.builtin_bridge, cfg.cni.builtin_subnet)
+        ports = Ports(store=store, files=files, clock=SystemClock(), network=network)
         sandboxes = SandboxService(ports)
         recover(ports, sandboxes)
 
@@ -201,7 +242,8 @@ class Daemon:
         log.info("virtualisation type chosen", virt_type=choice.virt_type, reason=choice.reason)
 
         console = ConsoleLogs()
-        containers = build_container_service(cfg, store, libvirt, console, sandboxes, images, choice.virt_type)
+        containers = build_container_service(cfg, store, libvirt, console, sandboxes, images, choice.virt_type,
+                                             network)
         images.set_in_use(containers.image_ids_in_use)
         sandboxes.stop_members = containers.stop_in_sandbox
         sandboxes.remove_members = containers.remove_in_sandbox
@@ -212,7 +254,7 @@ class Daemon:
 
         runtime = RuntimeInfoService(
             libvirt=libvirt,
-            cni_lookup=lambda: cni.find_config(cfg.cni.conf_dirs, cfg.cni.bin_dirs),
+            cni_lookup=lambda: network_readiness(cfg),
             host_facts=lambda: host.gather(cfg.state_dir),
             virt=choice,
             kvm=facts,

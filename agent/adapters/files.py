@@ -25,6 +25,9 @@ class SandboxFiles:
             raise InvalidArgument("pod_sandbox_id", f"{sandbox_id!r} is not a sandbox id")
         return self.root / sandbox_id
 
+    def sandbox_dir(self, sandbox_id: str) -> Path:
+        return self._dir(sandbox_id)
+
     def create_sandbox_dir(self, sandbox_id: str) -> Path:
         path = self._dir(sandbox_id)
         try:

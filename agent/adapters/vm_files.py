@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +35,11 @@ class ContainerPaths:
 
 
 class VMFiles:
-    def __init__(self, sandboxes_dir: Path, runtime_dir: Path) -> None:
+    def __init__(self, sandboxes_dir: Path, runtime_dir: Path,
+                 network_lookup: Callable[[Sandbox], tuple[str, str] | None] = lambda _sb: None) -> None:
         self.sandboxes = sandboxes_dir
         self.sockets = runtime_dir / "vm"
+        self._network_lookup = network_lookup
 
     def container_paths(self, sandbox_id: str, container_id: str) -> ContainerPaths:
         for value, name in ((sandbox_id, "pod_sandbox_id"), (container_id, "container_id")):
@@ -91,8 +94,8 @@ class VMFiles:
         return {"loader": loader, "vars_template": template, "nvram": str(Path(paths.directory) / "nvram.fd")}
 
     def network_for(self, sandbox: Sandbox) -> tuple[str, str] | None:
-        """(host bridge, MAC) the VM's NIC joins; None until pod networking exists."""
-        return None
+        """(host bridge, MAC) the VM's NIC joins; None when the pod has no network."""
+        return self._network_lookup(sandbox)
 
     def owns(self, domain_xml: str) -> bool:
         """Whether a domain's files live under this agent's state directory."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent.domain.sandbox import Sandbox
 
@@ -30,7 +30,18 @@ class SandboxStore(Protocol):
     def load_sandboxes(self) -> list[Sandbox]: ...
 
 
+class SandboxNetwork(Protocol):
+    """Pod networking (agent.adapters.pod_network.PodNetworkManager)."""
+
+    def add(self, sandbox_id: str, name: str, namespace: str, uid: str, port_mappings: Any, dns: Any,
+            hostname: str, workdir: Path) -> Any: ...
+    def remove(self, sandbox_id: str, workdir: Path) -> None: ...
+    def ensure_dhcp(self, sandbox_id: str, workdir: Path) -> bool: ...
+    def cached_sandbox_ids(self) -> list[str]: ...
+
+
 class SandboxFiles(Protocol):
+    def sandbox_dir(self, sandbox_id: str) -> Path: ...
     def create_sandbox_dir(self, sandbox_id: str) -> Path: ...
     def remove_sandbox_dir(self, sandbox_id: str) -> None: ...
     def list_sandbox_dirs(self) -> list[str]: ...
@@ -42,3 +53,5 @@ class Ports:
     store: SandboxStore
     files: SandboxFiles
     clock: Clock
+    # None: no pod networking (disabled in the config, or in service tests).
+    network: SandboxNetwork | None = None

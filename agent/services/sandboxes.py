@@ -18,6 +18,7 @@ import structlog
 
 from agent.domain.errors import AlreadyExists, InvalidArgument, NotFound
 from agent.domain.sandbox import (
+    NetworkMode,
     Sandbox,
     SandboxFilter,
     SandboxSpec,
@@ -114,9 +115,15 @@ class SandboxService:
             self._by_name[key] = sb.id
             self._publish()
         try:
-            self._ports.files.create_sandbox_dir(sb.id)
+            workdir = self._ports.files.create_sandbox_dir(sb.id)
             self._ports.files.ensure_log_directory(spec.log_directory)
             ready = dataclasses.replace(sb, state=SandboxState.READY)
+            network = self._ports.network
+            if network is not None and spec.network_mode is NetworkMode.POD:
+                md = spec.metadata
+                net = network.add(sb.id, md.name, md.namespace, md.uid, spec.port_mappings, spec.dns,
+                                  spec.hostname or md.name, workdir)
+                ready = dataclasses.replace(ready, ip=net.ip, additional_ips=tuple(net.additional_ips))
             self._ports.store.update_sandbox(ready)
         except BaseException:
             self._roll_back(sb)
@@ -127,6 +134,7 @@ class SandboxService:
 
     def _roll_back(self, sb: Sandbox) -> None:
         log.warning("rolling back sandbox creation", sandbox_id=sb.id)
+        self.remove_network(sb)
         self._ports.files.remove_sandbox_dir(sb.id)
         self._ports.store.delete_sandbox(sb.id)
         self._drop(sb)
@@ -137,8 +145,10 @@ class SandboxService:
         if sb is None:
             return
         # CRI: any running container is forcibly stopped (kubelet normally
-        # stopped it gracefully before).
+        # stopped it gracefully before); then the pod network goes (CNI DEL,
+        # idempotent, from the on-disk cache).
         self.stop_members(sb.id)
+        self.remove_network(sb)
         with self._lock:
             sb = self._by_id.get(sb.id)
             if sb is None or sb.state is not SandboxState.READY:
@@ -165,8 +175,15 @@ class SandboxService:
             self._put(removing)
         self.finish_removal(removing)
 
+    def remove_network(self, sb: Sandbox) -> None:
+        """Tear the pod network down; a no-op when there is none (idempotent)."""
+        network = self._ports.network
+        if network is not None and sb.spec.network_mode is NetworkMode.POD:
+            network.remove(sb.id, self._ports.files.sandbox_dir(sb.id))
+
     def finish_removal(self, sb: Sandbox) -> None:
         """Delete everything a sandbox owned; safe to repeat (recovery calls it)."""
+        self.remove_network(sb)
         self._ports.files.remove_sandbox_dir(sb.id)
         self._ports.store.delete_sandbox(sb.id)
         self._drop(sb)

@@ -32,7 +32,7 @@ AGENT = [sys.executable, "-m", "agent"]
 class AgentProcess:
     def __init__(self, workdir: Path, *, state_dir: Path | None = None,
                  cni_conf_dir: Path | None = None, extra_config: str = "",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, network: bool = False) -> None:
         self.workdir = workdir
         # Unix socket paths are limited to 107 bytes: keep it short.
         self.socket_dir = Path(tempfile.mkdtemp(prefix="pv-", dir="/tmp"))
@@ -47,7 +47,7 @@ class AgentProcess:
             f'runtime_dir = "{self.socket_dir}"\n'
             f"[server]\nsocket = \"{self.socket}\"\nshutdown_grace_seconds = 5\n"
             f"[libvirt]\nreconnect_interval_seconds = 0.5\n"
-            f"[cni]\nconf_dirs = [\"{self.cni_conf_dir}\"]\n"
+            f"[cni]\nenabled = {'true' if network else 'false'}\nconf_dirs = [\"{self.cni_conf_dir}\"]\n"
             f"[log]\nformat = \"json\"\nlevel = \"debug\"\n"
             + extra_config
         )

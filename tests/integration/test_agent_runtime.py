@@ -122,10 +122,10 @@ def test_virt_type_override_from_config(agent_factory: Any) -> None:
 def test_network_ready_follows_cni_config(agent_factory: Any, tmp_path: Path) -> None:
     conf_dir = tmp_path / "net.d"
     conf_dir.mkdir()
-    agent = agent_factory(cni_conf_dir=conf_dir).start()
+    agent = agent_factory(cni_conf_dir=conf_dir, network=True).start()
     cond = conditions(agent)["NetworkReady"]
-    assert cond.status is False and cond.reason == "NetworkPluginNotReady"
-    assert str(conf_dir) in cond.message
+    # No configuration: the built-in network is used, and NetworkReady says so.
+    assert cond.status is True and "built-in network" in cond.message and str(conf_dir) in cond.message
     (conf_dir / "10-podvisor.conflist").write_text(json.dumps({
         "cniVersion": "1.0.0", "name": "podvisor-test",
         "plugins": [{"type": "bridge", "bridge": "pvtest0", "ipam": {"type": "host-local"}},
@@ -135,6 +135,14 @@ def test_network_ready_follows_cni_config(agent_factory: Any, tmp_path: Path) ->
         pytest.skip("CNI plugins are not installed")
     assert cond.status is True, cond.message
     assert "podvisor-test" in cond.message
+    (conf_dir / "10-podvisor.conflist").write_text("{ not json")
+    cond = conditions(agent)["NetworkReady"]
+    assert "built-in network" in cond.message and "not JSON" in cond.message
+
+
+def test_network_disabled_is_reported(running_agent: AgentProcess) -> None:
+    cond = conditions(running_agent)["NetworkReady"]
+    assert cond.status is True and "disabled" in cond.message
 
 
 def test_health_serving(running_agent: AgentProcess) -> None:

@@ -1,0 +1,176 @@
+"""The pod network of a sandbox, end to end: namespace, CNI, VM wiring.
+
+:class:`PodNetworkManager` is what the sandbox service calls:
+``add`` on RunPodSandbox, ``remove`` on StopPodSandbox/RemovePodSandbox.
+Everything it creates is named after the sandbox id or recorded on disk (the
+CNI cache, the wiring's state file in the sandbox directory), so ``remove``
+works with nothing in memory: after an agent crash, from a new object.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.adapters import cni as cni_config
+from agent.adapters import netns, podnet
+from agent.adapters.cni_exec import Attachment, CNIExec, builtin_default_config, runtime_config
+from agent.adapters.podnet import PodWiring
+from agent.domain import cni_result
+from agent.domain.cni_result import CNIResult
+from agent.domain.errors import FailedPrecondition, PodvisorError
+from agent.domain.sandbox import DNSConfig, PortMapping
+
+log = structlog.get_logger(__name__)
+
+NETNS_PREFIX = "podvisor-"
+IFNAME = "eth0"
+BUILTIN_SOURCE = "builtin"
+
+
+@dataclass(frozen=True)
+class PodNetworkStatus:
+    """The pod network as the sandbox (and its VM) will use it."""
+
+    netns_name: str
+    netns_path: Path
+    network_name: str
+    # The configuration file used, or "builtin".
+    config_source: str
+    # The VM's address (PodSandboxStatus.network.ip) and any others CNI gave.
+    ip: str
+    additional_ips: tuple[str, ...]
+    wiring: PodWiring
+    result: CNIResult
+
+
+def netns_name(sandbox_id: str) -> str:
+    """The network namespace of a sandbox (`ip netns list` shows it)."""
+    return f"{NETNS_PREFIX}{sandbox_id}"
+
+
+class PodNetworkManager:
+    """Sets up and tears down pod networks.
+
+    ``conf_dirs``/``bin_dirs`` are searched as libcni does (first valid
+    configuration in lexical order); without one the built-in bridge network
+    ``builtin_bridge``/``builtin_subnet`` is used. ``cache_dir`` keeps what
+    each ADD used, for DEL. ``ipam_data_dir`` overrides host-local's lease
+    directory for the built-in network only (default /var/lib/cni/networks).
+    """
+
+    def __init__(self, conf_dirs: Sequence[Path], bin_dirs: Sequence[Path], cache_dir: Path,
+                 builtin_bridge: str, builtin_subnet: str, *, ipam_data_dir: Path | None = None,
+                 plugin_timeout: float = 60.0) -> None:
+        self.conf_dirs = tuple(Path(d) for d in conf_dirs)
+        self.bin_dirs = tuple(Path(d) for d in bin_dirs)
+        self.builtin_bridge = builtin_bridge
+        self.builtin_subnet = builtin_subnet
+        self.ipam_data_dir = ipam_data_dir
+        self.cni = CNIExec(self.bin_dirs, cache_dir, timeout=plugin_timeout)
+        # Validate the fallback now: a typo in the agent's config should stop
+        # the start, not the first sandbox.
+        builtin_default_config(builtin_bridge, builtin_subnet, ipam_data_dir=ipam_data_dir)
+
+    def network_config(self) -> tuple[dict[str, Any], str]:
+        """The configuration list ADD would use now, and where it came from."""
+        lookup = cni_config.find_config(self.conf_dirs, self.bin_dirs)
+        if lookup.path is None:
+            return (builtin_default_config(self.builtin_bridge, self.builtin_subnet,
+                                           ipam_data_dir=self.ipam_data_dir), BUILTIN_SOURCE)
+        try:
+            doc = json.loads(lookup.path.read_bytes())
+        except (OSError, ValueError) as exc:
+            # find_config just read it: a file replaced in between.
+            raise FailedPrecondition(f"CNI configuration {lookup.path} became unreadable: {exc}") from None
+        return doc, str(lookup.path)
+
+    def add(self, sandbox_id: str, name: str, namespace: str, uid: str,
+            port_mappings: Sequence[PortMapping], dns: DNSConfig, hostname: str,
+            workdir: Path) -> PodNetworkStatus:
+        """Namespace → CNI ADD → VM wiring. On any failure everything done so
+        far is undone and the error (a CNIError with the plugin's message for
+        a plugin failure) is raised."""
+        ns_name = netns_name(sandbox_id)
+        if self.cni.cached(sandbox_id) is not None or podnet.load(workdir) is not None:
+            # Leftovers of an earlier attempt (a crash mid-add): start clean.
+            self.remove(sandbox_id, workdir)
+        try:
+            ns_path = netns.create(ns_name, exist_ok=True)
+            config, source = self.network_config()
+            attachment = Attachment(container_id=sandbox_id, netns=ns_path, ifname=IFNAME, pod_name=name,
+                                    pod_namespace=namespace, pod_uid=uid)
+            result = self.cni.add(config, attachment, runtime_config(port_mappings, dns))
+            wiring = podnet.setup(sandbox_id, ns_name, result, hostname, dns.servers, dns.searches, workdir,
+                                  ifname=IFNAME)
+        except BaseException as exc:
+            log.warning("pod network setup failed, rolling back", sandbox_id=sandbox_id,
+                        error=exc.message if isinstance(exc, PodvisorError) else repr(exc))
+            try:
+                self.remove(sandbox_id, workdir)
+            except Exception as undo_exc:  # the original error is the one to report
+                log.error("pod network rollback failed", sandbox_id=sandbox_id, error=str(undo_exc))
+            raise
+        others = tuple(str(ipc.address.ip) for ipc in result.ips_for(IFNAME) if str(ipc.address.ip) != wiring.ip)
+        log.info("pod network ready", sandbox_id=sandbox_id, ip=wiring.ip, network=str(config.get("name")),
+                 config=source)
+        return PodNetworkStatus(netns_name=ns_name, netns_path=ns_path, network_name=str(config.get("name")),
+                                config_source=source, ip=wiring.ip, additional_ips=others, wiring=wiring,
+                                result=result)
+
+    def status(self, sandbox_id: str, workdir: Path) -> PodNetworkStatus | None:
+        """The pod network of a sandbox from what is on disk (None if it has none)."""
+        entry = self.cni.cached(sandbox_id)
+        wiring = podnet.load(workdir)
+        if entry is None or entry.result is None or wiring is None:
+            return None
+        result = cni_result.parse_result(entry.result)
+        others = tuple(str(ipc.address.ip) for ipc in result.ips_for(IFNAME) if str(ipc.address.ip) != wiring.ip)
+        return PodNetworkStatus(netns_name=netns_name(sandbox_id), netns_path=entry.attachment.netns,
+                                network_name=str(entry.config["name"]), config_source="cache", ip=wiring.ip,
+                                additional_ips=others, wiring=wiring, result=result)
+
+    def ensure_dhcp(self, sandbox_id: str, workdir: Path) -> bool:
+        """Restart a sandbox's DHCP server if it died (start-up recovery)."""
+        return podnet.ensure_dhcp(sandbox_id, netns_name(sandbox_id), workdir, ifname=IFNAME)
+
+    def cached_sandbox_ids(self) -> list[str]:
+        """Sandboxes with a CNI attachment on disk (to find orphans at start)."""
+        return self.cni.cached_ids()
+
+    def remove(self, sandbox_id: str, workdir: Path) -> None:
+        """VM wiring → CNI DEL (from the cache) → namespace. Idempotent.
+
+        Every step runs even if an earlier one failed, except that the
+        namespace is kept while CNI DEL has not succeeded (a retry then runs
+        DEL with the namespace, as ADD had it); the first error is raised,
+        all of them are logged.
+        """
+        ns_name = netns_name(sandbox_id)
+        errors: list[PodvisorError] = []
+        try:
+            podnet.teardown(sandbox_id, ns_name, workdir, ifname=IFNAME)
+        except PodvisorError as exc:
+            errors.append(exc)
+        cni_ok = True
+        try:
+            self.cni.delete(sandbox_id)
+        except PodvisorError as exc:
+            errors.append(exc)
+            cni_ok = False
+        if cni_ok:
+            try:
+                netns.delete(ns_name)
+            except PodvisorError as exc:
+                errors.append(exc)
+        if errors:
+            log.error("pod network teardown incomplete", sandbox_id=sandbox_id,
+                      errors=[e.message for e in errors])
+            raise errors[0]
+        log.info("pod network removed", sandbox_id=sandbox_id)
+

@@ -1,0 +1,616 @@
+"""Bridge binding: hand the pod's CNI interface over to the VM of one sandbox.
+
+After CNI ADD configured ``eth0`` in the pod's network namespace, the VM (not
+the namespace) must own the pod IP and the interface's MAC. The wiring, as
+KubeVirt's bridge binding does it::
+
+    host netns                                  pod netns
+    ----------                                  ---------
+    CNI bridge ── veth ──────────────────────── eth0 (no IP, new random MAC)
+                                                  │
+                                                pvbr-eth0 (bridge, 169.254.75.10/32,
+                                                  │        dnsmasq: one static lease)
+    pvb<id> (bridge, no IP, ARP off) ── pvh<id> ═ pvp<id>
+      │
+    VM tap (libvirt <interface type='bridge'>, the pod's original MAC)
+
+The VM's frames cross the two bridges and leave through ``eth0`` into the
+CNI network exactly as the pod's own traffic would, so the CNI bridge, ARP
+and portmap's DNAT all see the pod IP and the pod MAC. A DHCP server in the
+pod namespace (Debian's dnsmasq, no DNS service) tells the VM its address,
+gateway, routes, MTU and DNS; its server identity is the link-local /32,
+``--shared-network`` lets it serve the pod subnet it has no address in.
+
+Host-side details learned the hard way (see the integration tests):
+
+- ``pvb`` has ARP switched off: otherwise the host answers the VM's ARP for
+  the gateway address through ``pvb`` (Linux answers for any local address
+  on any interface), the VM's traffic to the gateway then bypasses the pod
+  namespace and CNI bridge, and replies that portmap's NAT must rewrite come
+  back on a path it never saw.
+- The ports towards the CNI network (``eth0`` on the pod bridge, ``pvh`` on
+  the host bridge) do not learn MAC addresses. A CNI bridge port in hairpin
+  mode (the bridge plugin's ``hairpinMode``, common in Kubernetes) reflects
+  the VM's broadcasts back into the pod; learning from those echoes would
+  move the VM's MAC to the uplink port, and frames for the VM (the DHCP
+  offer first) would go back the way they came. Each bridge has just one
+  other port, so not learning the uplink side costs nothing but flooding
+  towards where the frame had to go anyway.
+- With br_netfilter loaded (every Kubernetes node), frames bridged through
+  ``pvb`` traverse the host's conntrack, and then again as they arrive on
+  the CNI bridge: the same connection tracked twice, with source ports
+  rewritten to resolve the clash. A raw-table NOTRACK rule for ``pvb`` keeps
+  the host's conntrack (and so NAT and portmap) to the CNI bridge, where it
+  belongs. In the pod namespace the bridge is pure L2, so its br_netfilter
+  calls are switched off.
+
+Teardown puts ``eth0`` back as CNI ADD left it (its MAC and addresses)
+before CNI DEL runs: DEL succeeds with ``eth0`` stripped and enslaved, but
+the bridge plugin deletes the masquerade rules of the addresses it finds on
+the interface, and would leave its ipMasq chain behind otherwise.
+
+Only IPv4 is served: an IPv6 pod address is removed from ``eth0`` like the
+IPv4 one but the VM is not told about it (no router advertisement/DHCPv6).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.adapters import netns
+from agent.domain.cni_result import CNIResult
+from agent.domain.errors import FailedPrecondition, Internal
+
+log = structlog.get_logger(__name__)
+
+IP = "ip"
+DNSMASQ = "dnsmasq"
+IPTABLES = "iptables"
+SYSCTL = "sysctl"
+TIMEOUT = 30.0
+# KubeVirt's choice: a link-local address no pod network uses, as the DHCP
+# server's identity on the in-namespace bridge.
+DHCP_SERVER_IP = "169.254.75.10"
+# The lease never expires: the VM keeps the pod IP for the sandbox's life and
+# need not renew (a renewal is unicast to the link-local server identity,
+# which the VM may route to its gateway instead of the pod namespace).
+LEASE_TIME = "infinite"
+STATE_FILE = "podnet.json"
+PID_FILE = "dnsmasq.pid"
+LEASE_FILE = "dnsmasq.leases"
+LOG_FILE = "dnsmasq.log"
+STOP_TIMEOUT = 5.0
+_HEX = re.compile(r"^[0-9a-fA-F]{12}")
+_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_DOMAIN = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}"
+                     r"[A-Za-z0-9_])?)*\.?$")
+
+
+@dataclass(frozen=True)
+class LinkNames:
+    """Interface names of one sandbox's wiring (all ≤ 15 characters)."""
+
+    host_bridge: str
+    host_veth: str
+    pod_veth: str
+    inner_bridge: str
+
+    @classmethod
+    def for_sandbox(cls, sandbox_id: str, ifname: str = "eth0") -> LinkNames:
+        # The id's own prefix where it is hex (agent ids are), so `ip link`
+        # names the sandbox an operator sees in crictl; a digest otherwise.
+        m = _HEX.match(sandbox_id)
+        tag = m.group(0).lower() if m else hashlib.sha256(sandbox_id.encode()).hexdigest()[:12]
+        return cls(host_bridge=f"pvb{tag}", host_veth=f"pvh{tag}", pod_veth=f"pvp{tag}",
+                   inner_bridge=f"pvbr-{ifname}"[:15])
+
+
+@dataclass(frozen=True)
+class DHCPRoute:
+    """A route the VM is given: ``dst`` in CIDR notation via ``gw``."""
+
+    dst: str
+    gw: str
+
+
+@dataclass(frozen=True)
+class PodWiring:
+    """What the VM needs to know: the bridge its NIC joins, its MAC, and the
+    addressing its DHCP server hands out (also what cloud-init's default
+    network-config should say)."""
+
+    host_bridge: str
+    vm_mac: str
+    ip: str
+    prefix: int
+    gateway: str
+    routes: tuple[DHCPRoute, ...]
+    dns_servers: tuple[str, ...]
+    dns_searches: tuple[str, ...]
+    mtu: int = 1500
+    hostname: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> PodWiring:
+        return cls(host_bridge=str(doc["host_bridge"]), vm_mac=str(doc["vm_mac"]), ip=str(doc["ip"]),
+                   prefix=int(doc["prefix"]), gateway=str(doc["gateway"]),
+                   routes=tuple(DHCPRoute(str(r["dst"]), str(r["gw"])) for r in doc["routes"]),
+                   dns_servers=tuple(str(s) for s in doc["dns_servers"]),
+                   dns_searches=tuple(str(s) for s in doc["dns_searches"]),
+                   mtu=int(doc.get("mtu", 1500)), hostname=str(doc.get("hostname", "")))
+
+
+# Pure planning ----------------------------------------------------------------------
+
+
+def random_mac() -> str:
+    """A random unicast, locally administered MAC (02-style first octet)."""
+    octets = bytearray(secrets.token_bytes(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def dhcp_hostname(hostname: str) -> str:
+    """The host name option for the VM: the first label, if it is a valid one."""
+    label = hostname.split(".", 1)[0]
+    return label if _LABEL.match(label) else ""
+
+
+def plan(result: CNIResult, *, ifname: str, host_bridge: str, vm_mac: str, mtu: int, hostname: str,
+         dns_servers: Sequence[str], dns_searches: Sequence[str]) -> PodWiring:
+    """What the VM gets, from the CNI result and the sandbox's DNS config (pure).
+
+    The sandbox's DNS config wins over the CNI result's (kubelet resolves
+    cluster DNS into it). Raises ValueError when there is nothing to serve.
+    """
+    v4 = [ipc for ipc in result.ips_for(ifname) if ipc.address.version == 4]
+    if not v4:
+        raise ValueError(f"the CNI result has no IPv4 address for {ifname}; bridge binding serves IPv4 by DHCP")
+    ipc = v4[0]
+    gateway = str(ipc.gateway) if ipc.gateway is not None else ""
+    routes: list[DHCPRoute] = []
+    for r in result.routes:
+        if r.dst.version != 4:
+            continue
+        gw = str(r.gw) if r.gw is not None else gateway
+        if not gw:
+            # An on-link route has no DHCP encoding dnsmasq would keep: it
+            # reads the gateway 0.0.0.0 as "dnsmasq's own address".
+            continue
+        routes.append(DHCPRoute(str(r.dst), gw))
+    servers_src = list(dns_servers) or list(result.dns.nameservers)
+    servers = []
+    for s in servers_src:
+        try:
+            addr = ipaddress.ip_address(s)
+        except ValueError:
+            raise ValueError(f"DNS server {s!r} is not an IP address") from None
+        if addr.version == 4:  # DHCPv4 can only carry IPv4 servers
+            servers.append(str(addr))
+    searches = list(dns_searches) or list(result.dns.search) or ([result.dns.domain] if result.dns.domain else [])
+    for d in searches:
+        if not _DOMAIN.match(d) or len(d) > 253:
+            raise ValueError(f"DNS search domain {d!r} is not a domain name")
+    return PodWiring(host_bridge=host_bridge, vm_mac=vm_mac.lower(), ip=str(ipc.address.ip),
+                     prefix=ipc.address.network.prefixlen, gateway=gateway, routes=tuple(routes),
+                     dns_servers=tuple(servers), dns_searches=tuple(d.rstrip(".") for d in searches),
+                     mtu=mtu, hostname=dhcp_hostname(hostname))
+
+
+def dnsmasq_args(wiring: PodWiring, *, interface: str, workdir: Path) -> list[str]:
+    """dnsmasq's command line for one static lease on the in-namespace bridge (pure).
+
+    No DNS service (``--port=0``), nothing read from the host (``--conf-file=/dev/null``,
+    ``--no-resolv``, ``--no-hosts``), sockets bound to the one bridge.
+    """
+    netmask = str(ipaddress.IPv4Network(f"0.0.0.0/{wiring.prefix}").netmask)
+    args = [
+        DNSMASQ,
+        "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--port=0",
+        f"--interface={interface}", "--bind-interfaces",
+        f"--pid-file={workdir / PID_FILE}",
+        f"--dhcp-leasefile={workdir / LEASE_FILE}",
+        f"--log-facility={workdir / LOG_FILE}",
+        "--dhcp-authoritative",
+        f"--shared-network={interface},{wiring.ip}",
+        f"--dhcp-range={wiring.ip},static,{netmask},{LEASE_TIME}",
+        f"--dhcp-host={wiring.vm_mac},{wiring.ip}{',' + wiring.hostname if wiring.hostname else ''},{LEASE_TIME}",
+        f"--dhcp-option=option:mtu,{wiring.mtu}",
+    ]
+    default = next((r for r in wiring.routes if r.dst == "0.0.0.0/0"), None)
+    if default is not None:
+        args.append(f"--dhcp-option=option:router,{default.gw}")
+    else:
+        # Without this dnsmasq would offer itself (the link-local address) as router.
+        args.append("--dhcp-option=option:router")
+    others = [r for r in wiring.routes if r.dst != "0.0.0.0/0"]
+    if others:
+        # A client that takes classless routes (option 121) ignores the router
+        # option (RFC 3442), so the default route is repeated in it.
+        routes = others + ([default] if default else [])
+        args.append("--dhcp-option=option:classless-static-route," + ",".join(f"{r.dst},{r.gw}" for r in routes))
+    if wiring.dns_servers:
+        args.append("--dhcp-option=option:dns-server," + ",".join(wiring.dns_servers))
+    else:
+        args.append("--dhcp-option=option:dns-server")
+    if wiring.dns_searches:
+        args.append(f"--dhcp-option=option:domain-name,{wiring.dns_searches[0]}")
+        args.append("--dhcp-option=option:domain-search," + ",".join(wiring.dns_searches))
+    return args
+
+
+# Host tools ---------------------------------------------------------------------------
+
+
+def _run(args: list[str], *, what: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    try:
+        proc = subprocess.run(args, capture_output=True, timeout=TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise Internal(f"{what}: {args[0]} took longer than {TIMEOUT:.0f}s") from None
+    except FileNotFoundError:
+        raise Internal(f"{what}: {args[0]} is not installed") from None
+    if check and proc.returncode != 0:
+        message = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise Internal(f"{what}: {' '.join(args[:6])} failed: {message[-1] if message else proc.returncode}")
+    return proc
+
+
+def _ip(args: list[str], *, ns: str | None = None, what: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    prefix = [IP, "-n", ns] if ns else [IP]
+    return _run([*prefix, *args], what=what, check=check)
+
+
+def _link(name: str, *, ns: str | None = None) -> dict[str, Any] | None:
+    """`ip -j link show` of one interface, None if it does not exist."""
+    proc = _ip(["-j", "link", "show", "dev", name], ns=ns, what=f"look up {name}", check=False)
+    if proc.returncode != 0:
+        return None
+    try:
+        doc = json.loads(proc.stdout)
+    except ValueError:
+        return None
+    return doc[0] if isinstance(doc, list) and doc and isinstance(doc[0], dict) else None
+
+
+def _delete_link(name: str, *, ns: str | None = None) -> None:
+    proc = _ip(["link", "del", "dev", name], ns=ns, what=f"delete {name}", check=False)
+    if proc.returncode != 0 and _link(name, ns=ns) is not None:
+        message = proc.stderr.decode(errors="replace").strip()
+        raise Internal(f"cannot delete interface {name}: {message}")
+
+
+def _sysctl(settings: dict[str, str], *, ns: str | None = None) -> None:
+    """Best effort: missing keys (no IPv6, no br_netfilter) are skipped."""
+    args = [SYSCTL, "-q", "-e", "-w", *(f"{k}={v}" for k, v in settings.items())]
+    if ns:
+        args = [IP, "netns", "exec", ns, *args]
+    proc = _run(args, what="sysctl", check=False)
+    if proc.returncode != 0:
+        log.warning("sysctl failed", netns=ns or "host", settings=settings,
+                    error=proc.stderr.decode(errors="replace").strip())
+
+
+def _notrack_rule(names: LinkNames, sandbox_id: str) -> list[str]:
+    return ["-t", "raw", "PREROUTING", "-i", names.host_bridge, "-m", "comment", "--comment",
+            f"podvisor: VM bridge of sandbox {sandbox_id[:12]}", "-j", "NOTRACK"]
+
+
+def _iptables(op: str, rule: list[str]) -> int:
+    # -w: the xtables lock is shared with CNI plugins running in parallel.
+    args = [IPTABLES, "-w", "30", rule[0], rule[1], op, *rule[2:]]
+    return _run(args, what="iptables", check=False).returncode
+
+
+def _add_notrack(names: LinkNames, sandbox_id: str) -> None:
+    rule = _notrack_rule(names, sandbox_id)
+    if shutil.which(IPTABLES) is None or (_iptables("-C", rule) != 0 and _iptables("-A", rule) != 0):
+        # Not fatal: without it NAT'd flows still work, only tracked twice.
+        log.warning("cannot exempt the VM bridge from conntrack", bridge=names.host_bridge)
+
+
+def _remove_notrack(names: LinkNames, sandbox_id: str) -> None:
+    if shutil.which(IPTABLES) is None:
+        return  # then setup could not have added it either
+    rule = _notrack_rule(names, sandbox_id)
+    for _ in range(16):  # a retried setup may have added it more than once
+        if _iptables("-C", rule) != 0:
+            return
+        if _iptables("-D", rule) != 0:
+            raise Internal(f"cannot delete the conntrack exemption of {names.host_bridge}")
+
+
+# dnsmasq ----------------------------------------------------------------------------
+
+
+def _proc_state(pid: int) -> str:
+    """The process's state letter ('' when gone); a zombie counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # comm may contain spaces and parentheses: the state follows the last ')'.
+    return stat[stat.rfind(")") + 2:][:1]
+
+
+def _is_our_dnsmasq(pid: int, pid_file: Path) -> bool:
+    """Whether ``pid`` is a live dnsmasq started for this pid file (pids are reused)."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return comm == "dnsmasq" and f"--pid-file={pid_file}".encode() in cmdline and _proc_state(pid) not in ("", "Z")
+
+
+def _read_pid(pid_file: Path) -> int | None:
+    try:
+        text = pid_file.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _find_dnsmasq(pid_file: Path) -> list[int]:
+    """Live dnsmasq processes serving this sandbox: the pid file's, and any
+    other started with the same pid file (a pid file lost in a crash)."""
+    pids = []
+    pid = _read_pid(pid_file)
+    if pid is not None and _is_our_dnsmasq(pid, pid_file):
+        pids.append(pid)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) not in pids and _is_our_dnsmasq(int(entry.name), pid_file):
+            pids.append(int(entry.name))
+    return pids
+
+
+def dhcp_running(workdir: Path) -> bool:
+    """Whether this sandbox's DHCP server runs."""
+    pid = _read_pid(workdir / PID_FILE)
+    return pid is not None and _is_our_dnsmasq(pid, workdir / PID_FILE)
+
+
+def _start_dnsmasq(wiring: PodWiring, names: LinkNames, netns_name: str, workdir: Path) -> None:
+    args = dnsmasq_args(wiring, interface=names.inner_bridge, workdir=workdir)
+    # dnsmasq forks into the background once its sockets are bound, so a bad
+    # flag or a missing interface shows up as this command's exit status.
+    _run([IP, "netns", "exec", netns_name, *args], what="start the DHCP server")
+    if not dhcp_running(workdir):
+        raise Internal(f"dnsmasq for sandbox {names.host_bridge[3:]} exited right after starting; "
+                       f"see {workdir / LOG_FILE}")
+
+
+def _stop_dnsmasq(workdir: Path) -> None:
+    pid_file = workdir / PID_FILE
+    pids = _find_dnsmasq(pid_file)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for pid in pids:
+        while _is_our_dnsmasq(pid, pid_file):
+            if time.monotonic() > deadline:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                time.sleep(0.05)
+                if _is_our_dnsmasq(pid, pid_file):
+                    raise Internal(f"dnsmasq (pid {pid}) does not exit")
+                break
+            time.sleep(0.05)
+    for name in (PID_FILE, LEASE_FILE, LOG_FILE):
+        (workdir / name).unlink(missing_ok=True)
+
+
+# Public API -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _State:
+    """podnet.json: the wiring, and how CNI left the pod interface (to put it
+    back before CNI DEL: the bridge plugin finds the addresses whose
+    masquerade rules it must delete on the interface itself)."""
+
+    wiring: PodWiring
+    pod_mac: str
+    pod_addresses: tuple[str, ...]
+
+
+def _load_state(workdir: Path) -> _State | None:
+    path = workdir / STATE_FILE
+    try:
+        doc = json.loads(path.read_bytes())
+        return _State(wiring=PodWiring.from_json(doc["wiring"]), pod_mac=str(doc["podInterface"]["mac"]),
+                      pod_addresses=tuple(str(a) for a in doc["podInterface"]["addresses"]))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise Internal(f"{path} is unreadable: {exc}") from None
+
+
+def load(workdir: Path) -> PodWiring | None:
+    """The wiring recorded for a sandbox (None if there is none)."""
+    state = _load_state(workdir)
+    return state.wiring if state else None
+
+
+def _save(state: _State, workdir: Path) -> None:
+    doc = {"wiring": state.wiring.to_json(),
+           "podInterface": {"mac": state.pod_mac, "addresses": list(state.pod_addresses)}}
+    tmp = workdir / f".{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, workdir / STATE_FILE)
+
+
+def setup(sandbox_id: str, netns_name: str, cni_result: CNIResult, hostname: str,
+          dns_servers: Sequence[str], dns_searches: Sequence[str], workdir: Path,
+          *, ifname: str = "eth0") -> PodWiring:
+    """Wire the pod's ``ifname`` to a host-side bridge for the VM and start its DHCP server.
+
+    Safe to retry; on failure whatever was done is undone before raising.
+    """
+    names = LinkNames.for_sandbox(sandbox_id, ifname)
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _setup(sandbox_id, netns_name, cni_result, hostname, dns_servers, dns_searches, workdir,
+                      ifname, names)
+    except BaseException:
+        try:
+            teardown(sandbox_id, netns_name, workdir, ifname=ifname)
+        except Exception as exc:  # the original error is the one to report
+            log.error("undoing the pod wiring failed", sandbox_id=sandbox_id, error=str(exc))
+        raise
+
+
+def _setup(sandbox_id: str, netns_name: str, cni_result: CNIResult, hostname: str,
+           dns_servers: Sequence[str], dns_searches: Sequence[str], workdir: Path,
+           ifname: str, names: LinkNames) -> PodWiring:
+    pod_if = _link(ifname, ns=netns_name)
+    if pod_if is None:
+        raise FailedPrecondition(f"the pod network namespace {netns_name} has no {ifname} after CNI ADD")
+    previous = _load_state(workdir)
+    if previous is not None:
+        # A retry: eth0 already carries the random MAC, the VM's is recorded.
+        vm_mac = previous.wiring.vm_mac
+    else:
+        found = cni_result.sandbox_interface(ifname)
+        vm_mac = (found[1].mac if found and found[1].mac else str(pod_if.get("address", ""))).lower()
+    if not vm_mac:
+        raise FailedPrecondition(f"no MAC address known for {ifname} of sandbox {sandbox_id}")
+    mtu = int(pod_if.get("mtu", 1500))
+    try:
+        wiring = plan(cni_result, ifname=ifname, host_bridge=names.host_bridge, vm_mac=vm_mac, mtu=mtu,
+                      hostname=hostname, dns_servers=dns_servers, dns_searches=dns_searches)
+    except ValueError as exc:
+        raise FailedPrecondition(f"sandbox {sandbox_id}: {exc}") from None
+    # Recorded before anything changes, so the VM's MAC survives a crash
+    # after eth0 got its new one, and teardown knows what to put back.
+    addresses = tuple(str(ipc.address) for ipc in cni_result.ips_for(ifname))
+    _save(_State(wiring=wiring, pod_mac=vm_mac, pod_addresses=addresses), workdir)
+    ns = netns_name
+    what = f"wire sandbox {sandbox_id[:12]}"
+
+    # Pod side: eth0 gives up its address and MAC and becomes a bridge port.
+    _ip(["addr", "flush", "dev", ifname], ns=ns, what=what)
+    _ip(["link", "set", "dev", ifname, "down"], ns=ns, what=what)
+    _ip(["link", "set", "dev", ifname, "address", random_mac()], ns=ns, what=what)
+    if _link(names.inner_bridge, ns=ns) is None:
+        _ip(["link", "add", "name", names.inner_bridge, "mtu", str(mtu), "type", "bridge"], ns=ns, what=what)
+        # A fixed address: a bridge otherwise takes its ports' lowest MAC and
+        # the DHCP server's source address would change under the VM.
+        _ip(["link", "set", "dev", names.inner_bridge, "address", random_mac()], ns=ns, what=what)
+    _sysctl({f"net.ipv6.conf.{ifname}.disable_ipv6": "1",
+             f"net.ipv6.conf.{names.inner_bridge}.disable_ipv6": "1",
+             # Pure L2 in here: no reason for bridged frames to see netfilter.
+             "net.bridge.bridge-nf-call-iptables": "0",
+             "net.bridge.bridge-nf-call-ip6tables": "0",
+             "net.bridge.bridge-nf-call-arptables": "0"}, ns=ns)
+    _ip(["addr", "replace", f"{DHCP_SERVER_IP}/32", "dev", names.inner_bridge], ns=ns, what=what)
+    _ip(["link", "set", "dev", ifname, "master", names.inner_bridge], ns=ns, what=what)
+    _ip(["link", "set", "dev", ifname, "type", "bridge_slave", "learning", "off"], ns=ns, what=what)
+    _ip(["link", "set", "dev", ifname, "up"], ns=ns, what=what)
+    _ip(["link", "set", "dev", names.inner_bridge, "up"], ns=ns, what=what)
+
+    # Host side: a bridge for the VM's tap, joined to the pod bridge by a veth pair.
+    alias = f"podvisor sandbox {sandbox_id}"
+    existing = _link(names.host_bridge)
+    if existing is None:
+        _ip(["link", "add", "name", names.host_bridge, "mtu", str(mtu), "type", "bridge"], what=what)
+    elif existing.get("ifalias") not in (None, alias):
+        # Names carry 48 bits of the id: never take over another sandbox's
+        # bridge. (No alias at all: our own, from a crash right after "add".)
+        raise FailedPrecondition(f"interface {names.host_bridge} exists and belongs to {existing.get('ifalias')!r}, "
+                                 f"not to sandbox {sandbox_id}")
+    # The alias says whose bridge it is (`ip link` shows it to an operator).
+    _ip(["link", "set", "dev", names.host_bridge, "alias", alias], what=what)
+    _ip(["link", "set", "dev", names.host_bridge, "arp", "off"], what=what)
+    if _link(names.host_veth) is None:
+        _ip(["link", "add", "name", names.host_veth, "mtu", str(mtu), "type", "veth",
+             "peer", "name", names.pod_veth, "mtu", str(mtu), "netns", ns], what=what)
+    _sysctl({f"net.ipv6.conf.{names.host_bridge}.disable_ipv6": "1",
+             f"net.ipv6.conf.{names.host_veth}.disable_ipv6": "1"})
+    _ip(["link", "set", "dev", names.host_veth, "master", names.host_bridge], what=what)
+    _ip(["link", "set", "dev", names.host_veth, "type", "bridge_slave", "learning", "off"], what=what)
+    _ip(["link", "set", "dev", names.host_veth, "up"], what=what)
+    _ip(["link", "set", "dev", names.host_bridge, "up"], what=what)
+    _ip(["link", "set", "dev", names.pod_veth, "master", names.inner_bridge, "up"], ns=ns, what=what)
+    _add_notrack(names, sandbox_id)
+
+    if not dhcp_running(workdir):
+        _start_dnsmasq(wiring, names, netns_name, workdir)
+    log.info("pod wired for the VM", sandbox_id=sandbox_id, bridge=names.host_bridge, ip=wiring.ip,
+             mac=wiring.vm_mac)
+    return wiring
+
+
+def _restore_pod_interface(ns: str, ifname: str, state: _State) -> None:
+    """Put eth0 back as CNI ADD left it: its MAC and addresses.
+
+    CNI DEL "works" with eth0 stripped, but the bridge plugin deletes the
+    masquerade rules of the addresses it finds on the interface: with none
+    there, its ipMasq chain would stay in the host's nat table forever.
+    """
+    what = f"restore {ifname} in {ns}"
+    if any(":" in a for a in state.pod_addresses):
+        _sysctl({f"net.ipv6.conf.{ifname}.disable_ipv6": "0"}, ns=ns)
+    _ip(["link", "set", "dev", ifname, "down"], ns=ns, what=what)
+    _ip(["link", "set", "dev", ifname, "address", state.pod_mac], ns=ns, what=what)
+    for address in state.pod_addresses:
+        _ip(["addr", "replace", address, "dev", ifname], ns=ns, what=what)
+    _ip(["link", "set", "dev", ifname, "up"], ns=ns, what=what)
+
+
+def ensure_dhcp(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "eth0") -> bool:
+    """Restart the sandbox's DHCP server if it is not running (after the
+    agent or dnsmasq died); True if it had to be started."""
+    wiring = load(workdir)
+    if wiring is None or dhcp_running(workdir):
+        return False
+    _start_dnsmasq(wiring, LinkNames.for_sandbox(sandbox_id, ifname), netns_name, workdir)
+    return True
+
+
+def teardown(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "eth0") -> None:
+    """Undo :func:`setup` and restore ``eth0`` for CNI DEL; idempotent, and
+    works with nothing in memory (names are derived from the sandbox id,
+    dnsmasq is found by its pid file, eth0's MAC and addresses are in the
+    state file).
+
+    The VM must be stopped first: its tap leaves the bridge being deleted.
+    """
+    names = LinkNames.for_sandbox(sandbox_id, ifname)
+    # First the DHCP server: while a process lives in the namespace, deleting
+    # the namespace would not free it.
+    _stop_dnsmasq(workdir)
+    _remove_notrack(names, sandbox_id)
+    # Deleting one end of the veth pair deletes the other, in the pod namespace.
+    _delete_link(names.host_veth)
+    _delete_link(names.host_bridge)
+    state = _load_state(workdir)
+    if netns.exists(netns_name):
+        if _link(names.inner_bridge, ns=netns_name) is not None:
+            _delete_link(names.inner_bridge, ns=netns_name)  # releases eth0
+        if state is not None and _link(ifname, ns=netns_name) is not None:
+            _restore_pod_interface(netns_name, ifname, state)
+    (workdir / STATE_FILE).unlink(missing_ok=True)
+    log.info("pod wiring removed", sandbox_id=sandbox_id, bridge=names.host_bridge)
