@@ -47,8 +47,9 @@ PLUGIN_TIMEOUT = 60.0
 CACHE_KIND = "podvisor.io/cni-cache"
 CACHE_VERSION = 1
 DEFAULT_NETWORK_NAME = "podvisor"
-# Versions whose plugins implement CHECK (it arrived with 0.4.0).
+# Versions whose plugins implement CHECK and get prevResult on DEL (0.4.0 on).
 _CHECK_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
+_PREV_RESULT_ON_DEL = _CHECK_VERSIONS
 # A plugin type names a file in a bin dir: a plain file name, nothing more.
 _PLUGIN_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 # Container ids and CNI_ARGS values: CNI allows [A-Za-z0-9_.-]; ';' and '='
@@ -399,9 +400,11 @@ class CNIExec:
         that one broken plugin does not leak what the others set up."""
         errors: list[CNIError] = []
         ns = self._netns_for_del(entry.attachment)
+        # prevResult on DEL arrived with 0.4.0, like CHECK.
+        prev = entry.result if str(entry.config["cniVersion"]) in _PREV_RESULT_ON_DEL else None
         for plugin in reversed(entry.config["plugins"]):
             try:
-                self._invoke("DEL", entry.config, plugin, entry.attachment, ns, entry.runtime_config, entry.result)
+                self._invoke("DEL", entry.config, plugin, entry.attachment, ns, entry.runtime_config, prev)
             except CNIError as exc:
                 errors.append(exc)
         return errors

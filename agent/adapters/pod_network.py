@@ -40,7 +40,7 @@ class PodNetworkStatus:
     netns_name: str
     netns_path: Path
     network_name: str
-    # The configuration file used, or "builtin".
+    # The configuration file used, "builtin", or "cache" when read back by status().
     config_source: str
     # The VM's address (PodSandboxStatus.network.ip) and any others CNI gave.
     ip: str
@@ -97,14 +97,16 @@ class PodNetworkManager:
         far is undone and the error (a CNIError with the plugin's message for
         a plugin failure) is raised."""
         ns_name = netns_name(sandbox_id)
+        # Checked before anything exists that would need undoing.
+        attachment = Attachment(container_id=sandbox_id, netns=netns.path(ns_name), ifname=IFNAME, pod_name=name,
+                                pod_namespace=namespace, pod_uid=uid)
+        attachment.validate()
         if self.cni.cached(sandbox_id) is not None or podnet.load(workdir) is not None:
             # Leftovers of an earlier attempt (a crash mid-add): start clean.
             self.remove(sandbox_id, workdir)
         try:
             ns_path = netns.create(ns_name, exist_ok=True)
             config, source = self.network_config()
-            attachment = Attachment(container_id=sandbox_id, netns=ns_path, ifname=IFNAME, pod_name=name,
-                                    pod_namespace=namespace, pod_uid=uid)
             result = self.cni.add(config, attachment, runtime_config(port_mappings, dns))
             wiring = podnet.setup(sandbox_id, ns_name, result, hostname, dns.servers, dns.searches, workdir,
                                   ifname=IFNAME)
@@ -154,7 +156,13 @@ class PodNetworkManager:
         ns_name = netns_name(sandbox_id)
         errors: list[PodvisorError] = []
         try:
-            podnet.teardown(sandbox_id, ns_name, workdir, ifname=IFNAME)
+            entry = self.cni.cached(sandbox_id)
+            result = cni_result.parse_result(entry.result) if entry and entry.result else None
+        except (PodvisorError, ValueError) as exc:
+            log.warning("CNI cache unusable for restoring eth0", sandbox_id=sandbox_id, error=str(exc))
+            result = None
+        try:
+            podnet.teardown(sandbox_id, ns_name, workdir, ifname=IFNAME, cni_result=result)
         except PodvisorError as exc:
             errors.append(exc)
         cni_ok = True

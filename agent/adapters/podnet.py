@@ -563,7 +563,7 @@ def _setup(sandbox_id: str, netns_name: str, cni_result: CNIResult, hostname: st
     return wiring
 
 
-def _restore_pod_interface(ns: str, ifname: str, state: _State) -> None:
+def _restore_pod_interface(ns: str, ifname: str, mac: str, addresses: Sequence[str]) -> None:
     """Put eth0 back as CNI ADD left it: its MAC and addresses.
 
     CNI DEL "works" with eth0 stripped, but the bridge plugin deletes the
@@ -571,11 +571,12 @@ def _restore_pod_interface(ns: str, ifname: str, state: _State) -> None:
     there, its ipMasq chain would stay in the host's nat table forever.
     """
     what = f"restore {ifname} in {ns}"
-    if any(":" in a for a in state.pod_addresses):
+    if any(":" in a for a in addresses):
         _sysctl({f"net.ipv6.conf.{ifname}.disable_ipv6": "0"}, ns=ns)
     _ip(["link", "set", "dev", ifname, "down"], ns=ns, what=what)
-    _ip(["link", "set", "dev", ifname, "address", state.pod_mac], ns=ns, what=what)
-    for address in state.pod_addresses:
+    if mac:
+        _ip(["link", "set", "dev", ifname, "address", mac], ns=ns, what=what)
+    for address in addresses:
         _ip(["addr", "replace", address, "dev", ifname], ns=ns, what=what)
     _ip(["link", "set", "dev", ifname, "up"], ns=ns, what=what)
 
@@ -590,10 +591,12 @@ def ensure_dhcp(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str 
     return True
 
 
-def teardown(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "eth0") -> None:
+def teardown(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "eth0",
+             cni_result: CNIResult | None = None) -> None:
     """Undo :func:`setup` and restore ``eth0`` for CNI DEL; idempotent, and
     works with nothing in memory (names are derived from the sandbox id,
     dnsmasq is found by its pid file, eth0's MAC and addresses are in the
+    state file; ``cni_result``, the cached ADD result, stands in for a lost
     state file).
 
     The VM must be stopped first: its tap leaves the bridge being deleted.
@@ -607,10 +610,15 @@ def teardown(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "
     _delete_link(names.host_veth)
     _delete_link(names.host_bridge)
     state = _load_state(workdir)
+    mac, addresses = (state.pod_mac, state.pod_addresses) if state else ("", ())
+    if state is None and cni_result is not None:
+        found = cni_result.sandbox_interface(ifname)
+        mac = found[1].mac if found else ""
+        addresses = tuple(str(ipc.address) for ipc in cni_result.ips_for(ifname))
     if netns.exists(netns_name):
         if _link(names.inner_bridge, ns=netns_name) is not None:
             _delete_link(names.inner_bridge, ns=netns_name)  # releases eth0
-        if state is not None and _link(ifname, ns=netns_name) is not None:
-            _restore_pod_interface(netns_name, ifname, state)
+        if (mac or addresses) and _link(ifname, ns=netns_name) is not None:
+            _restore_pod_interface(netns_name, ifname, mac, addresses)
     (workdir / STATE_FILE).unlink(missing_ok=True)
     log.info("pod wiring removed", sandbox_id=sandbox_id, bridge=names.host_bridge)
