@@ -26,6 +26,7 @@ import pytest
 
 from tests.e2e.conftest import VM, VMAgent, purge_domains
 from tests.integration.agentproc import AgentProcess
+from tests.integration.test_sandbox_network import remove_all_pod_networks
 
 from runtime.v1 import api_pb2 as pb
 
@@ -81,6 +82,7 @@ def net_agent(agent_factory: Any, tiny_image: str, tmp_path: Path) -> Iterator[t
         except Exception:  # noqa: BLE001 - virsh and ip clean below
             pass
         purge_domains(agent.state_dir)
+        remove_all_pod_networks(helper.agent)
         subprocess.run(["ip", "link", "del", net["bridge"]], capture_output=True)
         shutil.rmtree(state, ignore_errors=True)
 
@@ -113,7 +115,8 @@ def test_vm_owns_the_pod_ip_and_teardown_leaves_nothing(net_agent: tuple[VMAgent
     assert host_bridge in links()
     vma.start(vm)
     # The guest took the pod IP by DHCP from the pod's own responder.
-    vma.wait_log(vm, f"PODVISOR-READY hostname=web-vm ip={pod_ip}", timeout=240)
+    vma.wait_log(vm, "PODVISOR-READY hostname=web-vm", timeout=240)
+    vma.wait_log(vm, f"ip={pod_ip}", timeout=240)  # in the ready line, or a later PODVISOR-IP line
 
     body = ""
     deadline = time.monotonic() + 60
@@ -137,3 +140,28 @@ def test_vm_owns_the_pod_ip_and_teardown_leaves_nothing(net_agent: tuple[VMAgent
     assert pod_ip not in iptables() and sid[:12] not in iptables()
     leases = Path(net["ipam"]) / net["name"]
     assert not leases.exists() or pod_ip not in {p.name for p in leases.iterdir()}
+
+
+def test_two_vm_pods_reach_each_other_by_pod_ip(net_agent: tuple[VMAgent, dict[str, str]]) -> None:
+    vma, _net = net_agent
+    server = vma.create("srv", hostname="srv-vm")
+    vma.start(server)
+    srv_ip = vma.agent.runtime.PodSandboxStatus(
+        pb.PodSandboxStatusRequest(pod_sandbox_id=server.sandbox_id), timeout=30).status.network.ip
+    # busybox nc with a numeric address and port: the static guest has no NSS
+    # (its wget looks the "http" service up and crashes). The marker is built
+    # at run time so that the printed user-data does not contain it.
+    fetch = ("#!/bin/sh\n"
+             "i=0\n"
+             "while [ $i -lt 90 ]; do i=$((i+1))\n"
+             f"  out=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {srv_ip} 80 | tail -n 1)\n"
+             "  if [ -n \"$out\" ]; then echo \"fetched-$(echo from-peer):$out\"; exit 0; fi\n"
+             "  sleep 1\n"
+             "done\n"
+             "echo fetch-failed\n")
+    client = vma.create("cli", hostname="cli-vm", annotations={"podvisor.io/user-data": fetch}, pull=False)
+    vma.start(client)
+    # Under load the lease may come after the ready line (then PODVISOR-IP says it).
+    vma.wait_log(server, f"ip={srv_ip}", timeout=240)
+    text = vma.wait_log(client, "fetched-from-peer:", timeout=240)
+    assert "fetched-from-peer:srv-vm" in text

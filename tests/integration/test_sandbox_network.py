@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
+from agent.adapters.pod_network import PodNetworkManager
 from tests.integration.agentproc import AgentProcess
 
 from runtime.v1 import api_pb2 as pb
@@ -76,14 +77,36 @@ def network(tmp_path: Path) -> Iterator[dict[str, Any]]:
                       "dataDir": str(net["ipam"]), "routes": [{"dst": "0.0.0.0/0"}]}},
             {"type": "portmap", "capabilities": {"portMappings": True}},
         ]}))
+    net["agents"] = []
     try:
         yield net
     finally:
+        for agent in net["agents"]:
+            remove_all_pod_networks(agent)
         subprocess.run(["ip", "link", "del", net["bridge"]], capture_output=True)
+
+
+def remove_all_pod_networks(agent: AgentProcess) -> None:
+    """Teardown even when a test failed half-way: through the agent, then from
+    the agent's CNI cache with the same adapter (the agent may be dead)."""
+    try:
+        for sb in agent.runtime.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=30).items:
+            agent.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sb.id), timeout=120)
+    except Exception:  # noqa: BLE001
+        pass
+    cache = agent.state_dir / "cni"
+    if cache.exists():
+        manager = PodNetworkManager([], [Path("/usr/lib/cni")], cache, "pvunused0", "10.255.255.0/24")
+        for sid in manager.cached_sandbox_ids():
+            try:
+                manager.remove(sid, agent.state_dir / "sandboxes" / sid)
+            except Exception:  # noqa: BLE001
+                pass
 
 
 def agent_with(agent_factory: Any, net: dict[str, Any], state_dir: Path | None = None) -> AgentProcess:
     agent: AgentProcess = agent_factory(cni_conf_dir=net["conf"], network=True, state_dir=state_dir)
+    net["agents"].append(agent)
     agent.config_path.write_text(agent.config_path.read_text().replace(
         "conf_dirs = [", f'bin_dirs = ["{net["bin"]}", "/usr/lib/cni"]\nconf_dirs = ['))
     return agent
