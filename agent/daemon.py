@@ -229,7 +229,7 @@ class Daemon:
         if cfg.cni.enabled:
             network = PodNetworkManager(cfg.cni.conf_dirs, cfg.cni.bin_dirs, cfg.state_dir / "cni",
                                         cfg.cni.builtin_bridge, cfg.cni.builtin_subnet)
-        ports = Ports(store=store, files=files, clock=SystemClock(), network=network)
+        ports = Ports(store=store, files=files, clock=SystemClock(), network=network, node_ip=host.node_ipv4)
         sandboxes = SandboxService(ports)
         recover(ports, sandboxes)
 

@@ -39,3 +39,21 @@ def gather(state_dir: Path) -> HostFacts:
         disk_total_bytes=total,
         disk_free_bytes=free,
     )
+
+
+_NOT_NODE_LINKS = ("lo", "pv", "podvisor", "cni", "virbr", "veth", "docker", "ifb")
+
+
+def node_ipv4() -> str:
+    """The node's own IPv4 address (hostNetwork sandboxes report it as theirs).
+
+    The first global address on an interface that is not loopback or a
+    bridge/veth made for pods or VMs; "" when there is none.
+    """
+    for name, addrs in sorted(psutil.net_if_addrs().items()):
+        if name.startswith(_NOT_NODE_LINKS):
+            continue
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith(("127.", "169.254.")):
+                return str(a.address)
+    return ""

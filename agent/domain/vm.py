@@ -71,9 +71,12 @@ class DiskSpec:
 
 @dataclass(frozen=True)
 class InterfaceSpec:
-    bridge: str  # host bridge the NIC joins
+    bridge: str  # host bridge the NIC joins ("" for user-mode)
     mac: str
     model: str = "virtio"
+    # "bridge": on the pod's host-side bridge (pod network); "user": QEMU's
+    # user-mode stack (hostNetwork sandboxes: outbound through the host).
+    kind: str = "bridge"
 
 
 @dataclass(frozen=True)

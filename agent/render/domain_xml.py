@@ -268,9 +268,10 @@ def configure_interfaces(domain: ET.Element, spec: DomainSpec) -> None:
     and loading iPXE costs seconds under TCG.
     """
     for iface in spec.interfaces:
-        el = _sub(_devices(domain), "interface", type="bridge")
+        el = _sub(_devices(domain), "interface", type=iface.kind)
         _sub(el, "mac", address=iface.mac)
-        _sub(el, "source", bridge=iface.bridge)
+        if iface.kind == "bridge":
+            _sub(el, "source", bridge=iface.bridge)
         _sub(el, "model", type=iface.model)
         _sub(el, "rom", enabled="no")
 

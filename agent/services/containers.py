@@ -29,7 +29,7 @@ import structlog
 
 from agent.domain import vm as vm_model
 from agent.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PodvisorError
-from agent.domain.sandbox import Sandbox, SandboxState, resolve_id
+from agent.domain.sandbox import NetworkMode, Sandbox, SandboxState, resolve_id
 from agent.domain.validation import validate_id, validate_string_map
 from agent.domain.vm import Container, ContainerState, DiskSpec, DomainSpec, InterfaceSpec, VMRequest
 
@@ -250,9 +250,14 @@ class ContainerService:
                      bus="virtio", readonly=True, serial="cloudinit"),
         ]
         interfaces: list[InterfaceSpec] = []
-        network = self._p.files.network_for(sandbox) if request.pod_network else None
-        if network is not None:
-            interfaces.append(InterfaceSpec(bridge=network[0], mac=network[1], model=request.interface_model))
+        if request.pod_network and sandbox.spec.network_mode is NetworkMode.NODE:
+            # hostNetwork: QEMU's user-mode stack, outbound through the node.
+            mac = "52:54:00:" + ":".join(c.id[i:i + 2] for i in (0, 2, 4))
+            interfaces.append(InterfaceSpec(bridge="", mac=mac, model=request.interface_model, kind="user"))
+        else:
+            network = self._p.files.network_for(sandbox) if request.pod_network else None
+            if network is not None:
+                interfaces.append(InterfaceSpec(bridge=network[0], mac=network[1], model=request.interface_model))
         firmware = self._p.files.firmware(request.firmware, paths)
         return DomainSpec(
             name=c.domain_name, uuid=str(uuid.UUID(c.id[:32])), virt_type=self._p.virt_type(),

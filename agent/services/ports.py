@@ -7,6 +7,7 @@ recording fakes while integration tests run the real adapters.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,3 +56,5 @@ class Ports:
     clock: Clock
     # None: no pod networking (disabled in the config, or in service tests).
     network: SandboxNetwork | None = None
+    # The node's address, reported as the IP of hostNetwork (NODE) sandboxes.
+    node_ip: Callable[[], str] = lambda: ""

@@ -124,6 +124,10 @@ class SandboxService:
                 net = network.add(sb.id, md.name, md.namespace, md.uid, spec.port_mappings, spec.dns,
                                   spec.hostname or md.name, workdir)
                 ready = dataclasses.replace(ready, ip=net.ip, additional_ips=tuple(net.additional_ips))
+            elif spec.network_mode is NetworkMode.NODE:
+                # hostNetwork: the VM gets a user-mode NIC behind the node's
+                # own address (docs/networking.md).
+                ready = dataclasses.replace(ready, ip=self._ports.node_ip())
             self._ports.store.update_sandbox(ready)
         except BaseException:
             self._roll_back(sb)

@@ -317,3 +317,27 @@ def test_nothing_left_after_remove_pod_sandbox(vm_agent: VMAgent) -> None:
     assert db.execute("SELECT count(*) FROM sandboxes").fetchone()[0] == 0
     db.close()
     purge_domains(state)
+
+
+def test_host_network_sandbox_gets_a_user_mode_nic(vm_agent: VMAgent) -> None:
+    """hostNetwork (NODE): no pod namespace; the VM gets QEMU's user-mode NIC
+    and the sandbox reports the node's address."""
+    vm_agent.agent.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=vm_agent.image)), timeout=300)
+    sb_cfg = vm_agent.sandbox_config("hostnet", hostname="hostnet")
+    sb_cfg.linux.security_context.namespace_options.network = pb.NODE
+    sid = vm_agent.agent.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=sb_cfg), timeout=60).pod_sandbox_id
+    st = vm_agent.agent.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=30).status
+    assert st.linux.namespaces.options.network == pb.NODE
+    assert st.network.ip and not st.network.ip.startswith("127.")
+    cfg = pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name="vm"), image=pb.ImageSpec(image=vm_agent.image), log_path="vm/0.log",
+        linux=pb.LinuxContainerConfig(resources=pb.LinuxContainerResources(memory_limit_in_bytes=96 << 20)))
+    cid = vm_agent.agent.runtime.CreateContainer(pb.CreateContainerRequest(
+        pod_sandbox_id=sid, config=cfg, sandbox_config=sb_cfg), timeout=120).container_id
+    vm = VM(sid, cid, vm_agent.logs / "hostnet" / "vm" / "0.log")
+    xml = json.loads(vm_agent.status(vm, verbose=True).info["info"])["domainXML"]
+    assert "<interface type='user'>" in xml or "<interface type=\"user\">" in xml
+    vm_agent.start(vm)
+    # QEMU's user-mode DHCP hands out 10.0.2.15; nothing leaves the host.
+    vm_agent.wait_log(vm, "ip=10.0.2.15", timeout=240)
+    vm_agent.remove_pod(vm)
