@@ -34,6 +34,8 @@ import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.common import start_agent  # noqa: E402
+
 import agent.api.gen  # noqa: E402,F401  isort:skip
 from runtime.v1 import api_pb2 as pb  # noqa: E402
 from runtime.v1 import api_pb2_grpc  # noqa: E402
@@ -91,21 +93,10 @@ def main() -> int:
         ]}
     (work / "net.d").mkdir()
     (work / "net.d" / "10-bench.conflist").write_text(json.dumps(conflist))
-    sock = work / "a.sock"
-    cfg = work / "agent.toml"
-    cfg.write_text(f'state_dir = "{work / "state"}"\nruntime_dir = "{work}"\n[server]\nsocket = "{sock}"\n'
-                   f'[cni]\nconf_dirs = ["{work / "net.d"}"]\n[log]\nformat = "json"\nlevel = "info"\n')
-    log = open(work / "agent.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(cfg)], stdout=log,
-                            stderr=subprocess.STDOUT, cwd=ROOT)
+    proc, sock = start_agent(work / "agent", cni_conf_dir=work / "net.d")
     agent_s: list[float] = []
     hand_s: list[float] = []
     try:
-        deadline = time.monotonic() + 60
-        while not sock.exists():
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit(f"agent did not start; see {work / 'agent.log'}")
-            time.sleep(0.05)
         channel = grpc.insecure_channel(f"unix:{sock}")
         grpc.channel_ready_future(channel).result(timeout=30)
         rt = api_pb2_grpc.RuntimeServiceStub(channel)

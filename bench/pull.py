@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.adapters import oci_layout  # noqa: E402
 from agent.adapters.registry import RegistryClient  # noqa: E402
 from agent.domain.imageref import RemoteRepository  # noqa: E402
+from bench.common import start_agent  # noqa: E402
 from tests.integration.registry_fixture import run_registry  # noqa: E402
 
 import agent.api.gen  # noqa: E402,F401  isort:skip
@@ -45,23 +46,6 @@ def make_disk(path: Path, size_mib: int) -> None:
             f.write(os.urandom(1 << 20) if i % 2 == 0 else chunk)
 
 
-def start_agent(workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    sock = workdir / "a.sock"
-    (workdir / "cni").mkdir(parents=True)
-    cfg = workdir / "agent.toml"
-    cfg.write_text(
-        f'state_dir = "{workdir / "state"}"\n[server]\nsocket = "{sock}"\n'
-        f'[cni]\nconf_dirs = ["{workdir / "cni"}"]\n[log]\nformat = "json"\nlevel = "info"\n'
-    )
-    log = open(workdir / "agent.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(cfg)], stdout=log,
-                            stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while not sock.exists():
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise SystemExit(f"agent did not start; see {workdir / 'agent.log'}")
-        time.sleep(0.05)
-    return proc, sock
 
 
 def main() -> int:

@@ -15,7 +15,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,34 +24,10 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import agent.api.gen  # noqa: E402,F401
+from bench.common import percentile, start_agent  # noqa: E402
 
 from runtime.v1 import api_pb2 as pb  # noqa: E402
 from runtime.v1 import api_pb2_grpc  # noqa: E402
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
-    return ordered[index]
-
-
-def start_agent(workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    sock = workdir / "a.sock"
-    (workdir / "cni").mkdir()
-    cfg = workdir / "agent.toml"
-    cfg.write_text(
-        f'state_dir = "{workdir / "state"}"\n[server]\nsocket = "{sock}"\n'
-        f'[cni]\nconf_dirs = ["{workdir / "cni"}"]\n[log]\nformat = "json"\nlevel = "info"\n'
-    )
-    log = open(workdir / "agent.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(cfg)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while not sock.exists():
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise SystemExit(f"agent did not start; see {workdir / 'agent.log'}")
-        time.sleep(0.05)
-    return proc, sock
 
 
 def main() -> int:

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from agent.adapters import oci_layout  # noqa: E402
 from agent.adapters.registry import RegistryClient  # noqa: E402
 from agent.domain.imageref import RemoteRepository  # noqa: E402
+from bench.common import percentile, start_agent  # noqa: E402
 from tests.integration.registry_fixture import run_registry  # noqa: E402
 
 import agent.api.gen  # noqa: E402,F401  isort:skip
@@ -48,9 +49,6 @@ from runtime.v1 import api_pb2_grpc  # noqa: E402
 MEMORY = 96 << 20  # the tiny guest needs 76 MiB
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
 def wait_for(path: Path, text: str, timeout: float = 180) -> float:
@@ -65,24 +63,6 @@ def wait_for(path: Path, text: str, timeout: float = 180) -> float:
     raise SystemExit(f"{text!r} never appeared in {path}")
 
 
-def start_agent(workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    sock = workdir / "a.sock"
-    (workdir / "cni").mkdir(parents=True)
-    cfg = workdir / "agent.toml"
-    cfg.write_text(
-        f'state_dir = "{workdir / "state"}"\nruntime_dir = "{workdir}"\n[server]\nsocket = "{sock}"\n'
-        f'[libvirt]\nvirt_type = "qemu"\n[cni]\nconf_dirs = ["{workdir / "cni"}"]\n'
-        '[log]\nformat = "json"\nlevel = "info"\n'
-    )
-    log = open(workdir / "agent.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(cfg)], stdout=log,
-                            stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + 60
-    while not sock.exists():
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise SystemExit(f"agent did not start; see {workdir / 'agent.log'}")
-        time.sleep(0.05)
-    return proc, sock
 
 
 class Bench:
@@ -166,7 +146,7 @@ def main() -> int:
                 oci_layout.push(client, layout, built, RemoteRepository(
                     registry=registry.host, host=registry.host, name="bench/tiny"), "1")
             image = f"{registry.host}/bench/tiny:1"
-            proc, sock = start_agent(workdir / "agent")
+            proc, sock = start_agent(workdir / "agent", virt_type="qemu")
             channel = grpc.insecure_channel(f"unix:{sock}")
             grpc.channel_ready_future(channel).result(timeout=30)
             rt = api_pb2_grpc.RuntimeServiceStub(channel)
@@ -230,8 +210,8 @@ def main() -> int:
             proc.wait(60)
         shutil.rmtree(workdir, ignore_errors=True)
 
-    a50, a95 = statistics.median(agent_s), pct(agent_s, 95)
-    b50, b95 = statistics.median(base_s), pct(base_s, 95)
+    a50, a95 = statistics.median(agent_s), percentile(agent_s, 95)
+    b50, b95 = statistics.median(base_s), percentile(base_s, 95)
     print(f"bench/start: {args.runs} runs, TCG, tiny guest {MEMORY >> 20} MiB")
     print(f"  agent Create+Start -> running   p50 {a50 * 1000:7.1f} ms   p95 {a95 * 1000:7.1f} ms")
     print(f"  libvirt define+start (baseline)  p50 {b50 * 1000:7.1f} ms   p95 {b95 * 1000:7.1f} ms")
