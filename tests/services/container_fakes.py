@@ -1,0 +1,310 @@
+"""Recording fakes of every ContainerService port (agent/services/containers.py).
+
+All fakes append to one shared Journal (tests/services/service_fakes.py) so a
+test can assert the order of calls across ports. No libvirt, no root, no disk.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.adapters.libvirt import DomainState, DomainStats
+from agent.adapters.vm_files import ContainerPaths
+from agent.domain.errors import NotFound
+from agent.domain.image import BaseDisk, Image
+from agent.domain.sandbox import Metadata, Sandbox, SandboxSpec, SandboxState
+from agent.domain.vm import Container, ContainerState, DomainSpec, VMRequest
+from agent.services.containers import ContainerPorts, ContainerSpec
+from tests.services.service_fakes import FakeClock, Journal
+
+STATE_ROOT = Path("/state/sandboxes")
+SANDBOX_ID = "a" * 64
+OTHER_SANDBOX_ID = "b" * 64
+IMAGE_ID = "sha256:" + "c" * 64
+IMAGE_REF = "quay.io/example/cirros:1"
+LOG_DIR = "/var/log/pods/default_vm-1_uid-1"
+MiB = 1 << 20
+
+REQUEST = VMRequest(vcpus=1, max_vcpus=4, memory_bytes=256 * MiB, max_memory_bytes=1024 * MiB,
+                    cpu_shares=512)
+SEED = b"#cloud-config\n"
+BASE_DISK = BaseDisk(path_in_image="/disk/cirros.qcow2", file="cirros.qcow2", format="qcow2",
+                     virtual_size=112 * MiB, size=20 * MiB)
+IMAGE = Image(id=IMAGE_ID, manifest_digest="sha256:" + "d" * 64, repo_tags=(IMAGE_REF,), repo_digests=(),
+              size=21 * MiB, layers=("sha256:" + "e" * 64,), config_media_type="application/json", user="",
+              disks=(BASE_DISK,), created_at_ns=1)
+BASE_PATH = Path("/state/images/disks") / IMAGE_ID / "cirros.qcow2"
+
+_NAME = re.compile(r"<name>([^<]+)</name>")
+
+
+def sandbox(sandbox_id: str = SANDBOX_ID, state: SandboxState = SandboxState.READY,
+            log_directory: str = LOG_DIR) -> Sandbox:
+    return Sandbox(id=sandbox_id,
+                   spec=SandboxSpec(metadata=Metadata("vm-1", "default", "uid-1"), hostname="vm-1",
+                                    log_directory=log_directory),
+                   state=state, created_at_ns=10)
+
+
+def cspec(**overrides: Any) -> ContainerSpec:
+    values: dict[str, Any] = dict(sandbox_id=SANDBOX_ID, name="vm", attempt=0, image=IMAGE_REF,
+                                  log_path="vm/0.log", labels={"app": "web"})
+    values.update(overrides)
+    return ContainerSpec(**values)
+
+
+class FakeStore:
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.rows: dict[str, Container] = {}
+
+    def save_container(self, c: Container) -> None:
+        self.journal.record("store.save", c.id, c.state)
+        self.rows[c.id] = c
+
+    def delete_container(self, container_id: str) -> None:
+        self.journal.record("store.delete", container_id)
+        self.rows.pop(container_id, None)
+
+    def load_containers(self) -> list[Container]:
+        self.journal.record("store.load")
+        return sorted(self.rows.values(), key=lambda c: c.created_at_ns)
+
+
+class FakeLibvirt:
+    """Domains by name: their XML and a DomainState a test can flip."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.xml: dict[str, str] = {}
+        self.states: dict[str, DomainState] = {}
+        self.acpi_powers_off = True  # shutdown_domain turns the domain off (guest obeys ACPI)
+        self.fail: dict[str, BaseException] = {}  # method name → exception to raise
+        self.hooks: dict[str, Callable[[str], None]] = {}  # method name → called with the domain name
+        self._lock = threading.Lock()
+
+    def _enter(self, method: str, name: str, *extra: object) -> None:
+        self.journal.record(f"libvirt.{method}", name, *extra)
+        if method in self.fail:
+            raise self.fail[method]
+        hook = self.hooks.get(method)
+        if hook is not None:
+            hook(name)
+
+    def set_state(self, name: str, state: str, reason: str = "") -> None:
+        with self._lock:
+            self.states[name] = DomainState(state, reason)
+
+    def define_domain(self, xml: str) -> None:
+        m = _NAME.search(xml)
+        name = m.group(1) if m else "?"
+        self._enter("define_domain", name)
+        with self._lock:
+            self.xml[name] = xml
+            self.states[name] = DomainState("shutoff", "unknown")
+
+    def start_domain(self, name: str) -> None:
+        self._enter("start_domain", name)
+        self.set_state(name, "running")
+
+    def shutdown_domain(self, name: str) -> None:
+        self._enter("shutdown_domain", name)
+        if self.acpi_powers_off:
+            self.set_state(name, "shutoff", "shutdown")
+
+    def destroy_domain(self, name: str) -> bool:
+        self._enter("destroy_domain", name)
+        with self._lock:
+            st = self.states.get(name)
+            if st is None or st.state not in ("running", "paused"):
+                return False
+            self.states[name] = DomainState("shutoff", "destroyed")
+            return True
+
+    def undefine_domain(self, name: str) -> bool:
+        self._enter("undefine_domain", name)
+        with self._lock:
+            self.states.pop(name, None)
+            return self.xml.pop(name, None) is not None
+
+    def domain_state(self, name: str) -> DomainState:
+        self._enter("domain_state", name)
+        with self._lock:
+            return self.states.get(name, DomainState("missing"))
+
+    def domain_xml(self, name: str) -> str:
+        self._enter("domain_xml", name)
+        return self.xml[name]
+
+    def domain_stats(self, name: str) -> DomainStats:
+        self._enter("domain_stats", name)
+        return DomainStats(cpu_time_ns=5, rss_bytes=6, balloon_bytes=7, guest_available_bytes=8,
+                           guest_unused_bytes=9)
+
+    def set_domain_memory(self, name: str, size_bytes: int, *, live: bool) -> None:
+        self._enter("set_domain_memory", name, size_bytes, live)
+
+    def set_domain_vcpus(self, name: str, count: int, *, live: bool) -> None:
+        self._enter("set_domain_vcpus", name, count, live)
+
+    def list_domains(self) -> dict[str, str]:
+        self.journal.record("libvirt.list_domains")
+        with self._lock:
+            return dict(self.xml)
+
+
+class FakeFiles:
+    """VMFiles that only remembers which container directories exist."""
+
+    def __init__(self, journal: Journal, root: Path = STATE_ROOT) -> None:
+        self.journal = journal
+        self.sandboxes = root
+        self.dirs: set[str] = set()
+        self.seeds: dict[str, bytes] = {}
+        self.overlays: dict[str, tuple[Path, str]] = {}
+
+    def container_paths(self, sandbox_id: str, container_id: str) -> ContainerPaths:
+        d = self.sandboxes / sandbox_id / "containers" / container_id
+        return ContainerPaths(directory=str(d), overlay=str(d / "disk.qcow2"), seed=str(d / "cloudinit.iso"),
+                              console_log=str(d / "console.raw"),
+                              serial_socket=f"/run/podvisor/vm/{container_id[:32]}.serial")
+
+    def create_container_dir(self, paths: ContainerPaths) -> None:
+        self.journal.record("files.create_container_dir", paths.directory)
+        self.dirs.add(paths.directory)
+
+    def create_overlay(self, base: Path, base_format: str, overlay: str) -> None:
+        self.journal.record("files.create_overlay", str(base), base_format, overlay)
+        self.overlays[overlay] = (base, base_format)
+
+    def write_seed(self, path: str, data: bytes) -> None:
+        self.journal.record("files.write_seed", path, data)
+        self.seeds[path] = data
+
+    def remove_container_dir(self, directory: str) -> None:
+        self.journal.record("files.remove_container_dir", directory)
+        self.dirs.discard(directory)
+
+    def console_state(self, directory: str) -> str:
+        return f"{directory}/console.state"
+
+    def firmware(self, kind: str, paths: ContainerPaths) -> dict[str, str]:
+        return {}
+
+    def network_for(self, sb: Sandbox) -> tuple[str, str] | None:
+        return ("pv-br0", "52:54:00:12:34:56")
+
+    def owns(self, domain_xml: str) -> bool:
+        return f"{self.sandboxes}/" in domain_xml
+
+    @staticmethod
+    def allocated_bytes(path: str) -> int:
+        return 4096
+
+
+class FakeConsole:
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.following: set[str] = set()
+
+    def follow(self, container_id: str, raw: str, cri: str, state_file: str) -> None:
+        self.journal.record("console.follow", container_id, raw, cri, state_file)
+        self.following.add(container_id)
+
+    def unfollow(self, container_id: str) -> None:
+        self.journal.record("console.unfollow", container_id)
+        self.following.discard(container_id)
+
+    def reopen(self, container_id: str, cri: str) -> None:
+        self.journal.record("console.reopen", container_id, cri)
+
+
+class FakeSandboxes:
+    def __init__(self, *sandboxes: Sandbox) -> None:
+        self.by_id = {s.id: s for s in sandboxes}
+
+    def get(self, sandbox_id: str) -> Sandbox:
+        try:
+            return self.by_id[sandbox_id]
+        except KeyError:
+            raise NotFound(f"pod sandbox {sandbox_id!r} not found") from None
+
+
+class FakeImages:
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    def get(self, text: str) -> Image:
+        self.journal.record("images.get", text)
+        return IMAGE
+
+    def base_disk_path(self, img: Image, disk: BaseDisk) -> Path:
+        self.journal.record("images.base_disk_path", img.id, disk.file)
+        return BASE_PATH
+
+
+def render_domain(spec: DomainSpec) -> str:
+    """Enough XML for the fakes: the name, and every disk's source path."""
+    disks = "".join(f"<disk><source file='{d.source}'/></disk>" for d in spec.disks)
+    return (f"<domain><name>{spec.name}</name><metadata><podvisor container='{spec.container_id}'/>"
+            f"</metadata>{disks}</domain>")
+
+
+def parse_metadata(xml: str) -> dict[str, str] | None:
+    m = re.search(r"<podvisor container='([^']*)'/>", xml)
+    return {"container_id": m.group(1)} if m else None
+
+
+class ContainerFakes:
+    """Every port of a ContainerService, plus handles on each fake."""
+
+    def __init__(self) -> None:
+        self.journal = Journal()
+        self.store = FakeStore(self.journal)
+        self.libvirt = FakeLibvirt(self.journal)
+        self.files = FakeFiles(self.journal)
+        self.console = FakeConsole(self.journal)
+        self.sandboxes = FakeSandboxes(sandbox(), sandbox(OTHER_SANDBOX_ID),
+                                       sandbox("f" * 64, state=SandboxState.NOTREADY))
+        self.images = FakeImages(self.journal)
+        self.clock = FakeClock()
+        self.requests: list[tuple[ContainerSpec, Sandbox]] = []
+        self.seed_calls: list[tuple[VMRequest, Container, Sandbox]] = []
+        self.domain_specs: list[DomainSpec] = []
+        self.ports = ContainerPorts(
+            store=self.store, libvirt=self.libvirt, files=self.files, console=self.console,
+            sandboxes=self.sandboxes, images=self.images, build_request=self._build_request,
+            build_seed=self._build_seed, render_domain=self._render_domain, parse_metadata=parse_metadata,
+            virt_type=lambda: "qemu", now_ns=self.clock.now_ns,
+        )
+
+    def _build_request(self, spec: ContainerSpec, sb: Sandbox) -> VMRequest:
+        self.requests.append((spec, sb))
+        return REQUEST
+
+    def _build_seed(self, request: VMRequest, c: Container, sb: Sandbox) -> bytes:
+        self.seed_calls.append((request, c, sb))
+        return SEED
+
+    def _render_domain(self, spec: DomainSpec) -> str:
+        self.journal.record("render_domain", spec.name)
+        self.domain_specs.append(spec)
+        return render_domain(spec)
+
+
+def record(container_id: str, state: ContainerState, *, sandbox_id: str = SANDBOX_ID,
+           created_at_ns: int = 100, root: Path = STATE_ROOT) -> Container:
+    """A stored container record, as recovery finds it."""
+    d = root / sandbox_id / "containers" / container_id
+    return Container(
+        id=container_id, sandbox_id=sandbox_id, name="vm", attempt=0, image=IMAGE_REF, image_id=IMAGE_ID,
+        state=state, created_at_ns=created_at_ns, domain_name=f"podvisor-{container_id}", directory=str(d),
+        overlay_path=str(d / "disk.qcow2"), seed_path=str(d / "cloudinit.iso"),
+        console_log=str(d / "console.raw"), serial_socket=f"/run/podvisor/vm/{container_id[:32]}.serial",
+        log_path=f"{LOG_DIR}/vm/0.log", vcpus=1, max_vcpus=4, memory_bytes=256 * MiB,
+        max_memory_bytes=1024 * MiB,
+    )
