@@ -10,6 +10,8 @@ works with nothing in memory: after an agent crash, from a new object.
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from agent.adapters.cni_exec import Attachment, CNIExec, builtin_default_config,
 from agent.adapters.podnet import PodWiring
 from agent.domain import cni_result
 from agent.domain.cni_result import CNIResult
-from agent.domain.errors import FailedPrecondition, PodvisorError
+from agent.domain.errors import FailedPrecondition, PodvisorError, Unavailable
 from agent.domain.sandbox import DNSConfig, PortMapping
 
 log = structlog.get_logger(__name__)
@@ -47,6 +49,31 @@ class PodNetworkStatus:
     additional_ips: tuple[str, ...]
     wiring: PodWiring
     result: CNIResult
+
+
+def _remove_masquerade_leftovers(sandbox_id: str) -> None:
+    """The bridge plugin's ipMasq rule, when its DEL could not see the pod.
+
+    Its DEL finds the pod's addresses inside the namespace; when the namespace
+    is already gone (a reboot, a crash mid-teardown) it leaves the
+    POSTROUTING rule and its chain behind. They carry the sandbox id in their
+    comment (`id: "<sandbox id>"`), which is how they are found here.
+    """
+    try:
+        saved = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True, timeout=30,
+                               check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return  # no iptables here: nothing can be left
+    marker = f'id: \\"{sandbox_id}\\"'
+    for line in saved.splitlines():
+        if not line.startswith("-A POSTROUTING ") or marker not in line:
+            continue
+        chain = line.rsplit(" ", 1)[-1]
+        rule = shlex.split(line)[2:]
+        for args in (["-D", "POSTROUTING", *rule], ["-F", chain], ["-X", chain]):
+            done = subprocess.run(["iptables", "-w", "-t", "nat", *args], capture_output=True, text=True, timeout=30)
+            if done.returncode != 0 and args[0] == "-D":
+                raise Unavailable(f"cannot remove the masquerade rule of sandbox {sandbox_id}: {done.stderr.strip()}")
 
 
 def netns_name(sandbox_id: str) -> str:
@@ -174,6 +201,11 @@ class PodNetworkManager:
         if cni_ok:
             try:
                 netns.delete(ns_name)
+            except PodvisorError as exc:
+                errors.append(exc)
+        if cni_ok:
+            try:
+                _remove_masquerade_leftovers(sandbox_id)
             except PodvisorError as exc:
                 errors.append(exc)
         if errors:

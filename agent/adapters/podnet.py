@@ -61,8 +61,10 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -82,6 +84,8 @@ IP = "ip"
 DNSMASQ = "dnsmasq"
 IPTABLES = "iptables"
 SYSCTL = "sysctl"
+NSENTER = "nsenter"
+SH = "sh"
 TIMEOUT = 30.0
 # KubeVirt's choice: a link-local address no pod network uses, as the DHCP
 # server's identity on the in-namespace bridge.
@@ -290,7 +294,114 @@ def _link(name: str, *, ns: str | None = None) -> dict[str, Any] | None:
     return doc[0] if isinstance(doc, list) and doc and isinstance(doc[0], dict) else None
 
 
+def _links(*, ns: str) -> dict[str, dict[str, Any]] | None:
+    """`ip -j link show` of a whole namespace by interface name, None if it
+    cannot be listed (no such namespace): one call for all the look-ups."""
+    proc = _ip(["-j", "link", "show"], ns=ns, what=f"list the interfaces of {ns}", check=False)
+    if proc.returncode != 0:
+        return None
+    try:
+        doc = json.loads(proc.stdout)
+    except ValueError:
+        return None
+    if not isinstance(doc, list):
+        return None
+    return {str(d["ifname"]): d for d in doc if isinstance(d, dict) and "ifname" in d}
+
+
+def _exists(name: str) -> bool:
+    """Whether an interface of that name exists in the agent's (the calling
+    thread's) namespace, without a subprocess."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
+
+
+def _batch_error(stderr: bytes) -> str:
+    """The useful part of a failed `ip -batch`'s stderr: its "Error: ..."
+    line(s), not the trailing "Command failed -:N"."""
+    lines = [ln for ln in stderr.decode(errors="replace").strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if not ln.startswith("Command failed")]
+    return "; ".join(errors[-2:] or lines[-1:]) or "failed"
+
+
+def _ip_batch(commands: Sequence[str], *, ns: str | None = None, what: str) -> None:
+    """Several `ip` commands in one process (`ip -batch -`), stopping at the
+    first that fails (no ``-force``), as the separate calls did."""
+    prefix = [IP, "-n", ns] if ns else [IP]
+    args = [*prefix, "-batch", "-"]
+    try:
+        proc = subprocess.run(args, input="".join(f"{c}\n" for c in commands).encode(), capture_output=True,
+                              timeout=TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise Internal(f"{what}: {IP} took longer than {TIMEOUT:.0f}s") from None
+    except FileNotFoundError:
+        raise Internal(f"{what}: {IP} is not installed") from None
+    if proc.returncode != 0:
+        raise Internal(f"{what}: {' '.join(args[:4])} failed: {_batch_error(proc.stderr)}")
+
+
+def _batch_safe(text: str) -> bool:
+    """Whether ``text`` survives as one double-quoted `ip -batch` argument."""
+    return all(c.isprintable() and c not in '"\\' for c in text)
+
+
+def _host_sysctl(settings: dict[str, str]) -> None:
+    """Best effort, like :func:`_sysctl`, but written directly under
+    /proc/sys (net settings follow the writing thread's namespace: the
+    agent's, where `sysctl` would have run)."""
+    for path, value in settings.items():
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+        except FileNotFoundError:
+            continue  # no IPv6, no br_netfilter: skipped, as `sysctl -e` does
+        except OSError as exc:
+            log.warning("sysctl failed", netns="host", setting=path, value=value, error=str(exc))
+
+
+_SYSCTL_FAILED = "podnet-sysctl-failed "
+
+
+def _ns_script(netns_name: str, steps: Sequence[tuple[str, Sequence[str] | dict[str, str]]], *, what: str) -> None:
+    """Run `ip -batch` steps and best-effort /proc/sys writes in a pod
+    namespace, in order, in one process (`nsenter --net` and a shell: no
+    `ip netns exec` mount namespace per call). A failing `ip` step stops
+    the script and raises; a sysctl that cannot be written is logged, and
+    one that does not exist is skipped, as `sysctl -e` did."""
+    lines = []
+    for i, (kind, body) in enumerate(steps):
+        if kind == "ip":
+            assert not isinstance(body, dict)
+            tag = f"PODNET_IP_{i}"
+            lines += [f"{IP} -batch - <<'{tag}' || exit 1", *body, tag]
+        else:
+            assert isinstance(body, dict)
+            for path, value in body.items():
+                q = shlex.quote(path)
+                lines.append(f"if [ -e {q} ]; then echo {shlex.quote(value)} 2>/dev/null > {q} || "
+                             f"echo {shlex.quote(_SYSCTL_FAILED + path + '=' + value)} >&2; fi")
+    args = [NSENTER, f"--net={netns.path(netns_name)}", SH, "-c", "\n".join(lines) + "\n"]
+    try:
+        proc = subprocess.run(args, capture_output=True, timeout=TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise Internal(f"{what}: {NSENTER} took longer than {TIMEOUT:.0f}s") from None
+    except FileNotFoundError:
+        raise Internal(f"{what}: {NSENTER} is not installed") from None
+    stderr = proc.stderr.decode(errors="replace").splitlines()
+    for line in stderr:
+        if line.startswith(_SYSCTL_FAILED):
+            log.warning("sysctl failed", netns=netns_name, setting=line[len(_SYSCTL_FAILED):])
+    if proc.returncode != 0:
+        rest = "\n".join(ln for ln in stderr if not ln.startswith(_SYSCTL_FAILED)).encode()
+        raise Internal(f"{what}: ip -batch in {netns_name} failed: {_batch_error(rest)}")
+
+
 def _delete_link(name: str, *, ns: str | None = None) -> None:
+    if ns is None and not _exists(name):
+        return
     proc = _ip(["link", "del", "dev", name], ns=ns, what=f"delete {name}", check=False)
     if proc.returncode != 0 and _link(name, ns=ns) is not None:
         message = proc.stderr.decode(errors="replace").strip()
@@ -485,7 +596,10 @@ def setup(sandbox_id: str, netns_name: str, cni_result: CNIResult, hostname: str
 def _setup(sandbox_id: str, netns_name: str, cni_result: CNIResult, hostname: str,
            dns_servers: Sequence[str], dns_searches: Sequence[str], workdir: Path,
            ifname: str, names: LinkNames) -> PodWiring:
-    pod_if = _link(ifname, ns=netns_name)
+    # One listing of the pod namespace: eth0 (must exist) and whether a
+    # retry finds the in-namespace bridge already there.
+    pod_links = _links(ns=netns_name) or {}
+    pod_if = pod_links.get(ifname)
     if pod_if is None:
         raise FailedPrecondition(f"the pod network namespace {netns_name} has no {ifname} after CNI ADD")
     previous = _load_state(workdir)
@@ -510,51 +624,62 @@ def _setup(sandbox_id: str, netns_name: str, cni_result: CNIResult, hostname: st
     ns = netns_name
     what = f"wire sandbox {sandbox_id[:12]}"
 
-    # Pod side: eth0 gives up its address and MAC and becomes a bridge port.
-    _ip(["addr", "flush", "dev", ifname], ns=ns, what=what)
-    _ip(["link", "set", "dev", ifname, "down"], ns=ns, what=what)
-    _ip(["link", "set", "dev", ifname, "address", random_mac()], ns=ns, what=what)
-    if _link(names.inner_bridge, ns=ns) is None:
-        _ip(["link", "add", "name", names.inner_bridge, "mtu", str(mtu), "type", "bridge"], ns=ns, what=what)
-        # A fixed address: a bridge otherwise takes its ports' lowest MAC and
-        # the DHCP server's source address would change under the VM.
-        _ip(["link", "set", "dev", names.inner_bridge, "address", random_mac()], ns=ns, what=what)
-    _sysctl({f"net.ipv6.conf.{ifname}.disable_ipv6": "1",
-             f"net.ipv6.conf.{names.inner_bridge}.disable_ipv6": "1",
-             # Pure L2 in here: no reason for bridged frames to see netfilter.
-             "net.bridge.bridge-nf-call-iptables": "0",
-             "net.bridge.bridge-nf-call-ip6tables": "0",
-             "net.bridge.bridge-nf-call-arptables": "0"}, ns=ns)
-    _ip(["addr", "replace", f"{DHCP_SERVER_IP}/32", "dev", names.inner_bridge], ns=ns, what=what)
-    _ip(["link", "set", "dev", ifname, "master", names.inner_bridge], ns=ns, what=what)
-    _ip(["link", "set", "dev", ifname, "type", "bridge_slave", "learning", "off"], ns=ns, what=what)
-    _ip(["link", "set", "dev", ifname, "up"], ns=ns, what=what)
-    _ip(["link", "set", "dev", names.inner_bridge, "up"], ns=ns, what=what)
-
-    # Host side: a bridge for the VM's tap, joined to the pod bridge by a veth pair.
+    # Host side first (the veth's pod end must exist before the pod side
+    # enslaves it): a bridge for the VM's tap, joined to the pod bridge by a
+    # veth pair. Each `ip -batch` stops at its first failing command.
     alias = f"podvisor sandbox {sandbox_id}"
-    existing = _link(names.host_bridge)
+    existing = _link(names.host_bridge) if _exists(names.host_bridge) else None
+    host: list[str] = []
     if existing is None:
-        _ip(["link", "add", "name", names.host_bridge, "mtu", str(mtu), "type", "bridge"], what=what)
+        host.append(f"link add name {names.host_bridge} mtu {mtu} type bridge")
     elif existing.get("ifalias") not in (None, alias):
         # Names carry 48 bits of the id: never take over another sandbox's
         # bridge. (No alias at all: our own, from a crash right after "add".)
         raise FailedPrecondition(f"interface {names.host_bridge} exists and belongs to {existing.get('ifalias')!r}, "
                                  f"not to sandbox {sandbox_id}")
     # The alias says whose bridge it is (`ip link` shows it to an operator).
-    _ip(["link", "set", "dev", names.host_bridge, "alias", alias], what=what)
-    _ip(["link", "set", "dev", names.host_bridge, "arp", "off"], what=what)
-    if _link(names.host_veth) is None:
-        _ip(["link", "add", "name", names.host_veth, "mtu", str(mtu), "type", "veth",
-             "peer", "name", names.pod_veth, "mtu", str(mtu), "netns", ns], what=what)
-    _sysctl({f"net.ipv6.conf.{names.host_bridge}.disable_ipv6": "1",
-             f"net.ipv6.conf.{names.host_veth}.disable_ipv6": "1"})
-    _ip(["link", "set", "dev", names.host_veth, "master", names.host_bridge], what=what)
-    _ip(["link", "set", "dev", names.host_veth, "type", "bridge_slave", "learning", "off"], what=what)
-    _ip(["link", "set", "dev", names.host_veth, "up"], what=what)
-    _ip(["link", "set", "dev", names.host_bridge, "up"], what=what)
-    _ip(["link", "set", "dev", names.pod_veth, "master", names.inner_bridge, "up"], ns=ns, what=what)
+    if _batch_safe(alias):
+        host.append(f'link set dev {names.host_bridge} alias "{alias}"')
+    host.append(f"link set dev {names.host_bridge} arp off")
+    if not _exists(names.host_veth):
+        host.append(f"link add name {names.host_veth} mtu {mtu} type veth "
+                    f"peer name {names.pod_veth} mtu {mtu} netns {ns}")
+    _ip_batch(host, what=what)
+    if not _batch_safe(alias):  # an id `ip -batch` cannot quote: on its own command line
+        _ip(["link", "set", "dev", names.host_bridge, "alias", alias], what=what)
+    _host_sysctl({f"/proc/sys/net/ipv6/conf/{names.host_bridge}/disable_ipv6": "1",
+                  f"/proc/sys/net/ipv6/conf/{names.host_veth}/disable_ipv6": "1"})
+    _ip_batch([f"link set dev {names.host_veth} master {names.host_bridge}",
+               f"link set dev {names.host_veth} type bridge_slave learning off",
+               f"link set dev {names.host_veth} up",
+               f"link set dev {names.host_bridge} up"], what=what)
     _add_notrack(names, sandbox_id)
+
+    # Pod side, in one process: eth0 gives up its address and MAC and becomes
+    # a bridge port.
+    first = [f"addr flush dev {ifname}",
+             f"link set dev {ifname} down",
+             f"link set dev {ifname} address {random_mac()}"]
+    if names.inner_bridge not in pod_links:
+        first.append(f"link add name {names.inner_bridge} mtu {mtu} type bridge")
+        # A fixed address: a bridge otherwise takes its ports' lowest MAC and
+        # the DHCP server's source address would change under the VM.
+        first.append(f"link set dev {names.inner_bridge} address {random_mac()}")
+    _ns_script(ns, [
+        ("ip", first),
+        ("sysctl", {f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6": "1",
+                    f"/proc/sys/net/ipv6/conf/{names.inner_bridge}/disable_ipv6": "1",
+                    # Pure L2 in here: no reason for bridged frames to see netfilter.
+                    "/proc/sys/net/bridge/bridge-nf-call-iptables": "0",
+                    "/proc/sys/net/bridge/bridge-nf-call-ip6tables": "0",
+                    "/proc/sys/net/bridge/bridge-nf-call-arptables": "0"}),
+        ("ip", [f"addr replace {DHCP_SERVER_IP}/32 dev {names.inner_bridge}",
+                f"link set dev {ifname} master {names.inner_bridge}",
+                f"link set dev {ifname} type bridge_slave learning off",
+                f"link set dev {ifname} up",
+                f"link set dev {names.inner_bridge} up",
+                f"link set dev {names.pod_veth} master {names.inner_bridge} up"]),
+    ], what=what)
 
     if not dhcp_running(workdir):
         _start_dnsmasq(wiring, names, netns_name, workdir)

@@ -292,7 +292,11 @@ class ContainerService:
             if c.state is not ContainerState.CREATED:
                 raise FailedPrecondition(f"container {c.id} is {c.state.value}; only a created container can start")
             self._p.console.follow(c.id, c.console_log, c.log_path, self._p.files.console_state(c.directory))
-            self._p.libvirt.start_domain(c.domain_name)
+            try:
+                self._p.libvirt.start_domain(c.domain_name)
+            except BaseException:
+                self._p.console.unfollow(c.id)
+                raise
             c = self._put(dataclasses.replace(c, state=ContainerState.RUNNING, started_at_ns=self._p.now_ns()))
         log.info("container started", container_id=c.id, domain=c.domain_name)
         self._emit(c, "started")
@@ -312,8 +316,13 @@ class ContainerService:
                 if c.state is ContainerState.CREATED:
                     self._finish(c, exit_code=0, reason="Completed", message="stopped before it started")
                 return
-            c = self._put(dataclasses.replace(c, stop_requested=True))
-            self._stopping.add(c.id)
+            with self._lock:
+                # The event thread may have recorded an exit since the read.
+                current = self._by_id.get(c.id)
+                if current is None or current.state is not ContainerState.RUNNING:
+                    return
+                c = self._put(dataclasses.replace(current, stop_requested=True))
+                self._stopping.add(c.id)
             try:
                 self._stop_domain(c, timeout)
             finally:
@@ -492,8 +501,11 @@ class ContainerService:
                     self._p.libvirt.set_domain_memory(c.domain_name, memory_bytes, live=live)
                 if vcpus and vcpus != c.vcpus:
                     self._p.libvirt.set_domain_vcpus(c.domain_name, vcpus, live=live)
-            c = self._put(dataclasses.replace(c, memory_bytes=memory_bytes or c.memory_bytes,
-                                              vcpus=vcpus or c.vcpus))
+            with self._lock:
+                # Re-read: an exit recorded meanwhile must not be overwritten.
+                current = self._by_id.get(c.id, c)
+                c = self._put(dataclasses.replace(current, memory_bytes=memory_bytes or current.memory_bytes,
+                                                  vcpus=vcpus or current.vcpus))
         log.info("container resources updated", container_id=c.id, vcpus=c.vcpus, memory=c.memory_bytes)
         return c
 

@@ -8,10 +8,14 @@ undo what a crash interrupted.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import structlog
 
+from agent.domain.errors import PodvisorError
 from agent.domain.sandbox import NetworkMode, SandboxState
 from agent.services.ports import Ports
 from agent.services.sandboxes import SandboxService
@@ -26,6 +30,18 @@ class RecoveryReport:
     finished_removal: list[str] = field(default_factory=list)
     orphan_dirs: list[str] = field(default_factory=list)
     orphan_networks: list[str] = field(default_factory=list)
+    network_lost: list[str] = field(default_factory=list)
+
+
+def _best_effort(what: str, sandbox_id: str, fn: Callable[[], object]) -> bool:
+    """Recovery must not keep the agent from starting: log and carry on (the
+    next start, or kubelet's next Stop/Remove, retries)."""
+    try:
+        fn()
+    except (PodvisorError, OSError) as exc:
+        log.error(f"recovery could not {what}", sandbox_id=sandbox_id, error=str(exc))
+        return False
+    return True
 
 
 def recover(ports: Ports, sandboxes: SandboxService) -> RecoveryReport:
@@ -34,7 +50,7 @@ def recover(ports: Ports, sandboxes: SandboxService) -> RecoveryReport:
     keep = []
     for sb in stored:
         if sb.state is SandboxState.CREATING:
-            sandboxes.remove_network(sb)
+            _best_effort("roll back pod network", sb.id, partial(sandboxes.remove_network, sb))
             ports.files.remove_sandbox_dir(sb.id)
             ports.store.delete_sandbox(sb.id)
             report.rolled_back.append(sb.id)
@@ -46,18 +62,30 @@ def recover(ports: Ports, sandboxes: SandboxService) -> RecoveryReport:
     sandboxes.load(keep)
     for sb in keep:
         if sb.state is SandboxState.REMOVING:
-            sandboxes.finish_removal(sb)
-            report.finished_removal.append(sb.id)
+            if _best_effort("finish removal", sb.id, partial(sandboxes.finish_removal, sb)):
+                report.finished_removal.append(sb.id)
     known = {sb.id for sb in stored}
     if ports.network is not None:
-        for sb in keep:
+        for sb in list(keep):
             if sb.state is SandboxState.READY and sb.spec.network_mode is NetworkMode.POD:
-                # dnsmasq is the agent's child: a crash or reboot may have taken it.
-                ports.network.ensure_dhcp(sb.id, ports.files.sandbox_dir(sb.id))
-        for sid in ports.network.cached_sandbox_ids():
+                try:
+                    # dnsmasq is the agent's child: a crash may have taken it.
+                    ports.network.ensure_dhcp(sb.id, ports.files.sandbox_dir(sb.id))
+                except (PodvisorError, OSError) as exc:
+                    # After a reboot the namespace and links are gone: the
+                    # sandbox cannot serve its VM any more. NOTREADY makes
+                    # kubelet recreate the pod, as with containerd.
+                    log.warning("pod network lost; sandbox marked NOTREADY", sandbox_id=sb.id, error=str(exc))
+                    lost = dataclasses.replace(sb, state=SandboxState.NOTREADY, stopped_at_ns=ports.clock.now_ns())
+                    ports.store.update_sandbox(lost)
+                    sandboxes.load([lost])
+                    report.network_lost.append(sb.id)
+        network = ports.network
+        for sid in network.cached_sandbox_ids():
             if sid not in known:
-                ports.network.remove(sid, ports.files.sandbox_dir(sid))
-                report.orphan_networks.append(sid)
+                if _best_effort("remove orphan pod network", sid,
+                                partial(network.remove, sid, ports.files.sandbox_dir(sid))):
+                    report.orphan_networks.append(sid)
     for name in ports.files.list_sandbox_dirs():
         if name not in known:
             ports.files.remove_sandbox_dir(name)

@@ -195,3 +195,20 @@ def test_crash_after_stop_started_is_finished_by_remove(agent_factory: Any, netw
     agent.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=120)
     agent.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
     assert leftovers(network["ipam"], marks_for(agent, [(sid, ip)])) == NOTHING
+
+
+def test_pod_network_lost_in_a_reboot_marks_the_sandbox_notready(agent_factory: Any,
+                                                                network: dict[str, Any]) -> None:
+    agent = agent_with(agent_factory, network).start()
+    sid = agent.runtime.RunPodSandbox(sandbox("rebooted"), timeout=120).pod_sandbox_id
+    ip = agent.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=30).status.network.ip
+    agent.kill9()
+    # What a reboot takes: the DHCP server and the namespace (with its links).
+    subprocess.run(["pkill", "-f", f"dnsmasq .*{sid}"], check=False)
+    subprocess.run(["ip", "netns", "del", f"podvisor-{sid}"], check=True)
+    agent.start()
+    st = agent.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=30).status
+    assert st.state == pb.SANDBOX_NOTREADY
+    agent.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+    agent.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+    assert leftovers(network["ipam"], marks_for(agent, [(sid, ip)])) == NOTHING

@@ -578,10 +578,6 @@ def test_update_resources_beyond_the_maximum_is_refused(fakes: ContainerFakes,
     assert fakes.store.rows[c.id].memory_bytes == 256 * MiB
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "update_resources writes back the snapshot it read before taking the op lock: an exit "
-    "recorded meanwhile by the libvirt event thread is overwritten with RUNNING "
-    "(agent/services/containers.py, update_resources, the final _put)"))
 def test_update_resources_does_not_resurrect_a_container_that_exited_meanwhile(
         fakes: ContainerFakes, service: ContainerService) -> None:
     c = _running(service, fakes)
@@ -594,10 +590,6 @@ def test_update_resources_does_not_resurrect_a_container_that_exited_meanwhile(
     assert fakes.store.rows[c.id].state is ContainerState.EXITED
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "stop() marks stop_requested on the snapshot _reconcile returned, outside self._lock: an exit "
-    "the event thread records in between is overwritten with RUNNING, and the stop then records a "
-    "second exit (0 Completed) over the real one (agent/services/containers.py, stop)"))
 def test_stop_keeps_an_exit_recorded_by_the_event_thread_during_reconcile(
         fakes: ContainerFakes, service: ContainerService) -> None:
     c = _running(service, fakes)
