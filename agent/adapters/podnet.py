@@ -83,7 +83,6 @@ log = structlog.get_logger(__name__)
 IP = "ip"
 DNSMASQ = "dnsmasq"
 IPTABLES = "iptables"
-SYSCTL = "sysctl"
 NSENTER = "nsenter"
 SH = "sh"
 TIMEOUT = 30.0
@@ -344,14 +343,15 @@ def _ip_batch(commands: Sequence[str], *, ns: str | None = None, what: str) -> N
 
 
 def _batch_safe(text: str) -> bool:
-    """Whether ``text`` survives as one double-quoted `ip -batch` argument."""
-    return all(c.isprintable() and c not in '"\\' for c in text)
+    """Whether ``text`` survives as one double-quoted `ip -batch` argument
+    (`ip` reads "#" as a comment even inside quotes)."""
+    return all(c.isprintable() and c not in "\"\\'#" for c in text)
 
 
 def _host_sysctl(settings: dict[str, str]) -> None:
-    """Best effort, like :func:`_sysctl`, but written directly under
-    /proc/sys (net settings follow the writing thread's namespace: the
-    agent's, where `sysctl` would have run)."""
+    """Best effort: missing keys (no IPv6, no br_netfilter) are skipped, as
+    `sysctl -e` would. Written directly under /proc/sys: net settings follow
+    the writing thread's namespace, the agent's, where `sysctl` would run."""
     for path, value in settings.items():
         try:
             with open(path, "w") as f:
@@ -408,17 +408,6 @@ def _delete_link(name: str, *, ns: str | None = None) -> None:
         raise Internal(f"cannot delete interface {name}: {message}")
 
 
-def _sysctl(settings: dict[str, str], *, ns: str | None = None) -> None:
-    """Best effort: missing keys (no IPv6, no br_netfilter) are skipped."""
-    args = [SYSCTL, "-q", "-e", "-w", *(f"{k}={v}" for k, v in settings.items())]
-    if ns:
-        args = [IP, "netns", "exec", ns, *args]
-    proc = _run(args, what="sysctl", check=False)
-    if proc.returncode != 0:
-        log.warning("sysctl failed", netns=ns or "host", settings=settings,
-                    error=proc.stderr.decode(errors="replace").strip())
-
-
 def _notrack_rule(names: LinkNames, sandbox_id: str) -> list[str]:
     return ["-t", "raw", "PREROUTING", "-i", names.host_bridge, "-m", "comment", "--comment",
             f"podvisor: VM bridge of sandbox {sandbox_id[:12]}", "-j", "NOTRACK"]
@@ -442,9 +431,13 @@ def _remove_notrack(names: LinkNames, sandbox_id: str) -> None:
         return  # then setup could not have added it either
     rule = _notrack_rule(names, sandbox_id)
     for _ in range(16):  # a retried setup may have added it more than once
+        # Delete first and check after: one call less than check-then-delete
+        # for the usual single rule; a failed -D is an error only if -C still
+        # finds the rule.
+        deleted = _iptables("-D", rule) == 0
         if _iptables("-C", rule) != 0:
             return
-        if _iptables("-D", rule) != 0:
+        if not deleted:
             raise Internal(f"cannot delete the conntrack exemption of {names.host_bridge}")
 
 
@@ -528,7 +521,7 @@ def _stop_dnsmasq(workdir: Path) -> None:
                 if _is_our_dnsmasq(pid, pid_file):
                     raise Internal(f"dnsmasq (pid {pid}) does not exit")
                 break
-            time.sleep(0.05)
+            time.sleep(0.005)  # dnsmasq exits within milliseconds of SIGTERM
     for name in (PID_FILE, LEASE_FILE, LOG_FILE):
         (workdir / name).unlink(missing_ok=True)
 
@@ -696,14 +689,17 @@ def _restore_pod_interface(ns: str, ifname: str, mac: str, addresses: Sequence[s
     there, its ipMasq chain would stay in the host's nat table forever.
     """
     what = f"restore {ifname} in {ns}"
-    if any(":" in a for a in addresses):
-        _sysctl({f"net.ipv6.conf.{ifname}.disable_ipv6": "0"}, ns=ns)
-    _ip(["link", "set", "dev", ifname, "down"], ns=ns, what=what)
+    commands = [f"link set dev {ifname} down"]
     if mac:
-        _ip(["link", "set", "dev", ifname, "address", mac], ns=ns, what=what)
-    for address in addresses:
-        _ip(["addr", "replace", address, "dev", ifname], ns=ns, what=what)
-    _ip(["link", "set", "dev", ifname, "up"], ns=ns, what=what)
+        commands.append(f"link set dev {ifname} address {mac}")
+    commands += [f"addr replace {address} dev {ifname}" for address in addresses]
+    commands.append(f"link set dev {ifname} up")
+    if any(":" in a for a in addresses):
+        # IPv6 back on before its addresses return, in the same process.
+        _ns_script(ns, [("sysctl", {f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6": "0"}), ("ip", commands)],
+                   what=what)
+    else:
+        _ip_batch(commands, ns=ns, what=what)
 
 
 def ensure_dhcp(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "eth0") -> bool:
@@ -741,9 +737,11 @@ def teardown(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "
         mac = found[1].mac if found else ""
         addresses = tuple(str(ipc.address) for ipc in cni_result.ips_for(ifname))
     if netns.exists(netns_name):
-        if _link(names.inner_bridge, ns=netns_name) is not None:
+        # One listing for both look-ups (deleting the bridge leaves eth0 be).
+        pod_links = _links(ns=netns_name) or {}
+        if names.inner_bridge in pod_links:
             _delete_link(names.inner_bridge, ns=netns_name)  # releases eth0
-        if (mac or addresses) and _link(ifname, ns=netns_name) is not None:
+        if (mac or addresses) and ifname in pod_links:
             _restore_pod_interface(netns_name, ifname, mac, addresses)
     (workdir / STATE_FILE).unlink(missing_ok=True)
     log.info("pod wiring removed", sandbox_id=sandbox_id, bridge=names.host_bridge)

@@ -150,3 +150,22 @@ def test_dnsmasq_args_without_default_route_send_no_router() -> None:
 def test_wiring_round_trips_through_json() -> None:
     w = _plan(_result(routes=[{"dst": "0.0.0.0/0"}, {"dst": "172.16.0.0/12"}]), dns_servers=("1.1.1.1",))
     assert PodWiring.from_json(w.to_json()) == w
+
+
+def test_batch_error_keeps_the_error_not_the_line_number() -> None:
+    from agent.adapters.podnet import _batch_error
+
+    assert _batch_error(b'Error: argument "x" is wrong: "dev" not a valid ifname\nCommand failed -:3\n') == (
+        'Error: argument "x" is wrong: "dev" not a valid ifname')
+    assert _batch_error(b"Command failed -:1\n") == "Command failed -:1"
+    assert _batch_error(b"") == "failed"
+
+
+def test_batch_safe_only_for_quotable_text() -> None:
+    from agent.adapters.podnet import _batch_safe
+
+    assert _batch_safe("podvisor sandbox " + SANDBOX)
+    assert _batch_safe("podvisor sandbox my sandbox; $1")
+    assert not _batch_safe("podvisor sandbox #1") and not _batch_safe("podvisor sandbox a'b")
+    assert not _batch_safe('podvisor sandbox a"b') and not _batch_safe("podvisor sandbox a\\b")
+    assert not _batch_safe("podvisor sandbox a\nlink del dev eth0")
