@@ -57,8 +57,11 @@ def running_agent(tmp_path: Path) -> Iterator[Agent]:
     config = tmp_path / "agent.toml"
     config.write_text(
         f'state_dir = "{tmp_path / "state"}"\n'
+        f'runtime_dir = "{sock_dir}"\n'
         f'[server]\nsocket = "{sock}"\nshutdown_grace_seconds = 2.0\n'
-        f'[cni]\nconf_dirs = ["{cni_dir}"]\n'
+        # No pod networking: with none configured the agent would use its
+        # built-in bridge on the host, which this test must not touch.
+        f'[cni]\nenabled = false\nconf_dirs = ["{cni_dir}"]\n'
         '[log]\nformat = "json"\nlevel = "debug"\n'
     )
     log_path = tmp_path / "agent.log"
