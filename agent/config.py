@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.domain import imageref
+from agent.domain.vmrequest import VMDefaults
 
 DEFAULT_SOCKET = Path("/run/podvisor/podvisor.sock")
 DEFAULT_STATE_DIR = Path("/var/lib/podvisor")
@@ -70,19 +71,6 @@ class ImagesConfig:
 
 
 @dataclass(frozen=True)
-class VMConfig:
-    """Sizes for what neither the CRI request nor annotations state."""
-
-    vcpus: int = 1
-    memory_bytes: int = 512 * 2**20
-    # Ceilings UpdateContainerResources may grow a VM to: a VM's maximum is the
-    # larger of its size and these. 0: no headroom beyond the created size.
-    max_vcpus: int = 0
-    max_memory_bytes: int = 0
-    firmware: str = "bios"
-
-
-@dataclass(frozen=True)
 class RegistryHost:
     """Settings for one registry, keyed by its name (``docker.io``, ``127.0.0.1:5000``)."""
 
@@ -122,7 +110,9 @@ class AgentConfig:
     cni: CNIConfig = field(default_factory=CNIConfig)
     log: LogConfig = field(default_factory=LogConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
-    vm: VMConfig = field(default_factory=VMConfig)
+    # [vm]: sizes for what neither the CRI request nor annotations state; the
+    # domain's own defaults type, checked when built.
+    vm: VMDefaults = field(default_factory=VMDefaults)
     registries: RegistriesConfig = field(default_factory=RegistriesConfig)
 
     @property
@@ -144,7 +134,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "cni": CNIConfig,
     "log": LogConfig,
     "images": ImagesConfig,
-    "vm": VMConfig,
+    "vm": VMDefaults,
 }
 
 
@@ -195,7 +185,10 @@ def _section(name: str, cls: type[Any], data: Any) -> Any:
         if key not in known:
             raise ConfigError(f"[{name}] {key}: unknown setting (known: {', '.join(sorted(known))})")
         values[key] = _coerce(f"[{name}] {key}", getattr(base, key), value)
-    return dataclasses.replace(base, **values)
+    try:
+        return dataclasses.replace(base, **values)
+    except ValueError as exc:  # the section type's own checks (e.g. [vm])
+        raise ConfigError(f"[{name}] {exc}") from None
 
 
 def _registries(data: Any) -> RegistriesConfig:
@@ -314,14 +307,8 @@ def validate(cfg: AgentConfig) -> None:
             raise ConfigError(f'[registries.hosts."{name}"] mirrors: {exc}') from None
         if host.ca_file and not Path(host.ca_file).is_absolute():
             raise ConfigError(f'[registries.hosts."{name}"] ca_file: must be an absolute path')
-    if not 1 <= cfg.vm.vcpus <= 512 or cfg.vm.max_vcpus > 512:
-        raise ConfigError("[vm] vcpus / max_vcpus: must be between 1 and 512")
     if len(str(cfg.runtime_dir)) > 60:
         raise ConfigError("runtime_dir: keep it under 60 characters (VM console socket paths must fit 107 bytes)")
-    if cfg.vm.firmware not in ("bios", "uefi"):
-        raise ConfigError(f"[vm] firmware: {cfg.vm.firmware!r} is not bios or uefi")
-    if cfg.vm.memory_bytes < 16 * 2**20:
-        raise ConfigError("[vm] memory_bytes: must be at least 16 MiB")
     if cfg.libvirt.virt_type not in VIRT_TYPES:
         raise ConfigError(
             f"[libvirt] virt_type: {cfg.libvirt.virt_type!r} is not one of {', '.join(VIRT_TYPES)}"

@@ -164,9 +164,7 @@ def build_container_service(cfg: AgentConfig, store: Store, libvirt: Libvirt, co
                             sandboxes: SandboxService, images: ImageService, virt_type: str,
                             network: PodNetworkManager | None) -> ContainerService:
     """VM containers: request merging, seeds and domain XML behind the use cases."""
-    defaults = vmrequest.VMDefaults(vcpus=cfg.vm.vcpus, memory_bytes=cfg.vm.memory_bytes,
-                                    max_vcpus=cfg.vm.max_vcpus, max_memory_bytes=cfg.vm.max_memory_bytes,
-                                    firmware=cfg.vm.firmware)
+    defaults = cfg.vm
 
     def build_request(spec: ContainerSpec, sandbox: Sandbox) -> VMRequest:
         return vmrequest.build_vm_request(
