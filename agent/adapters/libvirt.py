@@ -279,13 +279,6 @@ class Libvirt:
 
         return self.call(get)
 
-    def capabilities_xml(self) -> str:
-        return self.call(lambda c: str(c.getCapabilities()))
-
-    @staticmethod
-    def library_version() -> str:
-        return _fmt_version(libvirt.getVersion())
-
     # Domains ---------------------------------------------------------------
 
     def define_domain(self, xml: str) -> None:

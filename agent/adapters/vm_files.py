@@ -107,10 +107,3 @@ class VMFiles:
             return os.stat(path).st_blocks * 512
         except OSError:
             return 0
-
-    def container_dirs(self, sandbox_id: str) -> list[str]:
-        d = self.sandboxes / sandbox_id / "containers"
-        try:
-            return [str(p) for p in d.iterdir() if _HEX.match(p.name)]
-        except OSError:
-            return []
