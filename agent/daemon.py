@@ -180,6 +180,10 @@ def build_container_service(cfg: AgentConfig, store: Store, libvirt: Libvirt, co
         status = network.status(sandbox.id, cfg.sandboxes_dir / sandbox.id)
         return status.wiring if status is not None else None
 
+    def start_dhcp(sandbox: Sandbox) -> None:
+        if network is not None and sandbox.spec.network_mode is NetworkMode.POD:
+            network.ensure_dhcp(sandbox.id, cfg.sandboxes_dir / sandbox.id)
+
     def nic(sandbox: Sandbox) -> tuple[str, str] | None:
         w = wiring(sandbox)
         return (w.host_bridge, w.vm_mac) if w is not None else None
@@ -204,7 +208,7 @@ def build_container_service(cfg: AgentConfig, store: Store, libvirt: Libvirt, co
         store=store, libvirt=libvirt, files=VMFiles(cfg.sandboxes_dir, cfg.runtime_dir, nic), console=console,
         sandboxes=sandboxes, images=images, build_request=build_request, build_seed=build_seed,
         render_domain=domain_xml.render, parse_metadata=domain_xml.parse_metadata,
-        virt_type=lambda: virt_type,
+        virt_type=lambda: virt_type, start_dhcp=start_dhcp,
     ))
 
 

@@ -269,15 +269,15 @@ class CNIExec:
             raise InvalidArgument("pod_sandbox_id", f"{container_id!r} is not a valid CNI container id")
         return self.cache_dir / f"{container_id}.json"
 
-    def _write_cache(self, entry: CacheEntry) -> None:
+    def _write_cache(self, entry: CacheEntry, *, durable: bool = True) -> None:
         try:
-            self._write_cache_file(entry)
+            self._write_cache_file(entry, durable)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise ResourceExhausted(f"cannot write the CNI cache in {self.cache_dir}: {exc.strerror}") from None
             raise Internal(f"cannot write the CNI cache in {self.cache_dir}: {exc.strerror}") from None
 
-    def _write_cache_file(self, entry: CacheEntry) -> None:
+    def _write_cache_file(self, entry: CacheEntry, durable: bool) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         doc = {"kind": CACHE_KIND, "version": CACHE_VERSION, "attachment": entry.attachment.to_json(),
                "config": entry.config, "runtimeConfig": entry.runtime_config, "result": entry.result}
@@ -286,12 +286,15 @@ class CNIExec:
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(doc, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if not durable:
+            return
         # The rename itself must survive a power cut, or DEL would not know
         # what to undo after a reboot.
         dir_fd = os.open(self.cache_dir, os.O_RDONLY)
@@ -444,7 +447,12 @@ class CNIExec:
             else:
                 self._drop_cache(attachment.container_id)
             raise
-        self._write_cache(CacheEntry(attachment=attachment, config=conflist, runtime_config=dict(rc), result=prev))
+        # Atomic, but not synced: what a power cut could lose is only the
+        # result, and DEL after a reboot needs just the synced entry above
+        # (the namespace, links and iptables rules do not survive a reboot;
+        # IPAM leases are released by container id). libcni syncs neither.
+        self._write_cache(CacheEntry(attachment=attachment, config=conflist, runtime_config=dict(rc), result=prev),
+                          durable=False)
         return parsed
 
     def check(self, container_id: str) -> None:

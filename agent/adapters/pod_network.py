@@ -9,10 +9,13 @@ works with nothing in memory: after an agent crash, from a new object.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import subprocess
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +103,8 @@ class PodNetworkManager:
         self.builtin_subnet = builtin_subnet
         self.ipam_data_dir = ipam_data_dir
         self.cni = CNIExec(self.bin_dirs, cache_dir, timeout=plugin_timeout)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
         # Validate the fallback now: a typo in the agent's config should stop
         # the start, not the first sandbox.
         builtin_default_config(builtin_bridge, builtin_subnet, ipam_data_dir=ipam_data_dir)
@@ -134,7 +139,17 @@ class PodNetworkManager:
         try:
             ns_path = netns.create(ns_name, exist_ok=True)
             config, source = self.network_config()
-            result = self.cni.add(config, attachment, runtime_config(port_mappings, dns))
+            # The VM's side of the wiring needs only the namespace: it is
+            # built while the plugins run (a thread started here, so it is in
+            # the caller's network namespace too), eth0 joins it afterwards.
+            with ThreadPoolExecutor(1, thread_name_prefix="podnet-prepare") as pool:
+                prepared = pool.submit(podnet.prepare, sandbox_id, ns_name, workdir, ifname=IFNAME)
+                try:
+                    result = self.cni.add(config, attachment, runtime_config(port_mappings, dns))
+                except BaseException:
+                    wait([prepared])  # the plugin's error is the one to report
+                    raise
+                prepared.result()
             wiring = podnet.setup(sandbox_id, ns_name, result, hostname, dns.servers, dns.searches, workdir,
                                   ifname=IFNAME)
         except BaseException as exc:
@@ -165,8 +180,29 @@ class PodNetworkManager:
                                 additional_ips=others, wiring=wiring, result=result)
 
     def ensure_dhcp(self, sandbox_id: str, workdir: Path) -> bool:
-        """Restart a sandbox's DHCP server if it died (start-up recovery)."""
-        return podnet.ensure_dhcp(sandbox_id, netns_name(sandbox_id), workdir, ifname=IFNAME)
+        """Start the sandbox's DHCP server for its VM unless it runs (True if
+        it was started); a sandbox without pod network wiring has none."""
+        with self._lock_for(sandbox_id):
+            return podnet.ensure_dhcp(sandbox_id, netns_name(sandbox_id), workdir, ifname=IFNAME)
+
+    def recover(self, sandbox_id: str, workdir: Path) -> None:
+        """At agent start, for a sandbox that should have its pod network:
+        raises Unavailable when it is gone (a host reboot empties /run/netns),
+        and restarts a DHCP server that was running and died since."""
+        ns_name = netns_name(sandbox_id)
+        if not netns.exists(ns_name):
+            raise Unavailable(f"the pod network namespace {ns_name} is gone (host rebooted?)")
+        with self._lock_for(sandbox_id):
+            podnet.ensure_dhcp(sandbox_id, ns_name, workdir, ifname=IFNAME, only_if_started=True)
+
+    @contextlib.contextmanager
+    def _lock_for(self, sandbox_id: str) -> Iterator[None]:
+        """Serialises the DHCP server's start with the sandbox's teardown (a
+        dnsmasq started while the namespace goes would outlive it)."""
+        with self._locks_guard:
+            lock = self._locks.setdefault(sandbox_id, threading.Lock())
+        with lock:
+            yield
 
     def cached_sandbox_ids(self) -> list[str]:
         """Sandboxes with a CNI attachment on disk (to find orphans at start)."""
@@ -180,6 +216,12 @@ class PodNetworkManager:
         DEL with the namespace, as ADD had it); the first error is raised,
         all of them are logged.
         """
+        with self._lock_for(sandbox_id):
+            self._remove(sandbox_id, workdir)
+        with self._locks_guard:
+            self._locks.pop(sandbox_id, None)
+
+    def _remove(self, sandbox_id: str, workdir: Path) -> None:
         ns_name = netns_name(sandbox_id)
         errors: list[PodvisorError] = []
         try:

@@ -55,16 +55,19 @@ IPv4 one but the VM is not told about it (no router advertisement/DHCPv6).
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import fcntl
 import hashlib
 import ipaddress
 import json
 import os
 import re
 import secrets
-import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Sequence
@@ -83,8 +86,6 @@ log = structlog.get_logger(__name__)
 IP = "ip"
 DNSMASQ = "dnsmasq"
 IPTABLES = "iptables"
-NSENTER = "nsenter"
-SH = "sh"
 TIMEOUT = 30.0
 # KubeVirt's choice: a link-local address no pod network uses, as the DHCP
 # server's identity on the in-namespace bridge.
@@ -98,6 +99,10 @@ PID_FILE = "dnsmasq.pid"
 LEASE_FILE = "dnsmasq.leases"
 LOG_FILE = "dnsmasq.log"
 STOP_TIMEOUT = 5.0
+# What new veths and bridges get; setup() changes it where eth0 has another.
+DEFAULT_MTU = 1500
+SIOCGIFMTU = 0x8921
+SIOCGIFHWADDR = 0x8927
 _HEX = re.compile(r"^[0-9a-fA-F]{12}")
 _LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _DOMAIN = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}"
@@ -293,21 +298,6 @@ def _link(name: str, *, ns: str | None = None) -> dict[str, Any] | None:
     return doc[0] if isinstance(doc, list) and doc and isinstance(doc[0], dict) else None
 
 
-def _links(*, ns: str) -> dict[str, dict[str, Any]] | None:
-    """`ip -j link show` of a whole namespace by interface name, None if it
-    cannot be listed (no such namespace): one call for all the look-ups."""
-    proc = _ip(["-j", "link", "show"], ns=ns, what=f"list the interfaces of {ns}", check=False)
-    if proc.returncode != 0:
-        return None
-    try:
-        doc = json.loads(proc.stdout)
-    except ValueError:
-        return None
-    if not isinstance(doc, list):
-        return None
-    return {str(d["ifname"]): d for d in doc if isinstance(d, dict) and "ifname" in d}
-
-
 def _exists(name: str) -> bool:
     """Whether an interface of that name exists in the agent's (the calling
     thread's) namespace, without a subprocess."""
@@ -348,55 +338,35 @@ def _batch_safe(text: str) -> bool:
     return all(c.isprintable() and c not in "\"\\'#" for c in text)
 
 
-def _host_sysctl(settings: dict[str, str]) -> None:
-    """Best effort: missing keys (no IPv6, no br_netfilter) are skipped, as
-    `sysctl -e` would. Written directly under /proc/sys: net settings follow
-    the writing thread's namespace, the agent's, where `sysctl` would run."""
+def _sysctl(settings: dict[str, str], *, where: str) -> None:
+    """Best-effort writes under /proc/sys, in the calling thread's network
+    namespace (net settings follow the writing thread, so from inside
+    :func:`netns.run_in` they are the pod's): missing keys (no IPv6, no
+    br_netfilter) are skipped, as `sysctl -e` would; a refused write is logged."""
     for path, value in settings.items():
         try:
             with open(path, "w") as f:
                 f.write(value)
         except FileNotFoundError:
-            continue  # no IPv6, no br_netfilter: skipped, as `sysctl -e` does
+            continue
         except OSError as exc:
-            log.warning("sysctl failed", netns="host", setting=path, value=value, error=str(exc))
+            log.warning("sysctl failed", netns=where, setting=path, value=value, error=str(exc))
 
 
-_SYSCTL_FAILED = "podnet-sysctl-failed "
-
-
-def _ns_script(netns_name: str, steps: Sequence[tuple[str, Sequence[str] | dict[str, str]]], *, what: str) -> None:
-    """Run `ip -batch` steps and best-effort /proc/sys writes in a pod
-    namespace, in order, in one process (`nsenter --net` and a shell: no
-    `ip netns exec` mount namespace per call). A failing `ip` step stops
-    the script and raises; a sysctl that cannot be written is logged, and
-    one that does not exist is skipped, as `sysctl -e` did."""
-    lines = []
-    for i, (kind, body) in enumerate(steps):
-        if kind == "ip":
-            assert not isinstance(body, dict)
-            tag = f"PODNET_IP_{i}"
-            lines += [f"{IP} -batch - <<'{tag}' || exit 1", *body, tag]
-        else:
-            assert isinstance(body, dict)
-            for path, value in body.items():
-                q = shlex.quote(path)
-                lines.append(f"if [ -e {q} ]; then echo {shlex.quote(value)} 2>/dev/null > {q} || "
-                             f"echo {shlex.quote(_SYSCTL_FAILED + path + '=' + value)} >&2; fi")
-    args = [NSENTER, f"--net={netns.path(netns_name)}", SH, "-c", "\n".join(lines) + "\n"]
-    try:
-        proc = subprocess.run(args, capture_output=True, timeout=TIMEOUT, check=False)
-    except subprocess.TimeoutExpired:
-        raise Internal(f"{what}: {NSENTER} took longer than {TIMEOUT:.0f}s") from None
-    except FileNotFoundError:
-        raise Internal(f"{what}: {NSENTER} is not installed") from None
-    stderr = proc.stderr.decode(errors="replace").splitlines()
-    for line in stderr:
-        if line.startswith(_SYSCTL_FAILED):
-            log.warning("sysctl failed", netns=netns_name, setting=line[len(_SYSCTL_FAILED):])
-    if proc.returncode != 0:
-        rest = "\n".join(ln for ln in stderr if not ln.startswith(_SYSCTL_FAILED)).encode()
-        raise Internal(f"{what}: ip -batch in {netns_name} failed: {_batch_error(rest)}")
+def _iface(name: str) -> tuple[int, str] | None:
+    """MTU and MAC of an interface in the calling thread's namespace (two
+    ioctls, no process); None if there is no such interface."""
+    req = struct.pack("16s24x", name.encode())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            mtu = fcntl.ioctl(s.fileno(), SIOCGIFMTU, req)
+            hw = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, req)
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                return None
+            raise Internal(f"cannot read interface {name}: {exc.strerror}") from None
+    # struct ifreq: the name, then ifr_mtu (int) or ifr_hwaddr (sa_family + bytes).
+    return struct.unpack_from("i", mtu, 16)[0], ":".join(f"{b:02x}" for b in hw[18:24])
 
 
 def _delete_link(name: str, *, ns: str | None = None) -> None:
@@ -419,9 +389,11 @@ def _iptables(op: str, rule: list[str]) -> int:
     return _run(args, what="iptables", check=False).returncode
 
 
-def _add_notrack(names: LinkNames, sandbox_id: str) -> None:
+def _add_notrack(names: LinkNames, sandbox_id: str, *, fresh: bool) -> None:
+    """The rule for the VM bridge; ``fresh``: the bridge was just created, so
+    no earlier attempt can have added the rule (no check, one process less)."""
     rule = _notrack_rule(names, sandbox_id)
-    if shutil.which(IPTABLES) is None or (_iptables("-C", rule) != 0 and _iptables("-A", rule) != 0):
+    if shutil.which(IPTABLES) is None or ((fresh or _iptables("-C", rule) != 0) and _iptables("-A", rule) != 0):
         # Not fatal: without it NAT'd flows still work, only tracked twice.
         log.warning("cannot exempt the VM bridge from conntrack", bridge=names.host_bridge)
 
@@ -491,11 +463,12 @@ def dhcp_running(workdir: Path) -> bool:
     return pid is not None and _is_our_dnsmasq(pid, workdir / PID_FILE)
 
 
-def _start_dnsmasq(wiring: PodWiring, names: LinkNames, netns_name: str, workdir: Path) -> None:
+def _start_dnsmasq(wiring: PodWiring, names: LinkNames, workdir: Path) -> None:
+    """Start the DHCP server; call it inside the pod's namespace (netns.run_in)."""
     args = dnsmasq_args(wiring, interface=names.inner_bridge, workdir=workdir)
     # dnsmasq forks into the background once its sockets are bound, so a bad
     # flag or a missing interface shows up as this command's exit status.
-    _run([IP, "netns", "exec", netns_name, *args], what="start the DHCP server")
+    _run(args, what="start the DHCP server")
     if not dhcp_running(workdir):
         raise Internal(f"dnsmasq for sandbox {names.host_bridge[3:]} exited right after starting; "
                        f"see {workdir / LOG_FILE}")
@@ -538,6 +511,9 @@ class _State:
     wiring: PodWiring
     pod_mac: str
     pod_addresses: tuple[str, ...]
+    # Whether the DHCP server was started (by ensure_dhcp, for the VM): one
+    # that died is restarted at recovery only then.
+    dhcp: bool = False
 
 
 def _load_state(workdir: Path) -> _State | None:
@@ -545,7 +521,8 @@ def _load_state(workdir: Path) -> _State | None:
     try:
         doc = json.loads(path.read_bytes())
         return _State(wiring=PodWiring.from_json(doc["wiring"]), pod_mac=str(doc["podInterface"]["mac"]),
-                      pod_addresses=tuple(str(a) for a in doc["podInterface"]["addresses"]))
+                      pod_addresses=tuple(str(a) for a in doc["podInterface"]["addresses"]),
+                      dhcp=doc.get("dhcp") is True)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -560,71 +537,31 @@ def load(workdir: Path) -> PodWiring | None:
 
 def _save(state: _State, workdir: Path) -> None:
     doc = {"wiring": state.wiring.to_json(),
-           "podInterface": {"mac": state.pod_mac, "addresses": list(state.pod_addresses)}}
+           "podInterface": {"mac": state.pod_mac, "addresses": list(state.pod_addresses)}, "dhcp": state.dhcp}
     tmp = workdir / f".{STATE_FILE}.tmp"
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, workdir / STATE_FILE)
 
 
-def setup(sandbox_id: str, netns_name: str, cni_result: CNIResult, hostname: str,
-          dns_servers: Sequence[str], dns_searches: Sequence[str], workdir: Path,
-          *, ifname: str = "eth0") -> PodWiring:
-    """Wire the pod's ``ifname`` to a host-side bridge for the VM and start its DHCP server.
+def prepare(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "eth0") -> None:
+    """The part of the wiring that does not depend on the CNI result, meant
+    to run while CNI ADD runs: the host bridge for the VM's tap, the veth
+    pair to the pod namespace and, in there, the bridge ``eth0`` will join,
+    with the DHCP server's address. Links get the default MTU; :func:`setup`
+    adjusts it to ``eth0``'s.
 
-    Safe to retry; on failure whatever was done is undone before raising.
+    Safe to retry. On failure :func:`teardown` undoes whatever was done.
     """
     names = LinkNames.for_sandbox(sandbox_id, ifname)
     workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        return _setup(sandbox_id, netns_name, cni_result, hostname, dns_servers, dns_searches, workdir,
-                      ifname, names)
-    except BaseException:
-        try:
-            teardown(sandbox_id, netns_name, workdir, ifname=ifname)
-        except Exception as exc:  # the original error is the one to report
-            log.error("undoing the pod wiring failed", sandbox_id=sandbox_id, error=str(exc))
-        raise
-
-
-def _setup(sandbox_id: str, netns_name: str, cni_result: CNIResult, hostname: str,
-           dns_servers: Sequence[str], dns_searches: Sequence[str], workdir: Path,
-           ifname: str, names: LinkNames) -> PodWiring:
-    # One listing of the pod namespace: eth0 (must exist) and whether a
-    # retry finds the in-namespace bridge already there.
-    pod_links = _links(ns=netns_name) or {}
-    pod_if = pod_links.get(ifname)
-    if pod_if is None:
-        raise FailedPrecondition(f"the pod network namespace {netns_name} has no {ifname} after CNI ADD")
-    previous = _load_state(workdir)
-    if previous is not None:
-        # A retry: eth0 already carries the random MAC, the VM's is recorded.
-        vm_mac = previous.wiring.vm_mac
-    else:
-        found = cni_result.sandbox_interface(ifname)
-        vm_mac = (found[1].mac if found and found[1].mac else str(pod_if.get("address", ""))).lower()
-    if not vm_mac:
-        raise FailedPrecondition(f"no MAC address known for {ifname} of sandbox {sandbox_id}")
-    mtu = int(pod_if.get("mtu", 1500))
-    try:
-        wiring = plan(cni_result, ifname=ifname, host_bridge=names.host_bridge, vm_mac=vm_mac, mtu=mtu,
-                      hostname=hostname, dns_servers=dns_servers, dns_searches=dns_searches)
-    except ValueError as exc:
-        raise FailedPrecondition(f"sandbox {sandbox_id}: {exc}") from None
-    # Recorded before anything changes, so the VM's MAC survives a crash
-    # after eth0 got its new one, and teardown knows what to put back.
-    addresses = tuple(str(ipc.address) for ipc in cni_result.ips_for(ifname))
-    _save(_State(wiring=wiring, pod_mac=vm_mac, pod_addresses=addresses), workdir)
-    ns = netns_name
     what = f"wire sandbox {sandbox_id[:12]}"
-
     # Host side first (the veth's pod end must exist before the pod side
-    # enslaves it): a bridge for the VM's tap, joined to the pod bridge by a
-    # veth pair. Each `ip -batch` stops at its first failing command.
+    # enslaves it). Each `ip -batch` stops at its first failing command.
     alias = f"podvisor sandbox {sandbox_id}"
     existing = _link(names.host_bridge) if _exists(names.host_bridge) else None
     host: list[str] = []
     if existing is None:
-        host.append(f"link add name {names.host_bridge} mtu {mtu} type bridge")
+        host.append(f"link add name {names.host_bridge} type bridge")
     elif existing.get("ifalias") not in (None, alias):
         # Names carry 48 bits of the id: never take over another sandbox's
         # bridge. (No alias at all: our own, from a crash right after "add".)
@@ -635,90 +572,136 @@ def _setup(sandbox_id: str, netns_name: str, cni_result: CNIResult, hostname: st
         host.append(f'link set dev {names.host_bridge} alias "{alias}"')
     host.append(f"link set dev {names.host_bridge} arp off")
     if not _exists(names.host_veth):
-        host.append(f"link add name {names.host_veth} mtu {mtu} type veth "
-                    f"peer name {names.pod_veth} mtu {mtu} netns {ns}")
+        host.append(f"link add name {names.host_veth} type veth peer name {names.pod_veth} netns {netns_name}")
+    if not netns.run_in(netns_name, lambda: _exists(names.inner_bridge)):
+        # Made from here, straight into the pod namespace. A fixed address:
+        # a bridge otherwise takes its ports' lowest MAC and the DHCP
+        # server's source address would change under the VM.
+        host.append(f"link add name {names.inner_bridge} address {random_mac()} netns {netns_name} type bridge")
+    host += [f"link set dev {names.host_veth} master {names.host_bridge}",
+             f"link set dev {names.host_veth} type bridge_slave learning off"]
     _ip_batch(host, what=what)
     if not _batch_safe(alias):  # an id `ip -batch` cannot quote: on its own command line
         _ip(["link", "set", "dev", names.host_bridge, "alias", alias], what=what)
-    _host_sysctl({f"/proc/sys/net/ipv6/conf/{names.host_bridge}/disable_ipv6": "1",
-                  f"/proc/sys/net/ipv6/conf/{names.host_veth}/disable_ipv6": "1"})
-    _ip_batch([f"link set dev {names.host_veth} master {names.host_bridge}",
-               f"link set dev {names.host_veth} type bridge_slave learning off",
-               f"link set dev {names.host_veth} up",
+    # IPv6 off before the links go up (no link-local address, no router
+    # solicitation from the host into the pod network).
+    _sysctl({f"/proc/sys/net/ipv6/conf/{names.host_bridge}/disable_ipv6": "1",
+             f"/proc/sys/net/ipv6/conf/{names.host_veth}/disable_ipv6": "1"}, where="host")
+
+    def pod_side() -> None:
+        _sysctl({f"/proc/sys/net/ipv6/conf/{names.inner_bridge}/disable_ipv6": "1",
+                 f"/proc/sys/net/ipv6/conf/{names.pod_veth}/disable_ipv6": "1",
+                 # Pure L2 in here: no reason for bridged frames to see netfilter.
+                 "/proc/sys/net/bridge/bridge-nf-call-iptables": "0",
+                 "/proc/sys/net/bridge/bridge-nf-call-ip6tables": "0",
+                 "/proc/sys/net/bridge/bridge-nf-call-arptables": "0"}, where=netns_name)
+        _ip_batch([f"addr replace {DHCP_SERVER_IP}/32 dev {names.inner_bridge}",
+                   f"link set dev {names.pod_veth} master {names.inner_bridge}",
+                   f"link set dev {names.pod_veth} up",
+                   f"link set dev {names.inner_bridge} up"], what=what)
+
+    netns.run_in(netns_name, pod_side)
+    _ip_batch([f"link set dev {names.host_veth} up",
                f"link set dev {names.host_bridge} up"], what=what)
-    _add_notrack(names, sandbox_id)
+    _add_notrack(names, sandbox_id, fresh=existing is None)
 
-    # Pod side, in one process: eth0 gives up its address and MAC and becomes
-    # a bridge port.
-    first = [f"addr flush dev {ifname}",
-             f"link set dev {ifname} down",
-             f"link set dev {ifname} address {random_mac()}"]
-    if names.inner_bridge not in pod_links:
-        first.append(f"link add name {names.inner_bridge} mtu {mtu} type bridge")
-        # A fixed address: a bridge otherwise takes its ports' lowest MAC and
-        # the DHCP server's source address would change under the VM.
-        first.append(f"link set dev {names.inner_bridge} address {random_mac()}")
-    _ns_script(ns, [
-        ("ip", first),
-        ("sysctl", {f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6": "1",
-                    f"/proc/sys/net/ipv6/conf/{names.inner_bridge}/disable_ipv6": "1",
-                    # Pure L2 in here: no reason for bridged frames to see netfilter.
-                    "/proc/sys/net/bridge/bridge-nf-call-iptables": "0",
-                    "/proc/sys/net/bridge/bridge-nf-call-ip6tables": "0",
-                    "/proc/sys/net/bridge/bridge-nf-call-arptables": "0"}),
-        ("ip", [f"addr replace {DHCP_SERVER_IP}/32 dev {names.inner_bridge}",
-                f"link set dev {ifname} master {names.inner_bridge}",
-                f"link set dev {ifname} type bridge_slave learning off",
-                f"link set dev {ifname} up",
-                f"link set dev {names.inner_bridge} up",
-                f"link set dev {names.pod_veth} master {names.inner_bridge} up"]),
-    ], what=what)
 
-    if not dhcp_running(workdir):
-        _start_dnsmasq(wiring, names, netns_name, workdir)
+def setup(sandbox_id: str, netns_name: str, cni_result: CNIResult, hostname: str,
+          dns_servers: Sequence[str], dns_searches: Sequence[str], workdir: Path,
+          *, ifname: str = "eth0") -> PodWiring:
+    """After CNI ADD (and :func:`prepare`): hand the pod's ``ifname`` over
+    to the VM: it gives up its address and MAC and joins the pod-side
+    bridge. The DHCP server is started later, for the VM (:func:`ensure_dhcp`).
+
+    Safe to retry. On failure :func:`teardown` undoes whatever was done.
+    """
+    names = LinkNames.for_sandbox(sandbox_id, ifname)
+    what = f"wire sandbox {sandbox_id[:12]}"
+
+    def pod_side() -> PodWiring:
+        found_if = _iface(ifname)
+        if found_if is None:
+            raise FailedPrecondition(f"the pod network namespace {netns_name} has no {ifname} after CNI ADD")
+        mtu, current_mac = found_if
+        previous = _load_state(workdir)
+        if previous is not None:
+            # A retry: eth0 already carries the random MAC, the VM's is recorded.
+            vm_mac = previous.wiring.vm_mac
+        else:
+            found = cni_result.sandbox_interface(ifname)
+            vm_mac = (found[1].mac if found and found[1].mac else current_mac).lower()
+        if not vm_mac:
+            raise FailedPrecondition(f"no MAC address known for {ifname} of sandbox {sandbox_id}")
+        try:
+            wiring = plan(cni_result, ifname=ifname, host_bridge=names.host_bridge, vm_mac=vm_mac, mtu=mtu,
+                          hostname=hostname, dns_servers=dns_servers, dns_searches=dns_searches)
+        except ValueError as exc:
+            raise FailedPrecondition(f"sandbox {sandbox_id}: {exc}") from None
+        # Recorded before anything changes, so the VM's MAC survives a crash
+        # after eth0 got its new one, and teardown knows what to put back.
+        addresses = tuple(str(ipc.address) for ipc in cni_result.ips_for(ifname))
+        _save(_State(wiring=wiring, pod_mac=vm_mac, pod_addresses=addresses,
+                     dhcp=previous is not None and previous.dhcp), workdir)
+        _sysctl({f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6": "1"}, where=netns_name)
+        commands = [f"addr flush dev {ifname}",
+                    f"link set dev {ifname} down",
+                    f"link set dev {ifname} address {random_mac()}"]
+        if mtu != DEFAULT_MTU:
+            commands += [f"link set dev {names.pod_veth} mtu {mtu}",
+                         f"link set dev {names.inner_bridge} mtu {mtu}"]
+        commands += [f"link set dev {ifname} master {names.inner_bridge}",
+                     f"link set dev {ifname} type bridge_slave learning off",
+                     f"link set dev {ifname} up"]
+        _ip_batch(commands, what=what)
+        return wiring
+
+    wiring = netns.run_in(netns_name, pod_side)
+    if wiring.mtu != DEFAULT_MTU:
+        _ip_batch([f"link set dev {names.host_veth} mtu {wiring.mtu}",
+                   f"link set dev {names.host_bridge} mtu {wiring.mtu}"], what=what)
     log.info("pod wired for the VM", sandbox_id=sandbox_id, bridge=names.host_bridge, ip=wiring.ip,
              mac=wiring.vm_mac)
     return wiring
 
 
-def _restore_pod_interface(ns: str, ifname: str, mac: str, addresses: Sequence[str]) -> None:
-    """Put eth0 back as CNI ADD left it: its MAC and addresses.
+def ensure_dhcp(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "eth0",
+                only_if_started: bool = False) -> bool:
+    """Start the sandbox's DHCP server unless it runs; True if it had to be
+    started. With ``only_if_started`` (recovery) only one that was started
+    before and died since is restarted. No wiring: nothing to serve, False."""
+    state = _load_state(workdir)
+    if state is None or dhcp_running(workdir) or (only_if_started and not state.dhcp):
+        return False
+    if not state.dhcp:
+        # Recorded first: a crash while it starts still has it restarted.
+        _save(dataclasses.replace(state, dhcp=True), workdir)
+    names = LinkNames.for_sandbox(sandbox_id, ifname)
+    netns.run_in(netns_name, lambda: _start_dnsmasq(state.wiring, names, workdir))
+    return True
+
+
+def _restore_commands(ifname: str, mac: str, addresses: Sequence[str]) -> list[str]:
+    """`ip` commands that put eth0 back as CNI ADD left it: its MAC and addresses.
 
     CNI DEL "works" with eth0 stripped, but the bridge plugin deletes the
     masquerade rules of the addresses it finds on the interface: with none
     there, its ipMasq chain would stay in the host's nat table forever.
     """
-    what = f"restore {ifname} in {ns}"
     commands = [f"link set dev {ifname} down"]
     if mac:
         commands.append(f"link set dev {ifname} address {mac}")
     commands += [f"addr replace {address} dev {ifname}" for address in addresses]
     commands.append(f"link set dev {ifname} up")
-    if any(":" in a for a in addresses):
-        # IPv6 back on before its addresses return, in the same process.
-        _ns_script(ns, [("sysctl", {f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6": "0"}), ("ip", commands)],
-                   what=what)
-    else:
-        _ip_batch(commands, ns=ns, what=what)
-
-
-def ensure_dhcp(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "eth0") -> bool:
-    """Restart the sandbox's DHCP server if it is not running (after the
-    agent or dnsmasq died); True if it had to be started."""
-    wiring = load(workdir)
-    if wiring is None or dhcp_running(workdir):
-        return False
-    _start_dnsmasq(wiring, LinkNames.for_sandbox(sandbox_id, ifname), netns_name, workdir)
-    return True
+    return commands
 
 
 def teardown(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "eth0",
              cni_result: CNIResult | None = None) -> None:
-    """Undo :func:`setup` and restore ``eth0`` for CNI DEL; idempotent, and
-    works with nothing in memory (names are derived from the sandbox id,
-    dnsmasq is found by its pid file, eth0's MAC and addresses are in the
-    state file; ``cni_result``, the cached ADD result, stands in for a lost
-    state file).
+    """Undo :func:`prepare` and :func:`setup` and restore ``eth0`` for CNI
+    DEL; idempotent, and works with nothing in memory (names are derived
+    from the sandbox id, dnsmasq is found by its pid file, eth0's MAC and
+    addresses are in the state file; ``cni_result``, the cached ADD result,
+    stands in for a lost state file).
 
     The VM must be stopped first: its tap leaves the bridge being deleted.
     """
@@ -736,12 +719,20 @@ def teardown(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "
         found = cni_result.sandbox_interface(ifname)
         mac = found[1].mac if found else ""
         addresses = tuple(str(ipc.address) for ipc in cni_result.ips_for(ifname))
+
+    def pod_side() -> None:
+        commands = []
+        if _exists(names.inner_bridge):
+            commands.append(f"link del dev {names.inner_bridge}")  # releases eth0
+        if (mac or addresses) and _exists(ifname):
+            if any(":" in a for a in addresses):
+                # IPv6 back on before its addresses return.
+                _sysctl({f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6": "0"}, where=netns_name)
+            commands += _restore_commands(ifname, mac, addresses)
+        if commands:
+            _ip_batch(commands, what=f"restore {ifname} in {netns_name}")
+
     if netns.exists(netns_name):
-        # One listing for both look-ups (deleting the bridge leaves eth0 be).
-        pod_links = _links(ns=netns_name) or {}
-        if names.inner_bridge in pod_links:
-            _delete_link(names.inner_bridge, ns=netns_name)  # releases eth0
-        if (mac or addresses) and ifname in pod_links:
-            _restore_pod_interface(netns_name, ifname, mac, addresses)
+        netns.run_in(netns_name, pod_side)
     (workdir / STATE_FILE).unlink(missing_ok=True)
     log.info("pod wiring removed", sandbox_id=sandbox_id, bridge=names.host_bridge)

@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,8 @@ class ContainerPorts:
     parse_metadata: Callable[[str], dict[str, str] | None]
     virt_type: Callable[[], str]
     now_ns: Callable[[], int] = time.time_ns
+    # Starts the sandbox's DHCP server for the VM (pod network, bridge binding).
+    start_dhcp: Callable[[Sandbox], None] = lambda _sandbox: None
 
 
 class ContainerService:
@@ -113,6 +116,8 @@ class ContainerService:
         # Containers a StopContainer is handling right now: reconciliation
         # leaves them to it.
         self._stopping: set[str] = set()
+        # Work a create does beside its own (the DHCP server's start).
+        self._aside = ThreadPoolExecutor(4, thread_name_prefix="container-aside")
 
     # In-memory view --------------------------------------------------------
 
@@ -224,14 +229,20 @@ class ContainerService:
                 firmware=request.firmware, labels=dict(spec.labels), annotations=dict(spec.annotations),
             )
             self._put(c)
+        # The pod's DHCP server starts while the disks are prepared.
+        dhcp = self._aside.submit(self._p.start_dhcp, sandbox) if request.pod_network else None
         try:
             self._p.files.create_container_dir(paths)
             self._p.files.create_overlay(base_path, disk.format, paths.overlay)
             self._p.files.write_seed(paths.seed, self._p.build_seed(request, c, sandbox))
             xml = self._p.render_domain(self._domain_spec(c, sandbox, request, paths))
+            if dhcp is not None:
+                dhcp.result()
             self._p.libvirt.define_domain(xml)
             c = self._put(dataclasses.replace(c, state=ContainerState.CREATED))
         except BaseException:
+            if dhcp is not None:
+                wait([dhcp])
             self._roll_back(c)
             raise
         log.info("container created", container_id=c.id, sandbox_id=sandbox.id, domain=c.domain_name,

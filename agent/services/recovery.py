@@ -69,8 +69,9 @@ def recover(ports: Ports, sandboxes: SandboxService) -> RecoveryReport:
         for sb in list(keep):
             if sb.state is SandboxState.READY and sb.spec.network_mode is NetworkMode.POD:
                 try:
-                    # dnsmasq is the agent's child: a crash may have taken it.
-                    ports.network.ensure_dhcp(sb.id, ports.files.sandbox_dir(sb.id))
+                    # Still there? And dnsmasq, if the VM had it started,
+                    # may have died with the agent (same cgroup).
+                    ports.network.recover(sb.id, ports.files.sandbox_dir(sb.id))
                 except (PodvisorError, OSError) as exc:
                     # After a reboot the namespace and links are gone: the
                     # sandbox cannot serve its VM any more. NOTREADY makes

@@ -51,6 +51,12 @@ def iptables() -> str:
     return subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
 
 
+def dnsmasq_of(sandbox_id: str) -> list[str]:
+    """The DHCP server processes serving that sandbox (its directory is in their command line)."""
+    out = subprocess.run(["pgrep", "-a", "dnsmasq"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if sandbox_id in line]
+
+
 @pytest.fixture
 def net_agent(agent_factory: Any, tiny_image: str, tmp_path: Path) -> Iterator[tuple[VMAgent, dict[str, str]]]:
     state = Path(tempfile.mkdtemp(prefix="pv-e2e-net-", dir="/var/tmp"))
@@ -108,6 +114,8 @@ def test_vm_owns_the_pod_ip_and_teardown_leaves_nothing(net_agent: tuple[VMAgent
     cid = vma.agent.runtime.CreateContainer(pb.CreateContainerRequest(
         pod_sandbox_id=sid, config=cfg, sandbox_config=sb_cfg), timeout=120).container_id
     vm = VM(sid, cid, vma.logs / "web" / "vm" / "0.log")
+    # The pod's DHCP server started with the VM's creation, not before.
+    assert dnsmasq_of(sid)
     info = json.loads(vma.status(vm, verbose=True).info["info"])
     iface = ET.fromstring(info["domainXML"]).find("./devices/interface[@type='bridge']")
     assert iface is not None, info["domainXML"]
@@ -138,6 +146,7 @@ def test_vm_owns_the_pod_ip_and_teardown_leaves_nothing(net_agent: tuple[VMAgent
     assert links() - links_before - {net["bridge"]} == set()
     assert netns_list() - netns_before == set()
     assert pod_ip not in iptables() and sid[:12] not in iptables()
+    assert dnsmasq_of(sid) == []
     leases = Path(net["ipam"]) / net["name"]
     assert not leases.exists() or pod_ip not in {p.name for p in leases.iterdir()}
 

@@ -387,7 +387,11 @@ def test_vm_gets_the_pod_ip_by_dhcp_and_answers_http_and_host_ports(lab: Lab) ->
     assert netns.exists(ns)
     links = _link_names()
     assert names.host_bridge in links and names.host_veth in links
+    # The DHCP server starts for the VM (CreateContainer), not with the sandbox.
+    assert not podnet.dhcp_running(workdir) and lab.dnsmasq_pids() == []
+    assert mgr.ensure_dhcp(sandbox_id, workdir) is True
     assert podnet.dhcp_running(workdir)
+    assert mgr.ensure_dhcp(sandbox_id, workdir) is False
     pod_links = _run("ip", "-n", ns, "-o", "link")
     assert names.inner_bridge in pod_links and names.pod_veth in pod_links
     # eth0 gave up its address and MAC; the in-pod bridge has only the DHCP identity.
@@ -488,6 +492,8 @@ def test_ten_sandboxes_concurrently_leave_nothing(lab: Lab) -> None:
     ips = [s.ip for s in statuses]
     assert len(set(ips)) == 10 and all(ipaddress.ip_address(ip) in lab.subnet for ip in ips)
     assert len({s.wiring.host_bridge for s in statuses}) == 10
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        assert all(pool.map(lambda s: mgr.ensure_dhcp(s[0], s[1]), sandboxes))
     assert all(podnet.dhcp_running(w) for _, w in sandboxes)
     assert len(lab.dnsmasq_pids()) == 10
 
@@ -504,6 +510,7 @@ def test_remove_after_a_crash_works_from_disk_alone(lab: Lab) -> None:
     # A complete add, then the agent "dies": a new manager knows nothing.
     done_id, done_dir = lab.new_sandbox()
     done = lab.add(lab.manager(), done_id, done_dir, ports=(PortMapping("tcp", 80, 30000 + secrets.randbelow(9999)),))
+    assert lab.manager().ensure_dhcp(done_id, done_dir)
 
     # A crash in the middle of add: namespace made and CNI ADD done, no wiring yet.
     half_id, half_dir = lab.new_sandbox()
@@ -516,6 +523,7 @@ def test_remove_after_a_crash_works_from_disk_alone(lab: Lab) -> None:
     # file) is lost too: the CNI cache and the derived names must suffice.
     lost_id, lost_dir = lab.new_sandbox()
     lost = lab.add(lab.manager(), lost_id, lost_dir, ports=(PortMapping("tcp", 80, 20000 + secrets.randbelow(9999)),))
+    assert lab.manager().ensure_dhcp(lost_id, lost_dir)
     shutil.rmtree(lost_dir)
 
     fresh = lab.manager()
@@ -536,8 +544,11 @@ def test_add_retried_after_a_crash_starts_clean(lab: Lab) -> None:
     before = lab.state()
     sandbox_id, workdir = lab.new_sandbox()
     first = lab.add(mgr, sandbox_id, workdir)
+    assert mgr.ensure_dhcp(sandbox_id, workdir) is True
     # The sandbox service retries RunPodSandbox after a crash: same id again.
     second = lab.add(lab.manager(), sandbox_id, workdir)
+    assert lab.dnsmasq_pids() == []  # the first attempt's went with it
+    assert lab.manager().ensure_dhcp(sandbox_id, workdir) is True
     assert podnet.dhcp_running(workdir) and len(lab.dnsmasq_pids()) == 1
     assert len(list(lab.cache_dir.glob("*.json"))) == 1
     lab.manager().remove(sandbox_id, workdir)
@@ -549,13 +560,19 @@ def test_dhcp_server_is_restarted_after_it_died(lab: Lab) -> None:
     mgr = lab.manager()
     sandbox_id, workdir = lab.new_sandbox()
     status = lab.add(mgr, sandbox_id, workdir)
+    # Recovery leaves a sandbox alone whose VM never had it started...
+    lab.manager().recover(sandbox_id, workdir)
+    assert lab.dnsmasq_pids() == []
+    assert mgr.ensure_dhcp(sandbox_id, workdir) is True
     assert mgr.ensure_dhcp(sandbox_id, workdir) is False
     for pid in lab.dnsmasq_pids():
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while podnet.dhcp_running(workdir) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert mgr.ensure_dhcp(sandbox_id, workdir) is True
+    # ...and restarts one that had been started and died (a new manager: the agent restarted).
+    lab.manager().recover(sandbox_id, workdir)
+    assert podnet.dhcp_running(workdir) and len(lab.dnsmasq_pids()) == 1
     client = lab.client(status.wiring)
     assert lab.dhcp(client)["ip"] == status.ip
     _run("ip", "link", "del", client.host_end)
@@ -573,6 +590,7 @@ def test_builtin_network_when_no_configuration_exists(lab: Lab) -> None:
     assert status.network_name == "podvisor"
     assert ipaddress.ip_address(status.ip) in ipaddress.ip_network("10.254.0.0/24")
     assert f"pvtbb{lab.tag}" in _link_names()
+    assert mgr.ensure_dhcp(sandbox_id, workdir)
     client = lab.client(status.wiring)
     lease = lab.dhcp(client)
     assert (lease["ip"], lease["router"]) == (status.ip, "10.254.0.1")
@@ -596,6 +614,7 @@ def test_cni_routes_and_dns_reach_the_vm(lab: Lab) -> None:
     status = lab.add(mgr, sandbox_id, workdir)
     assert status.wiring.routes == (podnet.DHCPRoute("0.0.0.0/0", lab.gateway),
                                     podnet.DHCPRoute("192.168.77.0/24", router))
+    assert mgr.ensure_dhcp(sandbox_id, workdir)
     client = lab.client(status.wiring)
     lease = lab.dhcp(client)
     assert lease["ip"] == status.ip
