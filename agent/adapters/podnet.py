@@ -14,6 +14,10 @@ KubeVirt's bridge binding does it::
       │
     VM tap (libvirt <interface type='bridge'>, the pod's original MAC)
 
+:func:`prepare` builds everything but ``eth0``'s part while CNI ADD runs;
+:func:`setup` hands ``eth0`` over afterwards with a few ioctls; the DHCP
+server starts when the VM is created (:func:`ensure_dhcp`).
+
 The VM's frames cross the two bridges and leave through ``eth0`` into the
 CNI network exactly as the pod's own traffic would, so the CNI bridge, ARP
 and portmap's DNAT all see the pod IP and the pod MAC. A DHCP server in the
@@ -28,14 +32,13 @@ Host-side details learned the hard way (see the integration tests):
   on any interface), the VM's traffic to the gateway then bypasses the pod
   namespace and CNI bridge, and replies that portmap's NAT must rewrite come
   back on a path it never saw.
-- The ports towards the CNI network (``eth0`` on the pod bridge, ``pvh`` on
-  the host bridge) do not learn MAC addresses. A CNI bridge port in hairpin
-  mode (the bridge plugin's ``hairpinMode``, common in Kubernetes) reflects
-  the VM's broadcasts back into the pod; learning from those echoes would
-  move the VM's MAC to the uplink port, and frames for the VM (the DHCP
-  offer first) would go back the way they came. Each bridge has just one
-  other port, so not learning the uplink side costs nothing but flooding
-  towards where the frame had to go anyway.
+- Neither bridge learns MAC addresses (``ageing_time 0``: the kernel's
+  "always flood"). A CNI bridge port in hairpin mode (the bridge plugin's
+  ``hairpinMode``, common in Kubernetes) reflects the VM's broadcasts back
+  into the pod; learning from those echoes would move the VM's MAC to the
+  uplink port, and frames for the VM (the DHCP offer first) would go back
+  the way they came. Each bridge has just two ports, so flooding sends a
+  frame nowhere but where it had to go anyway.
 - With br_netfilter loaded (every Kubernetes node), frames bridged through
   ``pvb`` traverse the host's conntrack, and then again as they arrive on
   the CNI bridge: the same connection tracked twice, with source ports
@@ -101,8 +104,18 @@ LOG_FILE = "dnsmasq.log"
 STOP_TIMEOUT = 5.0
 # What new veths and bridges get; setup() changes it where eth0 has another.
 DEFAULT_MTU = 1500
+# Interface ioctls (linux/sockios.h, linux/if.h).
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+SIOCGIFADDR = 0x8915
+SIOCSIFADDR = 0x8916
 SIOCGIFMTU = 0x8921
+SIOCSIFMTU = 0x8922
+SIOCSIFHWADDR = 0x8924
 SIOCGIFHWADDR = 0x8927
+SIOCBRADDIF = 0x89A2
+IFF_UP = 0x1
+ARPHRD_ETHER = 1
 _HEX = re.compile(r"^[0-9a-fA-F]{12}")
 _LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _DOMAIN = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}"
@@ -306,6 +319,46 @@ def _exists(name: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def _ifreq_flags(s: socket.socket, name: str) -> int:
+    return int(struct.unpack_from("H", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, struct.pack("16s24x", name.encode())),
+                                  16)[0])
+
+
+def _set_ifreq_flags(s: socket.socket, name: str, flags: int) -> None:
+    fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH22x", name.encode(), flags))
+
+
+def _hand_over(ifname: str, names: LinkNames, mtu: int) -> None:
+    """In the pod's namespace: ``ifname`` gives up its IPv4 addresses and
+    its MAC and joins the pod-side bridge; with another MTU than the
+    default, the links towards the VM take it. Classic interface ioctls
+    (what ifconfig and brctl use), so no process is started: ``ip`` would
+    cost more than all of them together."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        flags = _ifreq_flags(s, ifname)
+        _set_ifreq_flags(s, ifname, flags & ~IFF_UP)  # down: its routes go too
+        mac = bytes.fromhex(random_mac().replace(":", ""))
+        fcntl.ioctl(s.fileno(), SIOCSIFHWADDR, struct.pack("16sH6s16x", ifname.encode(), ARPHRD_ETHER, mac))
+        zero = struct.pack("16sH2s4s8x", ifname.encode(), socket.AF_INET, b"", socket.inet_aton("0.0.0.0"))
+        for _ in range(64):
+            # Setting 0.0.0.0 deletes the interface's (first) IPv4 address.
+            try:
+                fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("16s24x", ifname.encode()))
+            except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    break
+                raise
+            fcntl.ioctl(s.fileno(), SIOCSIFADDR, zero)
+        else:
+            raise OSError(errno.EBUSY, f"{ifname} keeps IPv4 addresses")
+        if mtu != DEFAULT_MTU:
+            for link in (names.pod_veth, names.inner_bridge):
+                fcntl.ioctl(s.fileno(), SIOCSIFMTU, struct.pack("16si20x", link.encode(), mtu))
+        fcntl.ioctl(s.fileno(), SIOCBRADDIF,
+                    struct.pack("16si20x", names.inner_bridge.encode(), socket.if_nametoindex(ifname)))
+        _set_ifreq_flags(s, ifname, flags | IFF_UP)
 
 
 def _batch_error(stderr: bytes) -> str:
@@ -561,7 +614,7 @@ def prepare(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "e
     existing = _link(names.host_bridge) if _exists(names.host_bridge) else None
     host: list[str] = []
     if existing is None:
-        host.append(f"link add name {names.host_bridge} type bridge")
+        host.append(f"link add name {names.host_bridge} type bridge ageing_time 0")
     elif existing.get("ifalias") not in (None, alias):
         # Names carry 48 bits of the id: never take over another sandbox's
         # bridge. (No alias at all: our own, from a crash right after "add".)
@@ -577,9 +630,9 @@ def prepare(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "e
         # Made from here, straight into the pod namespace. A fixed address:
         # a bridge otherwise takes its ports' lowest MAC and the DHCP
         # server's source address would change under the VM.
-        host.append(f"link add name {names.inner_bridge} address {random_mac()} netns {netns_name} type bridge")
-    host += [f"link set dev {names.host_veth} master {names.host_bridge}",
-             f"link set dev {names.host_veth} type bridge_slave learning off"]
+        host.append(f"link add name {names.inner_bridge} address {random_mac()} netns {netns_name} "
+                    "type bridge ageing_time 0")
+    host.append(f"link set dev {names.host_veth} master {names.host_bridge}")
     _ip_batch(host, what=what)
     if not _batch_safe(alias):  # an id `ip -batch` cannot quote: on its own command line
         _ip(["link", "set", "dev", names.host_bridge, "alias", alias], what=what)
@@ -642,17 +695,12 @@ def setup(sandbox_id: str, netns_name: str, cni_result: CNIResult, hostname: str
         addresses = tuple(str(ipc.address) for ipc in cni_result.ips_for(ifname))
         _save(_State(wiring=wiring, pod_mac=vm_mac, pod_addresses=addresses,
                      dhcp=previous is not None and previous.dhcp), workdir)
+        # IPv6 off first: its addresses go with it (only IPv4 is served).
         _sysctl({f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6": "1"}, where=netns_name)
-        commands = [f"addr flush dev {ifname}",
-                    f"link set dev {ifname} down",
-                    f"link set dev {ifname} address {random_mac()}"]
-        if mtu != DEFAULT_MTU:
-            commands += [f"link set dev {names.pod_veth} mtu {mtu}",
-                         f"link set dev {names.inner_bridge} mtu {mtu}"]
-        commands += [f"link set dev {ifname} master {names.inner_bridge}",
-                     f"link set dev {ifname} type bridge_slave learning off",
-                     f"link set dev {ifname} up"]
-        _ip_batch(commands, what=what)
+        try:
+            _hand_over(ifname, names, mtu)
+        except OSError as exc:
+            raise Internal(f"{what}: cannot hand {ifname} in {netns_name} over to the VM: {exc}") from None
         return wiring
 
     wiring = netns.run_in(netns_name, pod_side)
