@@ -224,32 +224,53 @@ class PodNetworkManager:
     def _remove(self, sandbox_id: str, workdir: Path) -> None:
         ns_name = netns_name(sandbox_id)
         errors: list[PodvisorError] = []
+        unusable = False
         try:
             entry = self.cni.cached(sandbox_id)
             result = cni_result.parse_result(entry.result) if entry and entry.result else None
         except (PodvisorError, ValueError) as exc:
             log.warning("CNI cache unusable for restoring eth0", sandbox_id=sandbox_id, error=str(exc))
-            result = None
+            entry, result, unusable = None, None, True
+        if entry is None and not unusable and podnet.load(workdir) is None and not netns.exists(ns_name) \
+                and not podnet.host_links_exist(sandbox_id, ifname=IFNAME):
+            # A completed teardown (RemovePodSandbox after StopPodSandbox):
+            # each step below cleans up after the one before it, so with no
+            # cache entry, state file, namespace or link nothing is left.
+            return
+        restored = False
         try:
-            podnet.teardown(sandbox_id, ns_name, workdir, ifname=IFNAME, cni_result=result)
+            restored = podnet.teardown_pod(sandbox_id, ns_name, workdir, ifname=IFNAME, cni_result=result)
         except PodvisorError as exc:
             errors.append(exc)
         cni_ok = True
-        try:
-            self.cni.delete(sandbox_id)
-        except PodvisorError as exc:
-            errors.append(exc)
-            cni_ok = False
+        # The host side of the wiring has nothing to do with CNI DEL: both at once.
+        with ThreadPoolExecutor(1, thread_name_prefix="podnet-teardown") as pool:
+            host = pool.submit(podnet.teardown_host, sandbox_id, ifname=IFNAME)
+            try:
+                self.cni.delete(sandbox_id)
+            except PodvisorError as exc:
+                errors.append(exc)
+                cni_ok = False
+            finally:
+                wait([host])
+            try:
+                host.result()
+            except PodvisorError as exc:
+                errors.append(exc)
         if cni_ok:
             try:
                 netns.delete(ns_name)
             except PodvisorError as exc:
                 errors.append(exc)
-        if cni_ok:
+        if cni_ok and not restored:
+            # DEL could not see the pod's addresses (no namespace, or eth0
+            # not restored): the bridge plugin's masquerade rule may be left.
             try:
                 _remove_masquerade_leftovers(sandbox_id)
             except PodvisorError as exc:
                 errors.append(exc)
+        if not errors:
+            podnet.forget(workdir)
         if errors:
             log.error("pod network teardown incomplete", sandbox_id=sandbox_id,
                       errors=[e.message for e in errors])

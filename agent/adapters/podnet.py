@@ -369,11 +369,12 @@ def _batch_error(stderr: bytes) -> str:
     return "; ".join(errors[-2:] or lines[-1:]) or "failed"
 
 
-def _ip_batch(commands: Sequence[str], *, ns: str | None = None, what: str) -> None:
+def _ip_batch(commands: Sequence[str], *, ns: str | None = None, what: str, force: bool = False) -> None:
     """Several `ip` commands in one process (`ip -batch -`), stopping at the
-    first that fails (no ``-force``), as the separate calls did."""
+    first that fails, as separate calls would; with ``force`` all are run
+    (and a failure still raises, after them)."""
     prefix = [IP, "-n", ns] if ns else [IP]
-    args = [*prefix, "-batch", "-"]
+    args = [*prefix, *(["-force"] if force else []), "-batch", "-"]
     try:
         proc = subprocess.run(args, input="".join(f"{c}\n" for c in commands).encode(), capture_output=True,
                               timeout=TIMEOUT, check=False)
@@ -420,15 +421,6 @@ def _iface(name: str) -> tuple[int, str] | None:
             raise Internal(f"cannot read interface {name}: {exc.strerror}") from None
     # struct ifreq: the name, then ifr_mtu (int) or ifr_hwaddr (sa_family + bytes).
     return struct.unpack_from("i", mtu, 16)[0], ":".join(f"{b:02x}" for b in hw[18:24])
-
-
-def _delete_link(name: str, *, ns: str | None = None) -> None:
-    if ns is None and not _exists(name):
-        return
-    proc = _ip(["link", "del", "dev", name], ns=ns, what=f"delete {name}", check=False)
-    if proc.returncode != 0 and _link(name, ns=ns) is not None:
-        message = proc.stderr.decode(errors="replace").strip()
-        raise Internal(f"cannot delete interface {name}: {message}")
 
 
 def _notrack_rule(names: LinkNames, sandbox_id: str) -> list[str]:
@@ -527,9 +519,15 @@ def _start_dnsmasq(wiring: PodWiring, names: LinkNames, workdir: Path) -> None:
                        f"see {workdir / LOG_FILE}")
 
 
-def _stop_dnsmasq(workdir: Path) -> None:
+def _stop_dnsmasq(workdir: Path, *, scan: bool = True) -> None:
+    """Stop the sandbox's dnsmasq; ``scan``: also look through /proc for one
+    whose pid file was lost (needless when the state says none was started)."""
     pid_file = workdir / PID_FILE
-    pids = _find_dnsmasq(pid_file)
+    if scan:
+        pids = _find_dnsmasq(pid_file)
+    else:
+        pid = _read_pid(pid_file)
+        pids = [pid] if pid is not None and _is_our_dnsmasq(pid, pid_file) else []
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -743,44 +741,71 @@ def _restore_commands(ifname: str, mac: str, addresses: Sequence[str]) -> list[s
     return commands
 
 
-def teardown(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "eth0",
-             cni_result: CNIResult | None = None) -> None:
-    """Undo :func:`prepare` and :func:`setup` and restore ``eth0`` for CNI
-    DEL; idempotent, and works with nothing in memory (names are derived
-    from the sandbox id, dnsmasq is found by its pid file, eth0's MAC and
-    addresses are in the state file; ``cni_result``, the cached ADD result,
-    stands in for a lost state file).
+def teardown_pod(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "eth0",
+                 cni_result: CNIResult | None = None) -> bool:
+    """What must happen before CNI DEL: stop the DHCP server (a live process
+    would keep the namespace alive after its deletion) and give ``eth0``
+    back its MAC and addresses, out of the pod-side bridge. Idempotent, and
+    works with nothing in memory (dnsmasq is found by its pid file, eth0's
+    MAC and addresses are in the state file; ``cni_result``, the cached ADD
+    result, stands in for a lost state file). The pod-side bridge and veth
+    end go with the namespace.
 
-    The VM must be stopped first: its tap leaves the bridge being deleted.
+    True when ``eth0`` got its addresses back (then CNI DEL can clean up
+    after them itself).
     """
-    names = LinkNames.for_sandbox(sandbox_id, ifname)
-    # First the DHCP server: while a process lives in the namespace, deleting
-    # the namespace would not free it.
-    _stop_dnsmasq(workdir)
-    _remove_notrack(names, sandbox_id)
-    # Deleting one end of the veth pair deletes the other, in the pod namespace.
-    _delete_link(names.host_veth)
-    _delete_link(names.host_bridge)
     state = _load_state(workdir)
+    # Without a state file (lost with the sandbox directory) a dnsmasq may
+    # still run: only then is /proc searched for it.
+    _stop_dnsmasq(workdir, scan=state is None or state.dhcp)
     mac, addresses = (state.pod_mac, state.pod_addresses) if state else ("", ())
     if state is None and cni_result is not None:
         found = cni_result.sandbox_interface(ifname)
         mac = found[1].mac if found else ""
         addresses = tuple(str(ipc.address) for ipc in cni_result.ips_for(ifname))
+    if not (mac or addresses) or not netns.exists(netns_name):
+        return False
+    names = LinkNames.for_sandbox(sandbox_id, ifname)
 
-    def pod_side() -> None:
-        commands = []
-        if _exists(names.inner_bridge):
-            commands.append(f"link del dev {names.inner_bridge}")  # releases eth0
-        if (mac or addresses) and _exists(ifname):
-            if any(":" in a for a in addresses):
-                # IPv6 back on before its addresses return.
-                _sysctl({f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6": "0"}, where=netns_name)
-            commands += _restore_commands(ifname, mac, addresses)
-        if commands:
-            _ip_batch(commands, what=f"restore {ifname} in {netns_name}")
+    def pod_side() -> bool:
+        if not _exists(ifname):
+            return False
+        if any(":" in a for a in addresses):
+            # IPv6 back on before its addresses return.
+            _sysctl({f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6": "0"}, where=netns_name)
+        commands = [f"link set dev {ifname} nomaster"] if _exists(names.inner_bridge) else []
+        _ip_batch(commands + _restore_commands(ifname, mac, addresses), what=f"restore {ifname} in {netns_name}")
+        return bool(addresses)
 
-    if netns.exists(netns_name):
-        netns.run_in(netns_name, pod_side)
-    (workdir / STATE_FILE).unlink(missing_ok=True)
+    return netns.run_in(netns_name, pod_side)
+
+
+def teardown_host(sandbox_id: str, *, ifname: str = "eth0") -> None:
+    """The host side, independent of CNI DEL (it may run meanwhile): the
+    conntrack exemption, the veth pair (its pod end goes with it) and the
+    VM's bridge. Idempotent. The VM must be stopped first: its tap leaves
+    the bridge being deleted."""
+    names = LinkNames.for_sandbox(sandbox_id, ifname)
+    _remove_notrack(names, sandbox_id)
+    present = [n for n in (names.host_veth, names.host_bridge) if _exists(n)]
+    if present:
+        problem = ""
+        try:
+            _ip_batch([f"link del dev {n}" for n in present], what="delete the VM's links", force=True)
+        except Internal as exc:
+            problem = exc.message
+        left = [n for n in present if _exists(n)]  # one deleted with its peer, or by someone else: fine
+        if left:
+            raise Internal(f"cannot delete interface {', '.join(left)}: {problem}")
     log.info("pod wiring removed", sandbox_id=sandbox_id, bridge=names.host_bridge)
+
+
+def host_links_exist(sandbox_id: str, *, ifname: str = "eth0") -> bool:
+    """Whether the sandbox's VM bridge or veth exists in the calling thread's namespace."""
+    names = LinkNames.for_sandbox(sandbox_id, ifname)
+    return _exists(names.host_bridge) or _exists(names.host_veth)
+
+
+def forget(workdir: Path) -> None:
+    """Drop the wiring's state file, once teardown is complete."""
+    (workdir / STATE_FILE).unlink(missing_ok=True)
