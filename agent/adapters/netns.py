@@ -117,7 +117,10 @@ def run_in(name: str, fn: Callable[[], T]) -> T:
 
     def target() -> None:
         try:
-            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise Internal(f"cannot enter network namespace {name}: {exc.strerror}") from None
             try:
                 if _libc.setns(fd, CLONE_NEWNET) != 0:
                     raise _errno_error(f"cannot enter network namespace {name}")

@@ -786,6 +786,14 @@ def teardown_host(sandbox_id: str, *, ifname: str = "eth0") -> None:
     VM's bridge. Idempotent. The VM must be stopped first: its tap leaves
     the bridge being deleted."""
     names = LinkNames.for_sandbox(sandbox_id, ifname)
+    if _exists(names.host_bridge):
+        alias = (_link(names.host_bridge) or {}).get("ifalias")
+        if alias not in (None, f"podvisor sandbox {sandbox_id}"):
+            # Another sandbox whose id starts with the same 48 bits (prepare
+            # refused to take its bridge over): its links and rule are not ours.
+            log.warning("VM bridge belongs to another sandbox, left alone", sandbox_id=sandbox_id,
+                        bridge=names.host_bridge, alias=alias)
+            return
     _remove_notrack(names, sandbox_id)
     present = [n for n in (names.host_veth, names.host_bridge) if _exists(n)]
     if present:

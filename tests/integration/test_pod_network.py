@@ -40,6 +40,7 @@ import pytest
 from agent.adapters import netns, podnet
 from agent.adapters.cni_exec import Attachment, CNIError, CNIExec, runtime_config
 from agent.adapters.pod_network import PodNetworkManager, PodNetworkStatus, netns_name
+from agent.domain.errors import FailedPrecondition
 from agent.domain.sandbox import DNSConfig, PortMapping
 
 CNI_BIN = Path("/usr/lib/cni")
@@ -625,3 +626,48 @@ def test_cni_routes_and_dns_reach_the_vm(lab: Lab) -> None:
     lab.drop_clients()
     mgr.remove(sandbox_id, workdir)
     lab.assert_no_trace([sandbox_id], [status.ip])
+
+
+def test_pod_mtu_reaches_every_link_and_the_vm(lab: Lab) -> None:
+    conf_dir = lab.tmp / "net.d-mtu"
+    conf_dir.mkdir()
+    lab.write_conflist(conf_dir, bridge={"mtu": 1400})
+    mgr = lab.manager(conf_dir)
+    sandbox_id, workdir = lab.new_sandbox()
+    status = lab.add(mgr, sandbox_id, workdir)
+    names = podnet.LinkNames.for_sandbox(sandbox_id)
+    assert status.wiring.mtu == 1400
+    ns = netns_name(sandbox_id)
+    for link, where in ((names.host_bridge, None), (names.host_veth, None), (names.pod_veth, ns),
+                        (names.inner_bridge, ns), ("eth0", ns)):
+        out = _run("ip", *(["-n", where] if where else []), "-o", "link", "show", "dev", link)
+        assert " mtu 1400 " in out, out
+    assert mgr.ensure_dhcp(sandbox_id, workdir)
+    client = lab.client(status.wiring)
+    lease = lab.dhcp(client)
+    assert (lease["ip"], lease["mtu"]) == (status.ip, "1400")
+    lab.drop_clients()
+    mgr.remove(sandbox_id, workdir)
+    lab.assert_no_trace([sandbox_id], [status.ip])
+
+
+def test_a_foreign_bridge_with_the_same_name_is_refused_and_left_alone(lab: Lab) -> None:
+    """Link names carry 48 bits of the sandbox id: a sandbox whose id begins
+    like another's must neither take over nor, rolling back, delete its bridge."""
+    mgr = lab.manager()
+    lab.warm_up(mgr)
+    sandbox_id, workdir = lab.new_sandbox()
+    other = sandbox_id[:12] + secrets.token_hex(26)
+    names = podnet.LinkNames.for_sandbox(sandbox_id)
+    _run("ip", "link", "add", "name", names.host_bridge, "type", "bridge")
+    try:
+        _run("ip", "link", "set", "dev", names.host_bridge, "alias", f"podvisor sandbox {other}")
+        before = lab.state()
+        with pytest.raises(FailedPrecondition, match="belongs to"):
+            lab.add(mgr, sandbox_id, workdir)
+        assert names.host_bridge in _link_names()
+        assert f"podvisor sandbox {other}" in _run("ip", "-o", "link", "show", "dev", names.host_bridge)
+        assert lab.state() == before
+        assert not netns.exists(netns_name(sandbox_id))
+    finally:
+        _run("ip", "link", "del", names.host_bridge, check=False)

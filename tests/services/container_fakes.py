@@ -279,8 +279,16 @@ class ContainerFakes:
             store=self.store, libvirt=self.libvirt, files=self.files, console=self.console,
             sandboxes=self.sandboxes, images=self.images, build_request=self._build_request,
             build_seed=self._build_seed, render_domain=self._render_domain, parse_metadata=parse_metadata,
-            virt_type=lambda: "qemu", now_ns=self.clock.now_ns,
+            virt_type=lambda: "qemu", now_ns=self.clock.now_ns, start_dhcp=self._start_dhcp,
         )
+        # Not in the journal: it runs beside the disk preparation, in another thread.
+        self.dhcp_started: list[str] = []
+        self.dhcp_error: Exception | None = None
+
+    def _start_dhcp(self, sb: Sandbox) -> None:
+        self.dhcp_started.append(sb.id)
+        if self.dhcp_error is not None:
+            raise self.dhcp_error
 
     def _build_request(self, spec: ContainerSpec, sb: Sandbox) -> VMRequest:
         self.requests.append((spec, sb))

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.domain.errors import AlreadyExists
+from agent.domain.errors import AlreadyExists, Unavailable
 from agent.domain.sandbox import Metadata, Sandbox, SandboxSpec, SandboxState
 from agent.services.ports import Ports
 
@@ -103,6 +103,9 @@ class RecordingFiles:
         self.fail_log_directory: BaseException | None = None
         self._lock = threading.Lock()
 
+    def sandbox_dir(self, sandbox_id: str) -> Path:
+        return self.root / sandbox_id
+
     def create_sandbox_dir(self, sandbox_id: str) -> Path:
         self.journal.record("files.create_sandbox_dir", sandbox_id)
         if self.fail_create is not None:
@@ -130,15 +133,46 @@ class RecordingFiles:
                 self.log_dirs.add(path)
 
 
+class RecordingNetwork:
+    """SandboxNetwork: records calls; ``lost`` sandboxes fail recover() as
+    after a host reboot; ``cached`` are the ids with a CNI cache entry."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.lost: set[str] = set()
+        self.cached: list[str] = []
+
+    def add(self, sandbox_id: str, name: str, namespace: str, uid: str, port_mappings: object, dns: object,
+            hostname: str, workdir: Path) -> object:
+        raise AssertionError("not used by recovery")
+
+    def remove(self, sandbox_id: str, workdir: Path) -> None:
+        self.journal.record("network.remove", sandbox_id)
+
+    def ensure_dhcp(self, sandbox_id: str, workdir: Path) -> bool:
+        self.journal.record("network.ensure_dhcp", sandbox_id)
+        return True
+
+    def recover(self, sandbox_id: str, workdir: Path) -> None:
+        self.journal.record("network.recover", sandbox_id)
+        if sandbox_id in self.lost:
+            raise Unavailable(f"the pod network namespace podvisor-{sandbox_id} is gone (host rebooted?)")
+
+    def cached_sandbox_ids(self) -> list[str]:
+        self.journal.record("network.cached_sandbox_ids")
+        return list(self.cached)
+
+
 class FakePorts:
     """The bundle a service receives, plus handles on each fake."""
 
-    def __init__(self, store_delay: float = 0.0) -> None:
+    def __init__(self, store_delay: float = 0.0, *, network: bool = False) -> None:
         self.journal = Journal()
         self.store = RecordingStore(self.journal, delay=store_delay)
         self.files = RecordingFiles(self.journal)
         self.clock = FakeClock()
-        self.ports = Ports(store=self.store, files=self.files, clock=self.clock)
+        self.network = RecordingNetwork(self.journal) if network else None
+        self.ports = Ports(store=self.store, files=self.files, clock=self.clock, network=self.network)
 
 
 def spec(

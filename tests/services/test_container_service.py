@@ -19,6 +19,7 @@ from tests.services.container_fakes import (
     IMAGE_REF,
     LOG_DIR,
     OTHER_SANDBOX_ID,
+    REQUEST,
     SANDBOX_ID,
     SEED,
     STATE_ROOT,
@@ -241,6 +242,30 @@ def test_failure_in_seed_rolls_back_and_never_defines(fakes: ContainerFakes,
         service.create(cspec())
     assert fakes.journal.of("libvirt.define_domain") == []
     assert len(fakes.journal.of("libvirt.undefine_domain")) == 1
+    assert fakes.journal.events[-1][0] == "store.delete"
+    assert fakes.files.dirs == set()
+    assert fakes.store.rows == {}
+    assert service.list() == []
+
+
+def test_create_starts_the_pods_dhcp_server(fakes: ContainerFakes, service: ContainerService) -> None:
+    service.create(cspec())
+    assert fakes.dhcp_started == [SANDBOX_ID]
+
+
+def test_create_of_a_vm_without_nic_starts_no_dhcp_server(fakes: ContainerFakes,
+                                                           service: ContainerService) -> None:
+    fakes.ports.build_request = lambda spec, sb: dataclasses.replace(REQUEST, pod_network=False)
+    service.create(cspec())
+    assert fakes.dhcp_started == []
+
+
+def test_a_dhcp_server_that_cannot_start_fails_create_and_rolls_back(fakes: ContainerFakes,
+                                                                      service: ContainerService) -> None:
+    fakes.dhcp_error = Internal("dnsmasq for sandbox x exited right after starting")
+    with pytest.raises(Internal, match="dnsmasq"):
+        service.create(cspec())
+    assert fakes.journal.of("libvirt.define_domain") == []
     assert fakes.journal.events[-1][0] == "store.delete"
     assert fakes.files.dirs == set()
     assert fakes.store.rows == {}

@@ -192,3 +192,39 @@ def test_recovery_call_order_on_fakes() -> None:
     assert set(fakes.store.rows) == {READY_ID}
     assert fakes.files.dirs == {READY_ID}
     assert [s.id for s in service.list()] == [READY_ID]
+
+
+def test_recovery_with_pod_networks_on_fakes() -> None:
+    """READY sandboxes keep their network if it is still there (and their VM's
+    DHCP server is restarted: the adapter's job); a network lost in a reboot
+    makes the sandbox NOTREADY; half-made sandboxes and cache entries without
+    a sandbox lose theirs."""
+    fakes = FakePorts(network=True)
+    assert fakes.network is not None
+    lost_id = "3" * 64
+    for sb in (
+        sandbox(READY_ID, SandboxState.READY, "ready", 10),
+        sandbox(lost_id, SandboxState.READY, "lost", 15),
+        sandbox(NOTREADY_ID, SandboxState.NOTREADY, "notready", 20),
+        sandbox(CREATING_ID, SandboxState.CREATING, "creating", 30),
+    ):
+        fakes.store.rows[sb.id] = sb
+    fakes.files.dirs = {READY_ID, lost_id, NOTREADY_ID, CREATING_ID}
+    fakes.network.lost = {lost_id}
+    fakes.network.cached = [READY_ID, ORPHAN_ID]
+    service = SandboxService(fakes.ports)
+
+    report = recover(fakes.ports, service)
+
+    assert fakes.journal.of("network.") == [
+        ("network.remove", CREATING_ID),
+        ("network.recover", READY_ID),
+        ("network.recover", lost_id),
+        ("network.cached_sandbox_ids",),
+        ("network.remove", ORPHAN_ID),
+    ]
+    assert report.network_lost == [lost_id]
+    assert report.orphan_networks == [ORPHAN_ID]
+    assert fakes.store.rows[lost_id].state is SandboxState.NOTREADY
+    assert service.get(lost_id).state is SandboxState.NOTREADY
+    assert service.get(READY_ID).state is SandboxState.READY
