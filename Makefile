@@ -59,6 +59,7 @@ bench: setup guest
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/rpc.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/pull.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/start.py
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/network.py
 
 clean:
 	rm -rf $(VENV) $(STAMPS) agent/api/gen
