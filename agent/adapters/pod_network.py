@@ -190,6 +190,8 @@ class PodNetworkManager:
         raises Unavailable when it is gone (a host reboot empties /run/netns),
         and restarts a DHCP server that was running and died since."""
         ns_name = netns_name(sandbox_id)
+        if podnet.load(workdir) is None and self.cni.cached(sandbox_id) is None:
+            return  # made while pod networking was off: it never had one
         if not netns.exists(ns_name):
             raise Unavailable(f"the pod network namespace {ns_name} is gone (host rebooted?)")
         with self._lock_for(sandbox_id):

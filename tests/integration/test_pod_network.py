@@ -563,6 +563,8 @@ def test_dhcp_server_is_restarted_after_it_died(lab: Lab) -> None:
     status = lab.add(mgr, sandbox_id, workdir)
     # Recovery leaves a sandbox alone whose VM never had it started...
     lab.manager().recover(sandbox_id, workdir)
+    never_id, never_dir = lab.new_sandbox()
+    lab.manager().recover(never_id, never_dir)  # no pod network ever made (networking was off): fine
     assert lab.dnsmasq_pids() == []
     assert mgr.ensure_dhcp(sandbox_id, workdir) is True
     assert mgr.ensure_dhcp(sandbox_id, workdir) is False
