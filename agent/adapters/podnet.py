@@ -601,7 +601,8 @@ def prepare(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "e
     with the DHCP server's address. Links get the default MTU; :func:`setup`
     adjusts it to ``eth0``'s.
 
-    Safe to retry. On failure :func:`teardown` undoes whatever was done.
+    Safe to retry. On failure :func:`teardown_pod` and :func:`teardown_host`
+    (PodNetworkManager.remove) undo whatever was done.
     """
     names = LinkNames.for_sandbox(sandbox_id, ifname)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -664,7 +665,8 @@ def setup(sandbox_id: str, netns_name: str, cni_result: CNIResult, hostname: str
     to the VM: it gives up its address and MAC and joins the pod-side
     bridge. The DHCP server is started later, for the VM (:func:`ensure_dhcp`).
 
-    Safe to retry. On failure :func:`teardown` undoes whatever was done.
+    Safe to retry. On failure :func:`teardown_pod` and :func:`teardown_host`
+    (PodNetworkManager.remove) undo whatever was done.
     """
     names = LinkNames.for_sandbox(sandbox_id, ifname)
     what = f"wire sandbox {sandbox_id[:12]}"
