@@ -108,29 +108,20 @@ def _errno_error(what: str) -> OSError:
     return OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def run_in(name: str, fn: Callable[[], T]) -> T:
-    """Call ``fn`` in a new thread that has joined namespace ``name``; its
-    result or exception is the caller's. The thread ends with the call, so
-    no thread of the agent is ever left in a pod's namespace."""
-    p = path(name)
+def _on_new_thread(fn: Callable[[], T], label: str) -> T:
+    """Call ``fn`` on a thread of its own and hand its result or exception
+    to the caller: namespace changes (setns, unshare) are per thread, and
+    this thread ends with the call, so none of the agent's threads is ever
+    left in another namespace. An OSError becomes Internal."""
     box: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            try:
-                fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise Internal(f"cannot enter network namespace {name}: {exc.strerror}") from None
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise _errno_error(f"cannot enter network namespace {name}")
-            finally:
-                os.close(fd)
             box["value"] = fn()
         except BaseException as exc:  # handed to the caller
             box["error"] = exc
 
-    thread = threading.Thread(target=target, name=f"netns-{name[:24]}", daemon=True)
+    thread = threading.Thread(target=target, name=label, daemon=True)
     thread.start()
     thread.join()
     if "error" in box:
@@ -141,28 +132,43 @@ def run_in(name: str, fn: Callable[[], T]) -> T:
     return box["value"]  # type: ignore[no-any-return]
 
 
+def run_in(name: str, fn: Callable[[], T]) -> T:
+    """Call ``fn`` in a new thread that has joined namespace ``name``; its
+    result or exception is the caller's."""
+    p = path(name)
+
+    def entered() -> T:
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise Internal(f"cannot enter network namespace {name}: {exc.strerror}") from None
+        try:
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                raise _errno_error(f"cannot enter network namespace {name}")
+        finally:
+            os.close(fd)
+        return fn()
+
+    return _on_new_thread(entered, f"netns-{name[:24]}")
+
+
 def _create_here(p: Path) -> None:
     """Unshare a new namespace in a new thread and bind-mount it at ``p``
     (an empty file made here; removed again on failure)."""
     fd = os.open(p, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
     os.close(fd)
-    box: dict[str, BaseException] = {}
 
-    def target() -> None:
-        try:
-            if _libc.unshare(CLONE_NEWNET) != 0:
-                raise _errno_error("unshare(CLONE_NEWNET)")
-            if _libc.mount(b"/proc/thread-self/ns/net", str(p).encode(), None, MS_BIND, None) != 0:
-                raise _errno_error(f"mount --bind on {p}")
-        except BaseException as exc:
-            box["error"] = exc
+    def unshare_and_mount() -> None:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            raise _errno_error("unshare(CLONE_NEWNET)")
+        if _libc.mount(b"/proc/thread-self/ns/net", str(p).encode(), None, MS_BIND, None) != 0:
+            raise _errno_error(f"mount --bind on {p}")
 
-    thread = threading.Thread(target=target, name="netns-create", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
+    try:
+        _on_new_thread(unshare_and_mount, "netns-create")
+    except Internal as exc:
         p.unlink(missing_ok=True)
-        raise Internal(f"cannot create network namespace {p.name}: {box['error']}")
+        raise Internal(f"cannot create network namespace {p.name}: {exc.message}") from None
 
 
 def create(name: str, *, exist_ok: bool = False) -> Path:

@@ -594,6 +594,19 @@ def _save(state: _State, workdir: Path) -> None:
     os.replace(tmp, workdir / STATE_FILE)
 
 
+def _alias(sandbox_id: str) -> str:
+    """The VM bridge's alias: whose it is (`ip link` shows it to an operator)."""
+    return f"podvisor sandbox {sandbox_id}"
+
+
+def _foreign_owner(names: LinkNames, sandbox_id: str) -> str | None:
+    """The alias of an existing VM bridge of that name when it names another
+    sandbox (link names carry 48 bits of the id), else None. No alias at all
+    is our own, from a crash right after it was added."""
+    alias = (_link(names.host_bridge) or {}).get("ifalias")
+    return str(alias) if alias not in (None, _alias(sandbox_id)) else None
+
+
 def prepare(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "eth0") -> None:
     """The part of the wiring that does not depend on the CNI result, meant
     to run while CNI ADD runs: the host bridge for the VM's tap, the veth
@@ -609,17 +622,15 @@ def prepare(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "e
     what = f"wire sandbox {sandbox_id[:12]}"
     # Host side first (the veth's pod end must exist before the pod side
     # enslaves it). Each `ip -batch` stops at its first failing command.
-    alias = f"podvisor sandbox {sandbox_id}"
-    existing = _link(names.host_bridge) if _exists(names.host_bridge) else None
-    host: list[str] = []
-    if existing is None:
-        host.append(f"link add name {names.host_bridge} type bridge ageing_time 0")
-    elif existing.get("ifalias") not in (None, alias):
-        # Names carry 48 bits of the id: never take over another sandbox's
-        # bridge. (No alias at all: our own, from a crash right after "add".)
-        raise FailedPrecondition(f"interface {names.host_bridge} exists and belongs to {existing.get('ifalias')!r}, "
+    alias = _alias(sandbox_id)
+    existing = _exists(names.host_bridge)
+    foreign = _foreign_owner(names, sandbox_id) if existing else None
+    if foreign is not None:
+        raise FailedPrecondition(f"interface {names.host_bridge} exists and belongs to {foreign!r}, "
                                  f"not to sandbox {sandbox_id}")
-    # The alias says whose bridge it is (`ip link` shows it to an operator).
+    host: list[str] = []
+    if not existing:
+        host.append(f"link add name {names.host_bridge} type bridge ageing_time 0")
     if _batch_safe(alias):
         host.append(f'link set dev {names.host_bridge} alias "{alias}"')
     host.append(f"link set dev {names.host_bridge} arp off")
@@ -655,7 +666,7 @@ def prepare(sandbox_id: str, netns_name: str, workdir: Path, *, ifname: str = "e
     netns.run_in(netns_name, pod_side)
     _ip_batch([f"link set dev {names.host_veth} up",
                f"link set dev {names.host_bridge} up"], what=what)
-    _add_notrack(names, sandbox_id, fresh=existing is None)
+    _add_notrack(names, sandbox_id, fresh=not existing)
 
 
 def setup(sandbox_id: str, netns_name: str, cni_result: CNIResult, hostname: str,
@@ -788,14 +799,12 @@ def teardown_host(sandbox_id: str, *, ifname: str = "eth0") -> None:
     VM's bridge. Idempotent. The VM must be stopped first: its tap leaves
     the bridge being deleted."""
     names = LinkNames.for_sandbox(sandbox_id, ifname)
-    if _exists(names.host_bridge):
-        alias = (_link(names.host_bridge) or {}).get("ifalias")
-        if alias not in (None, f"podvisor sandbox {sandbox_id}"):
-            # Another sandbox whose id starts with the same 48 bits (prepare
-            # refused to take its bridge over): its links and rule are not ours.
-            log.warning("VM bridge belongs to another sandbox, left alone", sandbox_id=sandbox_id,
-                        bridge=names.host_bridge, alias=alias)
-            return
+    foreign = _foreign_owner(names, sandbox_id) if _exists(names.host_bridge) else None
+    if foreign is not None:
+        # prepare() refused to take that bridge over: its links and rule are not ours.
+        log.warning("VM bridge belongs to another sandbox, left alone", sandbox_id=sandbox_id,
+                    bridge=names.host_bridge, alias=foreign)
+        return
     _remove_notrack(names, sandbox_id)
     present = [n for n in (names.host_veth, names.host_bridge) if _exists(n)]
     if present:
