@@ -33,8 +33,9 @@ from agent.adapters.pod_network import PodNetworkManager
 from agent.adapters.store import Store
 from agent.adapters.vm_files import VMFiles
 from agent.api import server as api_server
-from agent.api.podvisor_service import HostServicer
-from agent.api.runtime_service import ImageServicer, RuntimeServicer
+from agent.api.host import HostServicer
+from agent.api.images import ImageServicer
+from agent.api.runtime_service import RuntimeServicer
 from agent.config import AgentConfig
 from agent.domain import imageref, virt, vmrequest
 from agent.domain.cni import ConfigLookup, NetworkConfig
@@ -47,6 +48,7 @@ from agent.services.ports import Ports, SystemClock
 from agent.services.recovery import recover
 from agent.services.runtime import RuntimeInfoService
 from agent.services.sandboxes import SandboxService
+from agent.services.stats import StatsService
 
 log = structlog.get_logger(__name__)
 
@@ -263,7 +265,8 @@ class Daemon:
             state_dir=cfg.state_dir,
         )
         grpc_server, health = api_server.build(
-            RuntimeServicer(runtime, sandboxes, str(cfg.sandboxes_dir), containers),
+            RuntimeServicer(runtime, sandboxes, str(cfg.sandboxes_dir), containers,
+                            StatsService(sandboxes, containers)),
             ImageServicer(images, str(cfg.images_dir)),
             HostServicer(runtime),
             cfg.server.workers,

@@ -1,10 +1,11 @@
-"""podvisor.v1: Podvisor's own API beside the CRI."""
+"""podvisor.v1.Host: Podvisor's own API beside the CRI."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from agent.api import convert
+import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
+from agent.api.convert import host as convert
 from agent.services.runtime import RuntimeInfoService
 
 from podvisor.v1 import podvisor_pb2, podvisor_pb2_grpc

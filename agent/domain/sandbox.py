@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from agent.domain.errors import InvalidArgument
+from agent.domain.filters import selected
 
 
 class SandboxState(enum.Enum):
@@ -100,12 +101,8 @@ class SandboxFilter:
 
 def matches(sandbox: Sandbox, flt: SandboxFilter) -> bool:
     """Whether a sandbox passes a filter (id may be a prefix, as crictl sends)."""
-    if flt.id and not sandbox.id.startswith(flt.id):
-        return False
-    if flt.ready is not None and sandbox.state.cri_ready is not flt.ready:
-        return False
-    labels = sandbox.spec.labels
-    return all(labels.get(k) == v for k, v in flt.label_selector.items())
+    return selected(sandbox.id, sandbox.spec.labels, sandbox.state.cri_ready, id_prefix=flt.id,
+                    wanted_state=flt.ready, label_selector=flt.label_selector)
 
 
 def cri_visible(sandboxes: Iterable[Sandbox]) -> list[Sandbox]:

@@ -10,11 +10,31 @@ libvirt objects.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 METADATA_NAMESPACE = "https://podvisor.io/xmlns/domain/1"
 METADATA_PREFIX = "podvisor"
+
+# The kernel's CFS period; kubelet always sends it with a quota, other clients may not.
+CFS_DEFAULT_PERIOD_US = 100_000
+
+
+def vcpus_for_quota(cpu_quota: int, cpu_period: int) -> int:
+    """The vCPUs a CRI CPU quota asks for; 0 when the quota sets no limit (0 or -1).
+
+    An unset period (0) is the kernel's. A quota of 1.5 CPUs needs 2 vCPUs to
+    be usable: round up, never down. The caller checks the period's sign.
+    """
+    if cpu_quota <= 0:
+        return 0
+    return math.ceil(cpu_quota / (cpu_period or CFS_DEFAULT_PERIOD_US))
+
+
+def quota_for_vcpus(vcpus: int) -> tuple[int, int]:
+    """``(cpu_period, cpu_quota)`` stating ``vcpus`` in CRI terms, over the kernel's period."""
+    return CFS_DEFAULT_PERIOD_US, CFS_DEFAULT_PERIOD_US * vcpus
 
 
 class ContainerState(enum.Enum):

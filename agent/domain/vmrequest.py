@@ -31,7 +31,6 @@ Precedence, most specific first (DESIGN.md, "CRI → VM mapping" and "Annotation
 from __future__ import annotations
 
 import enum
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ import yaml
 from agent.domain import annotations as ann
 from agent.domain.errors import InvalidArgument
 from agent.domain.kubevirt import MIN_MEMORY_BYTES, VMISpec, parse_vmi
-from agent.domain.vm import CloudInit, VMRequest
+from agent.domain.vm import CFS_DEFAULT_PERIOD_US, CloudInit, VMRequest, vcpus_for_quota
 
 POD_ANNOTATIONS_FIELD = "sandbox_config.annotations"
 CONTAINER_ANNOTATIONS_FIELD = "config.annotations"
@@ -50,8 +49,6 @@ RESOURCES_FIELD = "config.linux.resources"
 ENVS_FIELD = "config.envs"
 COMMAND_FIELD = "config.command"
 
-# The kernel's CFS period; kubelet always sends it with a quota, other clients may not.
-CFS_DEFAULT_PERIOD_US = 100_000
 # Names that /etc/environment (pam_env) and a POSIX shell both accept.
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -268,10 +265,9 @@ def _vcpus(
 ) -> tuple[int, str]:
     if cri.cpu_period < 0:
         raise InvalidArgument(f"{RESOURCES_FIELD}.cpu_period", "must not be negative")
-    if cri.cpu_quota > 0:
+    vcpus = vcpus_for_quota(cri.cpu_quota, cri.cpu_period)
+    if vcpus:
         period = cri.cpu_period or CFS_DEFAULT_PERIOD_US
-        # A quota of 1.5 CPUs needs 2 vCPUs to be usable: round up, never down.
-        vcpus = math.ceil(cri.cpu_quota / period)
         where = f"{RESOURCES_FIELD}.cpu_quota"
         if vcpus > ann.MAX_VCPUS:
             raise InvalidArgument(

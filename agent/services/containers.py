@@ -30,6 +30,7 @@ import structlog
 
 from agent.domain import vm as vm_model
 from agent.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PodvisorError
+from agent.domain.filters import selected
 from agent.domain.sandbox import NetworkMode, Sandbox, SandboxState, resolve_id
 from agent.domain.validation import validate_id, validate_string_map
 from agent.domain.vm import Container, ContainerState, DiskSpec, DomainSpec, InterfaceSpec, VMRequest
@@ -459,18 +460,10 @@ class ContainerService:
         items.sort(key=lambda c: c.created_at_ns)
         if flt is None:
             return items
-        out = []
-        for c in items:
-            if flt.id and not c.id.startswith(flt.id):
-                continue
-            if flt.sandbox_id and not c.sandbox_id.startswith(flt.sandbox_id):
-                continue
-            if flt.state is not None and c.state is not flt.state:
-                continue
-            if any(c.labels.get(k) != v for k, v in flt.label_selector.items()):
-                continue
-            out.append(c)
-        return out
+        return [c for c in items
+                if c.sandbox_id.startswith(flt.sandbox_id)
+                and selected(c.id, c.labels, c.state, id_prefix=flt.id, wanted_state=flt.state,
+                             label_selector=flt.label_selector)]
 
     def domain_xml(self, c: Container) -> str:
         try:

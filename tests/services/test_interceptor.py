@@ -24,8 +24,9 @@ from structlog.testing import capture_logs
 import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
 from agent import __version__
 from agent.api import server as api_server
-from agent.api.podvisor_service import HostServicer
-from agent.api.runtime_service import ImageServicer, RuntimeServicer
+from agent.api.host import HostServicer
+from agent.api.images import ImageServicer
+from agent.api.runtime_service import RuntimeServicer
 from agent.domain import errors
 from agent.domain.cni import ConfigLookup, NetworkConfig
 from agent.domain.host import HostFacts
@@ -34,6 +35,7 @@ from agent.services.containers import ContainerService
 from agent.services.images import ImagePorts, ImageService
 from agent.services.runtime import RuntimeInfoService
 from agent.services.sandboxes import SandboxService
+from agent.services.stats import StatsService
 from tests.services.service_fakes import FakePorts
 
 from runtime.v1 import api_pb2 as pb
@@ -147,9 +149,10 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     fakes = FakePorts()
     sandboxes = SandboxService(fakes.ports)
     # The real assembly: ApiInterceptor, services registered from descriptors.
+    containers = _no_containers(tmp_path_factory.mktemp("vms"), sandboxes)
     server, _health = api_server.build(
-        RuntimeServicer(runtime, sandboxes, "/var/lib/podvisor/sandboxes",
-                        _no_containers(tmp_path_factory.mktemp("vms"), sandboxes)),
+        RuntimeServicer(runtime, sandboxes, "/var/lib/podvisor/sandboxes", containers,
+                        StatsService(sandboxes, containers)),
         ImageServicer(ImageService(_no_image_ports(tmp_path_factory.mktemp("images")),
                                    max_virtual_size=1 << 30), "/var/lib/podvisor/images"),
         HostServicer(runtime),

@@ -1,4 +1,4 @@
-"""Pure protobuf ↔ model conversions (agent.api.convert)."""
+"""Pure protobuf ↔ model conversions (agent.api.convert): sandboxes, runtime info, host, wire."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 import agent.api.gen  # noqa: F401  (generated packages on sys.path)
 from agent import __version__
-from agent.api import convert
+from agent.api.convert import host, runtime_info, sandboxes, wire
 from agent.domain.errors import InvalidArgument
 from agent.domain.host import HostFacts
 from agent.domain.sandbox import (
@@ -55,7 +55,7 @@ def test_full_request_converts() -> None:
         annotations={"podvisor.io/vcpus": "2"},
         linux=pb.LinuxPodSandboxConfig(cgroup_parent="/kubepods/pod-u-1"),
     )
-    spec = convert.sandbox_spec_from_pb(req)
+    spec = sandboxes.sandbox_spec_from_pb(req)
     assert spec == SandboxSpec(
         metadata=Metadata("vm-1", "default", "u-1", 3),
         hostname="vm-1",
@@ -78,7 +78,7 @@ def test_full_request_converts() -> None:
 
 
 def test_minimal_request_converts_to_defaults() -> None:
-    spec = convert.sandbox_spec_from_pb(run_request())
+    spec = sandboxes.sandbox_spec_from_pb(run_request())
     assert spec.metadata == Metadata("vm-1", "default", "u-1", 3)
     assert spec.hostname == ""
     assert spec.dns == DNSConfig()
@@ -88,7 +88,7 @@ def test_minimal_request_converts_to_defaults() -> None:
 
 def test_missing_config_is_invalid() -> None:
     with pytest.raises(InvalidArgument) as exc_info:
-        convert.sandbox_spec_from_pb(pb.RunPodSandboxRequest())
+        sandboxes.sandbox_spec_from_pb(pb.RunPodSandboxRequest())
     assert exc_info.value.field == "config"
     assert exc_info.value.message == "config: is required"
 
@@ -96,7 +96,7 @@ def test_missing_config_is_invalid() -> None:
 def test_missing_metadata_is_invalid() -> None:
     req = pb.RunPodSandboxRequest(config=pb.PodSandboxConfig(hostname="x"))
     with pytest.raises(InvalidArgument) as exc_info:
-        convert.sandbox_spec_from_pb(req)
+        sandboxes.sandbox_spec_from_pb(req)
     assert exc_info.value.field == "config.metadata"
 
 
@@ -107,14 +107,14 @@ def _with_network(mode: int) -> pb.RunPodSandboxRequest:
 
 
 def test_node_network_mode() -> None:
-    assert convert.sandbox_spec_from_pb(_with_network(pb.NODE)).network_mode is NetworkMode.NODE
-    assert convert.sandbox_spec_from_pb(_with_network(pb.POD)).network_mode is NetworkMode.POD
+    assert sandboxes.sandbox_spec_from_pb(_with_network(pb.NODE)).network_mode is NetworkMode.NODE
+    assert sandboxes.sandbox_spec_from_pb(_with_network(pb.POD)).network_mode is NetworkMode.POD
 
 
 @pytest.mark.parametrize("mode", [pb.CONTAINER, pb.TARGET])
 def test_other_network_modes_are_invalid(mode: int) -> None:
     with pytest.raises(InvalidArgument) as exc_info:
-        convert.sandbox_spec_from_pb(_with_network(mode))
+        sandboxes.sandbox_spec_from_pb(_with_network(mode))
     assert exc_info.value.field == "config.linux.security_context.namespace_options.network"
 
 
@@ -122,7 +122,7 @@ def test_other_network_modes_are_invalid(mode: int) -> None:
                                                 (pb.SCTP, "sctp")])
 def test_port_mapping_protocols(protocol: int, name: str) -> None:
     req = run_request(port_mappings=[pb.PortMapping(protocol=protocol, container_port=1)])
-    assert convert.sandbox_spec_from_pb(req).port_mappings[0].protocol == name
+    assert sandboxes.sandbox_spec_from_pb(req).port_mappings[0].protocol == name
 
 
 def test_unknown_port_protocol_is_invalid() -> None:
@@ -131,7 +131,7 @@ def test_unknown_port_protocol_is_invalid() -> None:
         pb.PortMapping(protocol=7, container_port=81),
     ])
     with pytest.raises(InvalidArgument) as exc_info:
-        convert.sandbox_spec_from_pb(req)
+        sandboxes.sandbox_spec_from_pb(req)
     assert exc_info.value.field == "config.port_mappings[1].protocol"
     assert "7" in exc_info.value.message
 
@@ -158,7 +158,7 @@ def make_sandbox(state: SandboxState = SandboxState.READY,
 
 
 def test_sandbox_to_pb() -> None:
-    msg = convert.sandbox_to_pb(make_sandbox())
+    msg = sandboxes.sandbox_to_pb(make_sandbox())
     assert msg.id == "c" * 64
     assert msg.metadata == pb.PodSandboxMetadata(name="vm-1", namespace="default", uid="u-1",
                                                  attempt=2)
@@ -180,12 +180,12 @@ def test_sandbox_to_pb() -> None:
 )
 def test_states_map_to_cri(state: SandboxState, expected: int) -> None:
     sb = make_sandbox(state)
-    assert convert.sandbox_to_pb(sb).state == expected
-    assert convert.sandbox_status_to_pb(sb).state == expected
+    assert sandboxes.sandbox_to_pb(sb).state == expected
+    assert sandboxes.sandbox_status_to_pb(sb).state == expected
 
 
 def test_sandbox_status_to_pb() -> None:
-    st = convert.sandbox_status_to_pb(make_sandbox(SandboxState.NOTREADY))
+    st = sandboxes.sandbox_status_to_pb(make_sandbox(SandboxState.NOTREADY))
     assert st.id == "c" * 64
     assert st.metadata.name == "vm-1"
     assert st.metadata.attempt == 2
@@ -200,12 +200,12 @@ def test_sandbox_status_to_pb() -> None:
 
 
 def test_sandbox_status_node_network() -> None:
-    st = convert.sandbox_status_to_pb(make_sandbox(mode=NetworkMode.NODE))
+    st = sandboxes.sandbox_status_to_pb(make_sandbox(mode=NetworkMode.NODE))
     assert st.linux.namespaces.options.network == pb.NODE
 
 
 def test_sandbox_verbose_info_is_one_json_document() -> None:
-    info = convert.sandbox_verbose_info(make_sandbox(), "/var/lib/podvisor/sandboxes/ccc")
+    info = sandboxes.sandbox_verbose_info(make_sandbox(), "/var/lib/podvisor/sandboxes/ccc")
     assert list(info) == ["info"]
     doc = json.loads(info["info"])
     assert doc == {
@@ -230,12 +230,12 @@ def test_sandbox_verbose_info_is_one_json_document() -> None:
 
 
 def test_no_filter() -> None:
-    assert convert.sandbox_filter_from_pb(pb.ListPodSandboxRequest()) is None
+    assert sandboxes.sandbox_filter_from_pb(pb.ListPodSandboxRequest()) is None
 
 
 def test_empty_filter_matches_everything() -> None:
     req = pb.ListPodSandboxRequest(filter=pb.PodSandboxFilter())
-    assert convert.sandbox_filter_from_pb(req) == SandboxFilter(id="", ready=None,
+    assert sandboxes.sandbox_filter_from_pb(req) == SandboxFilter(id="", ready=None,
                                                                 label_selector={})
 
 
@@ -244,7 +244,7 @@ def test_empty_filter_matches_everything() -> None:
 def test_state_filter(state: int, ready: bool) -> None:
     req = pb.ListPodSandboxRequest(filter=pb.PodSandboxFilter(
         state=pb.PodSandboxStateValue(state=state)))
-    flt = convert.sandbox_filter_from_pb(req)
+    flt = sandboxes.sandbox_filter_from_pb(req)
     assert flt is not None
     assert flt.ready is ready
 
@@ -252,7 +252,7 @@ def test_state_filter(state: int, ready: bool) -> None:
 def test_id_and_label_filter() -> None:
     req = pb.ListPodSandboxRequest(filter=pb.PodSandboxFilter(
         id="abc", label_selector={"app": "web", "tier": "front"}))
-    flt = convert.sandbox_filter_from_pb(req)
+    flt = sandboxes.sandbox_filter_from_pb(req)
     assert flt == SandboxFilter(id="abc", ready=None,
                                 label_selector={"app": "web", "tier": "front"})
     assert flt is not None and type(flt.label_selector) is dict
@@ -262,7 +262,7 @@ def test_id_and_label_filter() -> None:
 
 
 def test_version_to_pb() -> None:
-    resp = convert.version_to_pb(RuntimeInfoService.version())
+    resp = runtime_info.version_to_pb(RuntimeInfoService.version())
     assert resp == pb.VersionResponse(version="0.1.0", runtime_name="podvisor",
                                       runtime_version=__version__, runtime_api_version="v1")
 
@@ -279,7 +279,7 @@ STATUS = RuntimeStatus(
 
 
 def test_status_to_pb_conditions_and_handlers() -> None:
-    resp = convert.status_to_pb(STATUS, False, ("", "podvisor"))
+    resp = runtime_info.status_to_pb(STATUS, False, ("", "podvisor"))
     conds = [(c.type, c.status, c.reason, c.message) for c in resp.status.conditions]
     assert conds == [
         ("RuntimeReady", True, "", ""),
@@ -293,7 +293,7 @@ def test_status_to_pb_conditions_and_handlers() -> None:
 
 
 def test_status_to_pb_verbose_info() -> None:
-    resp = convert.status_to_pb(STATUS, True, ("",))
+    resp = runtime_info.status_to_pb(STATUS, True, ("",))
     assert set(resp.info) == {"virtType", "libvirt", "cni"}
     assert resp.info["virtType"] == "qemu"  # strings are not JSON-quoted
     assert json.loads(resp.info["libvirt"]) == {"uri": "qemu:///system", "connected": True,
@@ -316,7 +316,7 @@ def test_host_info_to_pb() -> None:
         state_dir=Path("/var/lib/podvisor"),
         agent_version=__version__,
     )
-    msg = convert.host_info_to_pb(info)
+    msg = host.host_info_to_pb(info)
     assert msg.virt_type == "qemu"
     assert msg.virt_type_reason == "no /dev/kvm on this host: using TCG"
     assert msg.libvirt_version == "10.0.0"
@@ -339,5 +339,5 @@ def test_host_info_to_pb() -> None:
 
 
 def test_message_to_json_keeps_proto_field_names() -> None:
-    doc = json.loads(convert.message_to_json(pb.RunPodSandboxResponse(pod_sandbox_id="x")))
+    doc = json.loads(wire.message_to_json(pb.RunPodSandboxResponse(pod_sandbox_id="x")))
     assert doc == {"pod_sandbox_id": "x"}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import agent.api.gen  # noqa: F401
-from agent.api import convert
+from agent.api.convert.sandboxes import sandbox_to_pb
+from agent.api.convert.wire import EncodedCache
 from agent.domain.sandbox import Metadata, Sandbox, SandboxSpec, SandboxState
 
 from runtime.v1 import api_pb2 as pb
@@ -24,16 +25,16 @@ def make(i: int, state: SandboxState = SandboxState.READY) -> Sandbox:
 
 def test_encoding_equals_protobuf_response() -> None:
     values = [make(i) for i in range(12)]  # label sizes cross the 1-byte varint length
-    cache = convert.EncodedCache(convert.sandbox_to_pb, field_number=1)
+    cache = EncodedCache(sandbox_to_pb, field_number=1)
     raw = cache.encode(values)
-    expected = pb.ListPodSandboxResponse(items=[convert.sandbox_to_pb(v) for v in values])
+    expected = pb.ListPodSandboxResponse(items=[sandbox_to_pb(v) for v in values])
     assert pb.ListPodSandboxResponse.FromString(raw) == expected
     assert cache.encode(values) == raw  # served from the cache
 
 
 def test_replaced_values_are_re_encoded_and_removed_ones_forgotten() -> None:
     values = [make(i) for i in range(3)]
-    cache = convert.EncodedCache(convert.sandbox_to_pb, field_number=1)
+    cache = EncodedCache(sandbox_to_pb, field_number=1)
     cache.encode(values)
     stopped = dataclasses.replace(values[1], state=SandboxState.NOTREADY)
     raw = cache.encode([values[0], stopped])
@@ -46,5 +47,5 @@ def test_replaced_values_are_re_encoded_and_removed_ones_forgotten() -> None:
 
 
 def test_empty_list_is_an_empty_response() -> None:
-    cache = convert.EncodedCache(convert.sandbox_to_pb, field_number=1)
+    cache = EncodedCache(sandbox_to_pb, field_number=1)
     assert cache.encode([]) == b""

@@ -1,0 +1,1 @@
+"""Pure protobuf ↔ model conversions, one module per resource (beside the handler modules)."""
