@@ -431,6 +431,39 @@ def test_sandbox_lifecycle_over_grpc(harness: Harness) -> None:
                                             timeout=TIMEOUT).items] == [other]
 
 
+def test_stats_calls_over_grpc(harness: Harness) -> None:
+    # Sandboxes without VMs: the stats handlers, their filters and their errors end to end.
+    rt = harness.rt
+    web = rt.RunPodSandbox(run_request("web", app="web"), timeout=TIMEOUT).pod_sandbox_id
+    db = rt.RunPodSandbox(run_request("db", app="db"), timeout=TIMEOUT).pod_sandbox_id
+
+    one = rt.PodSandboxStats(pb.PodSandboxStatsRequest(pod_sandbox_id=web[:10]), timeout=TIMEOUT).stats
+    assert one.attributes.id == web
+    assert dict(one.attributes.labels) == {"app": "web"}
+    assert one.linux.cpu.usage_core_nano_seconds.value == 0
+    assert one.linux.memory.rss_bytes.value == 0
+    assert list(one.linux.containers) == []
+
+    def listed(**flt: Any) -> list[str]:
+        req = pb.ListPodSandboxStatsRequest(filter=pb.PodSandboxStatsFilter(**flt)) if flt else \
+            pb.ListPodSandboxStatsRequest()
+        return sorted(s.attributes.id for s in rt.ListPodSandboxStats(req, timeout=TIMEOUT).stats)
+
+    assert listed() == sorted([web, db])
+    assert listed(label_selector={"app": "db"}) == [db]
+    assert listed(id=web[:6]) == [web]
+    assert listed(id=web, label_selector={"app": "db"}) == []
+
+    assert list(rt.ListContainerStats(pb.ListContainerStatsRequest(), timeout=TIMEOUT).stats) == []
+    err = call_error(rt.PodSandboxStats, pb.PodSandboxStatsRequest(pod_sandbox_id="0" * 64))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    err = call_error(rt.ContainerStats, pb.ContainerStatsRequest(container_id="0" * 64))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    err = call_error(rt.UpdateContainerResources, pb.UpdateContainerResourcesRequest(
+        container_id="0" * 64, linux=pb.LinuxContainerResources(cpu_quota=200_000)))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_bad_requests_over_grpc(harness: Harness) -> None:
     rt = harness.rt
     err = call_error(rt.RunPodSandbox, pb.RunPodSandboxRequest())
