@@ -29,8 +29,8 @@ class ImageServicer(api_pb2_grpc.ImageServiceServicer):  # type: ignore[misc]
         return pb.PullImageResponse(image_ref=img.id)
 
     def ListImages(self, request: pb.ListImagesRequest, context: Any) -> pb.ListImagesResponse:
-        wanted = request.filter.image.image if request.HasField("filter") else ""
-        return pb.ListImagesResponse(images=[convert.image_to_pb(i) for i in self._images.list_images(wanted)])
+        items = self._images.list_images(convert.image_filter_from_pb(request))
+        return pb.ListImagesResponse(images=[convert.image_to_pb(i) for i in items])
 
     def ImageStatus(self, request: pb.ImageStatusRequest, context: Any) -> pb.ImageStatusResponse:
         img = self._images.status(request.image.image)

@@ -258,6 +258,9 @@ CASES = (
     Case("containers", "event_deleted", containers.container_event_to_pb,
          (ContainerEvent(CONTAINER_ID, SANDBOX_ID, "deleted", 7), None, None)),
     # images
+    Case("images", "filter", images.image_filter_from_pb, (pb.ListImagesRequest(
+        filter=pb.ImageFilter(image=pb.ImageSpec(image="registry.example/vm/cirros:0.6"))),)),
+    Case("images", "filter_absent", images.image_filter_from_pb, (pb.ListImagesRequest(),)),
     Case("images", "image_numeric_user", images.image_to_pb, (_image(),)),
     Case("images", "image_named_user", images.image_to_pb, (_image("nobody:nogroup"),)),
     Case("images", "image_no_user", images.image_to_pb, (_image(""),)),

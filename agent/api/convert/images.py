@@ -10,6 +10,11 @@ from agent.domain.image import Image
 from runtime.v1 import api_pb2 as pb
 
 
+def image_filter_from_pb(req: pb.ListImagesRequest) -> str:
+    """ListImages' filter: the image reference to look up, "" for every image."""
+    return str(req.filter.image.image) if req.HasField("filter") else ""
+
+
 def image_to_pb(img: Image) -> pb.Image:
     """One item of ListImages, and ImageStatus' image: the id is the config digest."""
     out = pb.Image(
