@@ -12,12 +12,11 @@ import time
 from typing import Any
 
 from agent.api.convert import sandbox_status_to_pb
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.domain.errors import InvalidArgument, PodvisorError
 from agent.domain.vm import Container, ContainerState
 from agent.services.containers import ContainerFilter, ContainerService, ContainerSpec, ContainerStats
 from agent.services.sandboxes import SandboxService
-
-from runtime.v1 import api_pb2 as pb
 
 _STATES = {
     ContainerState.CREATED: pb.CONTAINER_CREATED, ContainerState.RUNNING: pb.CONTAINER_RUNNING,

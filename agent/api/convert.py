@@ -7,7 +7,8 @@ from typing import Any
 
 from google.protobuf import json_format
 
-import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
+from agent.api.gen.podvisor.v1 import podvisor_pb2
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.domain.errors import InvalidArgument
 from agent.domain.image import Image
 from agent.domain.sandbox import (
@@ -20,9 +21,6 @@ from agent.domain.sandbox import (
     SandboxSpec,
 )
 from agent.services.runtime import HostInfo, RuntimeStatus
-
-from podvisor.v1 import podvisor_pb2
-from runtime.v1 import api_pb2 as pb
 
 _PROTOCOLS = {pb.TCP: "tcp", pb.UDP: "udp", pb.SCTP: "sctp"}
 _PROTOCOLS_BACK = {v: k for k, v in _PROTOCOLS.items()}

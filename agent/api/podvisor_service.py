@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from agent.api import convert
+from agent.api.gen.podvisor.v1 import podvisor_pb2, podvisor_pb2_grpc
 from agent.services.runtime import RuntimeInfoService
-
-from podvisor.v1 import podvisor_pb2, podvisor_pb2_grpc
 
 
 class HostServicer(podvisor_pb2_grpc.HostServicer):  # type: ignore[misc]

@@ -8,15 +8,14 @@ from typing import Any
 
 from agent.api import convert
 from agent.api.containers import ContainerVerbs
+from agent.api.gen.runtime.v1 import api_pb2 as pb
+from agent.api.gen.runtime.v1 import api_pb2_grpc
 from agent.api.unimplemented import fill
 from agent.domain.errors import InvalidArgument
 from agent.services.containers import ContainerService
 from agent.services.images import ImageService
 from agent.services.runtime import RuntimeInfoService
 from agent.services.sandboxes import RUNTIME_HANDLERS, SandboxService
-
-from runtime.v1 import api_pb2 as pb
-from runtime.v1 import api_pb2_grpc
 
 
 def _why(method: str) -> str:

@@ -17,10 +17,9 @@ import grpc
 import pytest
 import yaml
 
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from tests.e2e.conftest import VM, VMAgent, purge_domains, virsh
 from tests.integration import hostctl
-
-from runtime.v1 import api_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
 

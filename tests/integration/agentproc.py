@@ -21,10 +21,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2_grpc
 
-import agent.api.gen  # noqa: F401
-
-from podvisor.v1 import podvisor_pb2_grpc
-from runtime.v1 import api_pb2, api_pb2_grpc
+from agent.api.gen.podvisor.v1 import podvisor_pb2_grpc
+from agent.api.gen.runtime.v1 import api_pb2, api_pb2_grpc
 
 AGENT = [sys.executable, "-m", "agent"]
 

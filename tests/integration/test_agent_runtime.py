@@ -17,11 +17,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from agent.api.gen.podvisor.v1 import podvisor_pb2
+from agent.api.gen.runtime.v1 import api_pb2
 from tests.integration import hostctl
 from tests.integration.agentproc import AgentProcess
-
-from podvisor.v1 import podvisor_pb2
-from runtime.v1 import api_pb2
 
 
 def grpcurl(agent: AgentProcess, *args: str, data: str | None = None) -> subprocess.CompletedProcess[str]:

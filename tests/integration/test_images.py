@@ -18,11 +18,10 @@ import grpc
 import pytest
 
 from agent.adapters.registry import RegistryClient, RegistryCredentials
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.domain import oci
 from tests.integration.agentproc import AgentProcess
 from tests.integration.registry_fixture import RunningRegistry, containerdisk_layer, push_image
-
-from runtime.v1 import api_pb2 as pb
 
 
 @pytest.fixture

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import agent.api.gen  # noqa: F401
 from agent.api import convert
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.domain.sandbox import Metadata, Sandbox, SandboxSpec, SandboxState
-
-from runtime.v1 import api_pb2 as pb
 
 
 def make(i: int, state: SandboxState = SandboxState.READY) -> Sandbox:
