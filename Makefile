@@ -3,7 +3,6 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SHARED ?= ../shared
 STAMPS := .stamps
 PYTEST_ARGS ?=
 
@@ -24,7 +23,7 @@ $(STAMPS)/venv: pyproject.toml
 	@touch $@
 
 proto: $(STAMPS)/venv
-	@PYTHON=$(PY) scripts/gen-proto.sh
+	$(PY) scripts/gen_proto.py
 
 host:
 	@scripts/host-up.sh
@@ -32,10 +31,9 @@ host:
 run: setup
 	exec $(VENV)/bin/podvisor-agent
 
+# proto/runtime/v1/api.proto against upstream's wire facts in proto/runtime/v1/wire.json.
 check-wire: $(STAMPS)/venv
-	$(PY) -m grpc_tools.protoc -I proto --include_imports \
-	    --descriptor_set_out=$(STAMPS)/cri.pb proto/runtime/v1/api.proto
-	$(PY) $(SHARED)/cri/check_wire.py $(STAMPS)/cri.pb --require-all
+	$(PY) scripts/check_wire.py
 
 # The tiny test guest (cached per machine); refreshes apt lists once if a
 # package moved since they were fetched.
@@ -51,9 +49,11 @@ unit: setup
 integration: setup guest
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -m "integration or e2e" $(PYTEST_ARGS) tests
 
+# Style, strict types, and the import contracts of pyproject.toml's [tool.importlinter].
 lint: $(STAMPS)/venv proto
-	$(VENV)/bin/ruff check agent tests bench
-	$(VENV)/bin/mypy agent
+	$(VENV)/bin/ruff check agent tests bench scripts setup.py
+	$(VENV)/bin/mypy agent scripts setup.py
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
 
 bench: setup guest
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/rpc.py
