@@ -40,14 +40,15 @@ check-wire: $(STAMPS)/venv
 guest:
 	@images/tiny/build.sh $(TINY_IMAGE_DIR) || (apt-get update -q && images/tiny/build.sh $(TINY_IMAGE_DIR))
 
+# --require-integration: an integration or e2e test that would skip fails (tests/conftest.py).
 test: setup check-wire lint guest
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest $(PYTEST_ARGS) tests
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest --require-integration $(PYTEST_ARGS) tests
 
 unit: setup
 	$(PY) -m pytest -m "not integration and not e2e" $(PYTEST_ARGS) tests
 
 integration: setup guest
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -m "integration or e2e" $(PYTEST_ARGS) tests
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -m "integration or e2e" --require-integration $(PYTEST_ARGS) tests
 
 # Style, strict types, and the import contracts of pyproject.toml's [tool.importlinter].
 lint: $(STAMPS)/venv proto

@@ -234,6 +234,7 @@ def test_socket_mode_is_0660(running_agent: AgentProcess) -> None:
     assert mode == 0o660
 
 
+@pytest.mark.host_variant
 @pytest.mark.skipif(not Path("/sys/module/kvm_pvm").exists(), reason="needs a PVM /dev/kvm")
 def test_kvm_probe_rejects_this_pvm_device() -> None:
     """The real probe, forced: ordinary guests do not run on a PVM /dev/kvm."""
