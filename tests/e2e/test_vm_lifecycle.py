@@ -238,6 +238,8 @@ def test_libvirtd_restart_under_a_running_vm(vm_agent: VMAgent) -> None:
         if cond["RuntimeReady"]:
             break
         time.sleep(0.5)
+    else:
+        raise AssertionError(f"RuntimeReady did not come back within 60 s after libvirtd restarted: {status}")
     assert vm_agent.status(vm).status.state == pb.CONTAINER_RUNNING
     vm_agent.agent.runtime.StopContainer(pb.StopContainerRequest(container_id=vm.container_id, timeout=60),
                                          timeout=120)
