@@ -8,6 +8,7 @@ scripts/gen_proto.py here, with grpcio-tools from build-system.requires.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -30,6 +31,10 @@ class BuildPyWithProtos(build_py):  # type: ignore[misc]  # setuptools is untype
     """build_py that also writes the generated protobuf/gRPC modules."""
 
     def run(self) -> None:
+        if not self.editable_mode:
+            # setuptools reuses build/lib between builds: a module moved or deleted
+            # since the last one would otherwise still ship in the wheel.
+            shutil.rmtree(Path(self.build_lib) / "agent", ignore_errors=True)
         super().run()
         # An editable install imports from the checkout, so generate there (as `make proto` does).
         base = HERE if self.editable_mode else Path(self.build_lib)
