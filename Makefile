@@ -3,7 +3,6 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SHARED ?= ../shared
 STAMPS := .stamps
 PYTEST_ARGS ?=
 
@@ -24,7 +23,7 @@ $(STAMPS)/venv: pyproject.toml
 	@touch $@
 
 proto: $(STAMPS)/venv
-	@PYTHON=$(PY) scripts/gen-proto.sh
+	$(PY) scripts/gen_proto.py
 
 host:
 	@scripts/host-up.sh
@@ -32,28 +31,30 @@ host:
 run: setup
 	exec $(VENV)/bin/podvisor-agent
 
+# proto/runtime/v1/api.proto against upstream's wire facts in proto/runtime/v1/wire.json.
 check-wire: $(STAMPS)/venv
-	$(PY) -m grpc_tools.protoc -I proto --include_imports \
-	    --descriptor_set_out=$(STAMPS)/cri.pb proto/runtime/v1/api.proto
-	$(PY) $(SHARED)/cri/check_wire.py $(STAMPS)/cri.pb --require-all
+	$(PY) scripts/check_wire.py
 
 # The tiny test guest (cached per machine); refreshes apt lists once if a
 # package moved since they were fetched.
 guest:
 	@images/tiny/build.sh $(TINY_IMAGE_DIR) || (apt-get update -q && images/tiny/build.sh $(TINY_IMAGE_DIR))
 
+# --require-integration: an integration or e2e test that would skip fails (tests/conftest.py).
 test: setup check-wire lint guest
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest $(PYTEST_ARGS) tests
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest --require-integration $(PYTEST_ARGS) tests
 
 unit: setup
 	$(PY) -m pytest -m "not integration and not e2e" $(PYTEST_ARGS) tests
 
 integration: setup guest
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -m "integration or e2e" $(PYTEST_ARGS) tests
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -m "integration or e2e" --require-integration $(PYTEST_ARGS) tests
 
+# Style, strict types, and the import contracts of pyproject.toml's [tool.importlinter].
 lint: $(STAMPS)/venv proto
-	$(VENV)/bin/ruff check agent tests bench
-	$(VENV)/bin/mypy agent
+	$(VENV)/bin/ruff check agent tests bench scripts setup.py
+	$(VENV)/bin/mypy agent scripts setup.py
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
 
 bench: setup guest
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/rpc.py

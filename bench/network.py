@@ -36,11 +36,9 @@ import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from agent.api.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
+from agent.api.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
 from bench.common import start_agent  # noqa: E402
-
-import agent.api.gen  # noqa: E402,F401  isort:skip
-from runtime.v1 import api_pb2 as pb  # noqa: E402
-from runtime.v1 import api_pb2_grpc  # noqa: E402
 
 CNI_BIN = "/usr/lib/cni"
 SETTLE_S = 0.3

@@ -23,11 +23,9 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import agent.api.gen  # noqa: E402,F401
+from agent.api.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
+from agent.api.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
 from bench.common import percentile, start_agent  # noqa: E402
-
-from runtime.v1 import api_pb2 as pb  # noqa: E402
-from runtime.v1 import api_pb2_grpc  # noqa: E402
 
 
 def main() -> int:

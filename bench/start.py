@@ -38,13 +38,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from agent.adapters import oci_layout  # noqa: E402
 from agent.adapters.registry import RegistryClient  # noqa: E402
+from agent.api.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
+from agent.api.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
 from agent.domain.imageref import RemoteRepository  # noqa: E402
 from bench.common import percentile, start_agent  # noqa: E402
 from tests.integration.registry_fixture import run_registry  # noqa: E402
-
-import agent.api.gen  # noqa: E402,F401  isort:skip
-from runtime.v1 import api_pb2 as pb  # noqa: E402
-from runtime.v1 import api_pb2_grpc  # noqa: E402
 
 MEMORY = 96 << 20  # the tiny guest needs 76 MiB
 

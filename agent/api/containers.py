@@ -6,15 +6,13 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
 from agent.api.convert import containers as convert
 from agent.api.convert.sandboxes import sandbox_status_to_pb
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.domain.errors import InvalidArgument, PodvisorError
 from agent.services.containers import ContainerEvent, ContainerService
 from agent.services.sandboxes import SandboxService
 from agent.services.stats import StatsService
-
-from runtime.v1 import api_pb2 as pb
 
 
 class ContainerVerbs:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
 from agent.api.convert import host as convert
+from agent.api.gen.podvisor.v1 import podvisor_pb2, podvisor_pb2_grpc
 from agent.services.runtime import RuntimeInfoService
-
-from podvisor.v1 import podvisor_pb2, podvisor_pb2_grpc
 
 
 class HostServicer(podvisor_pb2_grpc.HostServicer):  # type: ignore[misc]

@@ -5,14 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
 from agent.api.convert import images as convert
+from agent.api.gen.runtime.v1 import api_pb2 as pb
+from agent.api.gen.runtime.v1 import api_pb2_grpc
 from agent.api.unimplemented import fill
 from agent.domain.errors import InvalidArgument
 from agent.services.images import ImageService
-
-from runtime.v1 import api_pb2 as pb
-from runtime.v1 import api_pb2_grpc
 
 
 class ImageServicer(api_pb2_grpc.ImageServiceServicer):  # type: ignore[misc]

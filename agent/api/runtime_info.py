@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
 from agent.api.convert import runtime_info as convert
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.services.runtime import RuntimeInfoService
 from agent.services.sandboxes import RUNTIME_HANDLERS
-
-from runtime.v1 import api_pb2 as pb
 
 
 class RuntimeInfoVerbs:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import threading
 
-import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
 from agent.api.containers import ContainerVerbs
 from agent.api.convert.sandboxes import sandbox_to_pb
 from agent.api.convert.wire import EncodedCache
+from agent.api.gen.runtime.v1 import api_pb2 as pb
+from agent.api.gen.runtime.v1 import api_pb2_grpc
 from agent.api.runtime_info import RuntimeInfoVerbs
 from agent.api.sandboxes import SandboxVerbs
 from agent.api.unimplemented import fill
@@ -21,9 +22,6 @@ from agent.services.containers import ContainerService
 from agent.services.runtime import RuntimeInfoService
 from agent.services.sandboxes import SandboxService
 from agent.services.stats import StatsService
-
-from runtime.v1 import api_pb2 as pb
-from runtime.v1 import api_pb2_grpc
 
 
 def _why(method: str) -> str:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
 from agent.api.convert import sandboxes as convert
 from agent.api.convert.wire import EncodedCache
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.services.sandboxes import SandboxService
 from agent.services.stats import StatsService
-
-from runtime.v1 import api_pb2 as pb
 
 
 class SandboxVerbs:

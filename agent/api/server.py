@@ -11,14 +11,12 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-import agent.api.gen  # noqa: F401
+from agent.api.gen.podvisor.v1 import podvisor_pb2
+from agent.api.gen.runtime.v1 import api_pb2
 from agent.api.host import HostServicer
 from agent.api.images import ImageServicer
 from agent.api.interceptor import ApiInterceptor
 from agent.api.runtime_service import RuntimeServicer
-
-from podvisor.v1 import podvisor_pb2
-from runtime.v1 import api_pb2
 
 # kubelet sends and accepts messages up to 16 MiB.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024

@@ -24,12 +24,10 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
 from agent import __version__
+from agent.api.gen.podvisor.v1 import podvisor_pb2, podvisor_pb2_grpc
+from agent.api.gen.runtime.v1 import api_pb2, api_pb2_grpc
 from agent.cli import image_build
-
-from podvisor.v1 import podvisor_pb2, podvisor_pb2_grpc
-from runtime.v1 import api_pb2, api_pb2_grpc
 
 PROG = "podvisorctl"
 DEFAULT_SOCKET = "/run/podvisor/podvisor.sock"

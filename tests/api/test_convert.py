@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import agent.api.gen  # noqa: F401  (generated packages on sys.path)
 from agent import __version__
 from agent.api.convert import host, runtime_info, sandboxes, wire
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.domain.errors import InvalidArgument
 from agent.domain.host import HostFacts
 from agent.domain.sandbox import (
@@ -24,8 +24,6 @@ from agent.domain.sandbox import (
 )
 from agent.domain.virt import KvmFacts, VirtChoice
 from agent.services.runtime import Condition, HostInfo, RuntimeInfoService, RuntimeStatus
-
-from runtime.v1 import api_pb2 as pb
 
 
 def run_request(**config_fields: object) -> pb.RunPodSandboxRequest:

@@ -21,8 +21,8 @@ import pytest
 from google.protobuf import text_format
 from google.protobuf.message import Message
 
-import agent.api.gen  # noqa: F401  (generated packages on sys.path)
 from agent.api.convert import containers, host, images, runtime_info, sandboxes
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.domain.errors import PodvisorError
 from agent.domain.host import HostFacts
 from agent.domain.image import BaseDisk, Image
@@ -32,8 +32,6 @@ from agent.domain.vm import Container, ContainerState
 from agent.services.containers import ContainerEvent, ContainerStats
 from agent.services.runtime import Condition, HostInfo, RuntimeStatus
 from agent.services.stats import SandboxStats
-
-from runtime.v1 import api_pb2 as pb
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("UPDATE_GOLDEN") == "1"

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import agent.api.gen  # noqa: F401
 from agent.api.convert.sandboxes import sandbox_to_pb
 from agent.api.convert.wire import EncodedCache
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.domain.sandbox import Metadata, Sandbox, SandboxSpec, SandboxState
-
-from runtime.v1 import api_pb2 as pb
 
 
 def make(i: int, state: SandboxState = SandboxState.READY) -> Sandbox:

@@ -23,11 +23,10 @@ import pytest
 
 from agent.adapters import oci_layout
 from agent.adapters.registry import RegistryClient
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.domain.imageref import RemoteRepository
 from tests.integration.agentproc import AgentProcess, agent_factory  # noqa: F401
 from tests.integration.registry_fixture import RunningRegistry, registry  # noqa: F401
-
-from runtime.v1 import api_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_DIR = Path(os.environ.get("PODVISOR_TINY_IMAGE_DIR", "/var/cache/podvisor/images/tiny"))

@@ -17,10 +17,9 @@ import grpc
 import pytest
 import yaml
 
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from tests.e2e.conftest import VM, VMAgent, purge_domains, virsh
 from tests.integration import hostctl
-
-from runtime.v1 import api_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -239,6 +238,8 @@ def test_libvirtd_restart_under_a_running_vm(vm_agent: VMAgent) -> None:
         if cond["RuntimeReady"]:
             break
         time.sleep(0.5)
+    else:
+        raise AssertionError(f"RuntimeReady did not come back within 60 s after libvirtd restarted: {status}")
     assert vm_agent.status(vm).status.state == pb.CONTAINER_RUNNING
     vm_agent.agent.runtime.StopContainer(pb.StopContainerRequest(container_id=vm.container_id, timeout=60),
                                          timeout=120)

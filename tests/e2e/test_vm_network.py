@@ -24,11 +24,10 @@ from typing import Any
 
 import pytest
 
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from tests.e2e.conftest import VM, VMAgent, purge_domains
 from tests.integration.agentproc import AgentProcess
 from tests.integration.test_sandbox_network import remove_all_pod_networks
-
-from runtime.v1 import api_pb2 as pb
 
 
 def free_port() -> int:

@@ -21,10 +21,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2_grpc
 
-import agent.api.gen  # noqa: F401
-
-from podvisor.v1 import podvisor_pb2_grpc
-from runtime.v1 import api_pb2, api_pb2_grpc
+from agent.api.gen.podvisor.v1 import podvisor_pb2_grpc
+from agent.api.gen.runtime.v1 import api_pb2, api_pb2_grpc
 
 AGENT = [sys.executable, "-m", "agent"]
 
@@ -32,8 +30,10 @@ AGENT = [sys.executable, "-m", "agent"]
 class AgentProcess:
     def __init__(self, workdir: Path, *, state_dir: Path | None = None,
                  cni_conf_dir: Path | None = None, extra_config: str = "",
-                 env: dict[str, str] | None = None, network: bool = False) -> None:
+                 env: dict[str, str] | None = None, network: bool = False,
+                 command: list[str] | None = None) -> None:
         self.workdir = workdir
+        self.command = command or AGENT  # another installation's podvisor-agent, say
         # Unix socket paths are limited to 107 bytes: keep it short.
         self.socket_dir = Path(tempfile.mkdtemp(prefix="pv-", dir="/tmp"))
         self.socket = self.socket_dir / "agent.sock"
@@ -59,7 +59,7 @@ class AgentProcess:
         env = dict(os.environ)
         env.update(self.env or {})
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([*AGENT, "--config", str(self.config_path)],
+        self.proc = subprocess.Popen([*self.command, "--config", str(self.config_path)],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         if wait:

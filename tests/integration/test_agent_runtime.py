@@ -17,11 +17,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from agent.api.gen.podvisor.v1 import podvisor_pb2
+from agent.api.gen.runtime.v1 import api_pb2
 from tests.integration import hostctl
 from tests.integration.agentproc import AgentProcess
-
-from podvisor.v1 import podvisor_pb2
-from runtime.v1 import api_pb2
 
 
 def grpcurl(agent: AgentProcess, *args: str, data: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -235,6 +234,7 @@ def test_socket_mode_is_0660(running_agent: AgentProcess) -> None:
     assert mode == 0o660
 
 
+@pytest.mark.host_variant
 @pytest.mark.skipif(not Path("/sys/module/kvm_pvm").exists(), reason="needs a PVM /dev/kvm")
 def test_kvm_probe_rejects_this_pvm_device() -> None:
     """The real probe, forced: ordinary guests do not run on a PVM /dev/kvm."""

@@ -10,10 +10,9 @@ import sys
 import uuid
 from pathlib import Path
 
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from tests.integration.agentproc import AgentProcess
 from tests.integration.registry_fixture import RunningRegistry
-
-from runtime.v1 import api_pb2 as pb
 
 CTL = [sys.executable, "-m", "agent.cli.main"]
 

@@ -22,9 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
-
-from runtime.v1 import api_pb2, api_pb2_grpc
+from agent.api.gen.runtime.v1 import api_pb2, api_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

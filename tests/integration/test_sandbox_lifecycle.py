@@ -13,9 +13,8 @@ from typing import Any
 import grpc
 import pytest
 
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from tests.integration.agentproc import AgentProcess
-
-from runtime.v1 import api_pb2 as pb
 
 
 def sandbox_config(name: str, uid: str | None = None, *, attempt: int = 0,

@@ -21,9 +21,8 @@ import grpc
 import pytest
 
 from agent.adapters.pod_network import PodNetworkManager
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from tests.integration.agentproc import AgentProcess
-
-from runtime.v1 import api_pb2 as pb
 
 
 def leftovers(ipam: Path, marks: set[str]) -> dict[str, Any]:

@@ -348,8 +348,8 @@ def in_parallel(n: int, fn: Callable[[int], Any]) -> list[Any]:
     results: list[Any] = [None] * n
 
     def run(i: int) -> None:
-        barrier.wait(timeout=10)
         try:
+            barrier.wait(timeout=10)  # a broken start is handed back too, not lost in the thread
             results[i] = fn(i)
         except BaseException as exc:  # noqa: BLE001 - handed back to the test
             results[i] = exc
@@ -502,19 +502,19 @@ def test_concurrent_pulls_of_two_tags_of_one_image_keep_both_tags(env: Env) -> N
     pub = publish_cirros(env)
     env.registry.manifests["docker.io/kubevirt/cirros:latest"] = pub
     meet = threading.Barrier(2)
+    arrivals: list[int] = []
 
     def both_inside() -> None:
-        # Hold each pull in fetch_config until the other arrives (if it ever does).
-        try:
-            meet.wait(timeout=2)
-        except threading.BrokenBarrierError:
-            pass
+        # Hold each pull in fetch_config until the other arrives: both race past resolve
+        # at once. A timeout breaks the barrier, fails that pull and so the test.
+        arrivals.append(meet.wait(timeout=10))
 
     env.registry.on_fetch_config = both_inside
     refs = [CIRROS, "docker.io/kubevirt/cirros:latest"]
     results = in_parallel(2, lambda i: env.service.pull(refs[i]))
 
     assert all(isinstance(r, Image) for r in results), results
+    assert sorted(arrivals) == [0, 1]  # both pulls were inside fetch_config together
     (img,) = env.service.list_images()
     assert sorted(img.repo_tags) == sorted(refs)
     assert env.store.load_images() == [img]
@@ -613,11 +613,18 @@ def test_download_error_of_a_later_layer_is_the_pulls_error(env: Env) -> None:
     second_failed = threading.Event()
     env.registry.fail_blob[second] = Unavailable("registry docker.io is unreachable")
     env.registry.on_blob_failed = lambda digest: second_failed.set() if digest == second else None
-    # The first layer (extracted first) arrives only after the second one failed.
-    env.registry.on_fetch_blob = lambda digest: second_failed.wait(timeout=10) if digest == first else None
+    held: list[bool] = []
+
+    def hold_first(digest: str) -> None:
+        # The first layer (extracted first) arrives only after the second one failed.
+        if digest == first:
+            held.append(second_failed.wait(timeout=10))
+
+    env.registry.on_fetch_blob = hold_first
 
     with pytest.raises(Unavailable, match="registry docker.io is unreachable"):
         env.service.pull(CIRROS)
+    assert held == [True]  # the order the test is about really happened
     _assert_nothing_left(env, pub.id)
 
 
@@ -660,9 +667,9 @@ def test_download_error_reaches_a_pull_that_shared_the_download(env: Env) -> Non
     b.join(timeout=10)
 
     assert env.registry.blob_fetches()[shared_digest] == 1
+    assert not a.is_alive() and not b.is_alive()
     assert isinstance(results["a"], Unavailable), results["a"]
-    if not isinstance(results["b"], Unavailable):
-        raise results["b"]
+    assert isinstance(results["b"], Unavailable), results["b"]
 
 
 def test_pull_failing_in_extraction_leaves_nothing(env: Env) -> None:
@@ -713,15 +720,20 @@ def test_tag_moves_from_the_old_image_to_the_new(env: Env) -> None:
 
 def test_a_foreign_manifest_reusing_a_config_cannot_plant_disks(env: Env) -> None:
     good_layers = [gzip_layer({"disk/fedora.qcow2": qcow2_bytes(b"good")})]
+    evil = gzip_layer({"disk/fedora.qcow2": qcow2_bytes(b"evil")})
     trusted_config = config_for(good_layers)
-    env.registry.publish("docker.io/attacker/x:1", [gzip_layer({"disk/fedora.qcow2": qcow2_bytes(b"evil")})],
-                         config=trusted_config)
+    attacker = env.registry.publish("docker.io/attacker/x:1", [evil], config=trusted_config)
     env.registry.publish("quay.io/containerdisks/fedora:39", good_layers)
-    try:
+    # The attacker's pull is refused: its layer is not what the (reused) config says.
+    with pytest.raises(FailedPrecondition) as caught:
         env.service.pull("docker.io/attacker/x:1")
-    except FailedPrecondition:
-        pass  # refusing layers that do not match the config is the fix
+    assert caught.value.message == (
+        f"image docker.io/attacker/x:1: layer {attacker.layer_digests[0]} does not match the image config "
+        f"(its content is {evil.diff_id}; the config's rootfs.diff_ids says {good_layers[0].diff_id})"
+    )
+    _assert_nothing_left(env, attacker.id)
     img = env.service.pull("quay.io/containerdisks/fedora:39")
+    assert img.id == attacker.id  # the same config, so the same image id: nothing of the attacker's was kept
     assert env.disk_bytes(img) == qcow2_bytes(b"good")
 
 
@@ -908,7 +920,7 @@ def test_remove_of_an_image_in_use_is_refused(env: Env) -> None:
     assert env.service.list_images() == [img]
     assert env.store.load_images() == [img]
     assert env.disk_bytes(img) == qcow2_bytes(b"cirros")
-    assert all(env.files.has_blob(b) for b in img.blobs)
+    assert img.blobs and all(env.files.has_blob(b) for b in img.blobs)
 
     env.in_use.clear()
     env.service.remove(CIRROS)

@@ -21,9 +21,10 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
 from agent import __version__
 from agent.api import server as api_server
+from agent.api.gen.runtime.v1 import api_pb2 as pb
+from agent.api.gen.runtime.v1 import api_pb2_grpc
 from agent.api.host import HostServicer
 from agent.api.images import ImageServicer
 from agent.api.runtime_service import RuntimeServicer
@@ -37,9 +38,6 @@ from agent.services.runtime import RuntimeInfoService
 from agent.services.sandboxes import SandboxService
 from agent.services.stats import StatsService
 from tests.services.service_fakes import FakePorts
-
-from runtime.v1 import api_pb2 as pb
-from runtime.v1 import api_pb2_grpc
 
 REQUEST_ID = re.compile(r"^[0-9a-f]{16}$")
 RUNTIME = "/runtime.v1.RuntimeService/"

@@ -349,11 +349,16 @@ def test_load_installs_recovered_sandboxes(service: SandboxService) -> None:
 
 
 def _run_in_threads(n: int, target: Callable[[int], None]) -> None:
+    """Run target(0..n-1) on n threads started together; fail if any thread failed or hung."""
     barrier = threading.Barrier(n)
+    failures: list[BaseException] = []
 
     def worker(i: int) -> None:
-        barrier.wait()
-        target(i)
+        try:
+            barrier.wait(timeout=10)
+            target(i)
+        except BaseException as exc:  # noqa: BLE001 - an exception in a thread would be lost
+            failures.append(exc)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
     for t in threads:
@@ -361,6 +366,7 @@ def _run_in_threads(n: int, target: Callable[[int], None]) -> None:
     for t in threads:
         t.join(timeout=30)
     assert not any(t.is_alive() for t in threads)
+    assert failures == []
 
 
 def test_concurrent_runs_of_distinct_sandboxes() -> None:

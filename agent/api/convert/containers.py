@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 
-import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.domain.errors import InvalidArgument
 from agent.domain.vm import Container, ContainerState, quota_for_vcpus, vcpus_for_quota
 from agent.services.containers import ContainerEvent, ContainerFilter, ContainerSpec, ContainerStats
-
-from runtime.v1 import api_pb2 as pb
 
 _STATES = {
     ContainerState.CREATED: pb.CONTAINER_CREATED, ContainerState.RUNNING: pb.CONTAINER_RUNNING,

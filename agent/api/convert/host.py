@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
+from agent.api.gen.podvisor.v1 import podvisor_pb2
 from agent.services.runtime import HostInfo
-
-from podvisor.v1 import podvisor_pb2
 
 
 def host_info_to_pb(h: HostInfo) -> podvisor_pb2.HostInfoResponse:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 
-import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.services.runtime import RuntimeStatus
-
-from runtime.v1 import api_pb2 as pb
 
 
 def version_to_pb(v: dict[str, str]) -> pb.VersionResponse:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
 from agent.api.convert.containers import container_stats_to_pb, cpu_usage_to_pb, memory_usage_to_pb
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.domain.errors import InvalidArgument
 from agent.domain.sandbox import (
     DNSConfig,
@@ -18,8 +18,6 @@ from agent.domain.sandbox import (
     SandboxSpec,
 )
 from agent.services.stats import SandboxStats
-
-from runtime.v1 import api_pb2 as pb
 
 _PROTOCOLS = {pb.TCP: "tcp", pb.UDP: "udp", pb.SCTP: "sctp"}
 
