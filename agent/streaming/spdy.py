@@ -449,32 +449,24 @@ class Decoder:
             if self.buffered < 8:
                 return None
             word, flags_length = struct.unpack_from(">II", self._buf, self._pos)
-            flags, length = flags_length >> 24, flags_length & MAX_LENGTH
-            if not word & 0x80000000:
-                stream_id = word
-                if stream_id == 0:
-                    raise SessionError("data frame on stream 0")
-                if length > self.max_frame_length:
-                    self._pos += 8
-                    self._skip = length
-                    raise StreamError(stream_id, f"data frame of {length} bytes", RstStatus.FRAME_TOO_LARGE)
-                if self.buffered < 8 + length:
-                    return None
-                payload = bytes(self._buf[self._pos + 8 : self._pos + 8 + length])
-                self._pos += 8 + length
-                return Data(stream_id, payload, bool(flags & FLAG_FIN))
-            version, kind = (word >> 16) & 0x7FFF, word & 0xFFFF
-            if version != VERSION:
-                raise SessionError(f"SPDY version {version}", GoAwayStatus.PROTOCOL_ERROR)
+            flags, length, control = flags_length >> 24, flags_length & MAX_LENGTH, bool(word & 0x80000000)
+            if not control and word == 0:
+                raise SessionError("data frame on stream 0")
+            if control and (word >> 16) & 0x7FFF != VERSION:
+                raise SessionError(f"SPDY version {(word >> 16) & 0x7FFF}")
             if length > self.max_frame_length:
-                raise SessionError(f"control frame of {length} bytes")
+                if control:
+                    raise SessionError(f"control frame of {length} bytes")
+                self._pos, self._skip = self._pos + 8, length
+                raise StreamError(word, f"data frame of {length} bytes", RstStatus.FRAME_TOO_LARGE)
             if self.buffered < 8 + length:
                 return None
             payload = bytes(self._buf[self._pos + 8 : self._pos + 8 + length])
             self._pos += 8 + length
-            if kind not in FrameType._value2member_map_:
-                continue
-            return self._control(FrameType(kind), flags, payload)
+            if not control:
+                return Data(word, payload, bool(flags & FLAG_FIN))
+            if word & 0xFFFF in FrameType._value2member_map_:
+                return self._control(FrameType(word & 0xFFFF), flags, payload)
 
     def _control(self, kind: FrameType, flags: int, payload: bytes) -> Frame:
         size = len(payload)
