@@ -38,6 +38,8 @@ def spdyclient(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.fail(f"the Go toolchain and the spdystream library are missing; install them with: {APT}")
     out = tmp_path_factory.mktemp("go") / "spdyclient"
     env = {**os.environ, "GOPATH": str(GOPATH), "GO111MODULE": "off", "GOFLAGS": ""}
+    if not ({"GOCACHE", "XDG_CACHE_HOME", "HOME"} & env.keys()):  # go build needs a cache directory
+        env["GOCACHE"] = str(out.parent / "cache")
     built = subprocess.run(
         [go, "build", "-o", str(out), "."], cwd=SOURCE, env=env, capture_output=True, text=True, timeout=300
     )
