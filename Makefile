@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMPS := .stamps
 PYTEST_ARGS ?=
 
-.PHONY: run test unit integration check-wire lint bench setup deps host proto clean guest
+.PHONY: run test test-deps unit integration check-wire lint bench setup deps host proto clean guest
 
 include images/tiny/Makefile.inc
 
@@ -14,6 +14,10 @@ setup: deps $(STAMPS)/venv proto host
 
 deps:
 	@scripts/install-deps.sh
+
+# What only the tests need on top (the Go SPDY interop client's toolchain).
+test-deps:
+	@scripts/install-deps.sh --test
 
 $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS)
@@ -41,13 +45,13 @@ guest:
 	@images/tiny/build.sh $(TINY_IMAGE_DIR) || (apt-get update -q && images/tiny/build.sh $(TINY_IMAGE_DIR))
 
 # --require-integration: an integration or e2e test that would skip fails (tests/conftest.py).
-test: setup check-wire lint guest
+test: setup test-deps check-wire lint guest
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest --require-integration $(PYTEST_ARGS) tests
 
-unit: setup
+unit: setup test-deps
 	$(PY) -m pytest -m "not integration and not e2e" $(PYTEST_ARGS) tests
 
-integration: setup guest
+integration: setup test-deps guest
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -m "integration or e2e" --require-integration $(PYTEST_ARGS) tests
 
 # Style, strict types, and the import contracts of pyproject.toml's [tool.importlinter].

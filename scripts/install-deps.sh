@@ -10,6 +10,11 @@ containernetworking-plugins iproute2 iptables nftables dnsmasq-base
 docker-registry skopeo
 busybox-static syslinux syslinux-common mtools xorriso cpio
 "
+# Only for `make test`: the Go SPDY client of tests/streaming builds against
+# the library kubelet and kubectl use (Debian packages it; no Go module proxy).
+if [ "${1:-}" = "--test" ]; then
+    PACKAGES="$PACKAGES golang-go golang-github-docker-spdystream-dev"
+fi
 missing=""
 for p in $PACKAGES; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
