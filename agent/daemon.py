@@ -23,13 +23,13 @@ from typing import Any
 import structlog
 
 from agent import __version__
-from agent.adapters import cni, host, kvm, qemu_img, registry, systemd
+from agent.adapters import host, kvm, qemu_img, registry, systemd
 from agent.adapters.console_log import ConsoleLogs
 from agent.adapters.files import SandboxFiles
 from agent.adapters.image_files import ImageFiles
 from agent.adapters.layers import DiskExtractor
 from agent.adapters.libvirt import Libvirt
-from agent.adapters.pod_network import PodNetworkManager
+from agent.adapters.network.pod_network import PodNetworkManager, disabled_readiness
 from agent.adapters.store import Store
 from agent.adapters.vm_files import VMFiles
 from agent.api import server as api_server
@@ -38,7 +38,6 @@ from agent.api.images import ImageServicer
 from agent.api.runtime_service import RuntimeServicer
 from agent.config import AgentConfig
 from agent.domain import imageref, virt, vmrequest
-from agent.domain.cni import ConfigLookup, NetworkConfig
 from agent.domain.sandbox import NetworkMode, Sandbox
 from agent.domain.vm import Container, VMRequest
 from agent.render import cloudinit, domain_xml, nocloud
@@ -99,20 +98,6 @@ def _choose_virt(configured: str) -> tuple[virt.VirtChoice, virt.KvmFacts]:
         log.warning("virt_type = kvm is configured, but guests may not run on this /dev/kvm",
                     pvm=facts.pvm, usable=facts.device_usable)
     return choice, facts
-
-
-def network_readiness(cfg: AgentConfig) -> ConfigLookup:
-    """What NetworkReady reports: the CNI configuration in use, the built-in
-    fallback, or that pod networking is switched off."""
-    if not cfg.cni.enabled:
-        return ConfigLookup(None, NetworkConfig("none", "", ()),
-                            "pod networking is disabled ([cni] enabled = false): VMs get no NIC")
-    lookup = cni.find_config(cfg.cni.conf_dirs, cfg.cni.bin_dirs)
-    if lookup.config is not None:
-        return lookup
-    return ConfigLookup(None, NetworkConfig("podvisor", "1.0.0", ("bridge", "host-local", "portmap")),
-                        f"{lookup.message}; using the built-in network (bridge {cfg.cni.builtin_bridge}, "
-                        f"subnet {cfg.cni.builtin_subnet})")
 
 
 def build_image_service(cfg: AgentConfig, store: Store) -> ImageService:
@@ -258,7 +243,7 @@ class Daemon:
 
         runtime = RuntimeInfoService(
             libvirt=libvirt,
-            cni_lookup=lambda: network_readiness(cfg),
+            cni_lookup=network.readiness if network is not None else disabled_readiness,
             host_facts=lambda: host.gather(cfg.state_dir),
             virt=choice,
             kvm=facts,

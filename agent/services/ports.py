@@ -7,12 +7,14 @@ recording fakes while integration tests run the real adapters.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from agent.domain.sandbox import Sandbox
+from agent.domain.network.choice import NetworkChoice
+from agent.domain.network.wiring import PodNetworkStatus
+from agent.domain.sandbox import DNSConfig, PortMapping, Sandbox
 
 
 class Clock(Protocol):
@@ -32,14 +34,17 @@ class SandboxStore(Protocol):
 
 
 class SandboxNetwork(Protocol):
-    """Pod networking (agent.adapters.pod_network.PodNetworkManager)."""
+    """Pod networking: a sandbox's network namespace, CNI attachment and VM
+    wiring (agent.adapters.network.pod_network.PodNetworkManager)."""
 
-    def add(self, sandbox_id: str, name: str, namespace: str, uid: str, port_mappings: Any, dns: Any,
-            hostname: str, workdir: Path) -> Any: ...
+    def add(self, sandbox_id: str, name: str, namespace: str, uid: str, port_mappings: Sequence[PortMapping],
+            dns: DNSConfig, hostname: str, workdir: Path) -> PodNetworkStatus: ...
     def remove(self, sandbox_id: str, workdir: Path) -> None: ...
+    def status(self, sandbox_id: str, workdir: Path) -> PodNetworkStatus | None: ...
     def ensure_dhcp(self, sandbox_id: str, workdir: Path) -> bool: ...
     def recover(self, sandbox_id: str, workdir: Path) -> None: ...
     def cached_sandbox_ids(self) -> list[str]: ...
+    def readiness(self) -> NetworkChoice: ...
 
 
 class SandboxFiles(Protocol):

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Protocol
 
 from agent import __version__
-from agent.domain.cni import ConfigLookup
 from agent.domain.errors import PodvisorError
 from agent.domain.host import HostFacts
+from agent.domain.network.choice import NetworkChoice
 from agent.domain.virt import KvmFacts, VirtChoice
 
 RUNTIME_NAME = "podvisor"
@@ -61,7 +61,7 @@ class RuntimeInfoService:
     def __init__(
         self,
         libvirt: LibvirtPort,
-        cni_lookup: Callable[[], ConfigLookup],
+        cni_lookup: Callable[[], NetworkChoice],
         host_facts: Callable[[], HostFacts],
         virt: VirtChoice,
         kvm: KvmFacts,

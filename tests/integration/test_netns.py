@@ -1,5 +1,5 @@
 """Network namespaces made and entered by the agent's own threads
-(agent.adapters.netns), for real, under /run/netns with this test's own names."""
+(agent.adapters.network.netns), for real, under /run/netns with this test's own names."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.adapters import netns
+from agent.adapters.network import netns
 from agent.domain.errors import Internal
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")

@@ -37,10 +37,12 @@ from typing import Any
 
 import pytest
 
-from agent.adapters import netns, podnet
-from agent.adapters.cni_exec import Attachment, CNIError, CNIExec, runtime_config
-from agent.adapters.pod_network import PodNetworkManager, PodNetworkStatus, netns_name
+from agent.adapters.network import dhcp, netns, state
+from agent.adapters.network.cni import CNIError, CNIExec
+from agent.adapters.network.pod_network import PodNetworkManager, netns_name
 from agent.domain.errors import FailedPrecondition
+from agent.domain.network.cni import Attachment, runtime_config
+from agent.domain.network.wiring import DHCP_SERVER_IP, DHCPRoute, LinkNames, PodNetworkStatus, PodWiring
 from agent.domain.sandbox import DNSConfig, PortMapping
 
 CNI_BIN = Path("/usr/lib/cni")
@@ -224,7 +226,7 @@ class Lab:
 
     # the stand-in VM
 
-    def client(self, wiring: podnet.PodWiring) -> Client:
+    def client(self, wiring: PodWiring) -> Client:
         self.clients += 1
         name = f"pvt-cli-{self.tag}-{self.clients}"
         self.netns_names.append(name)
@@ -293,7 +295,7 @@ class Lab:
             with contextlib.suppress(OSError):
                 if (entry / "comm").read_text().strip() == "dnsmasq" and \
                         str(self.tmp).encode() in (entry / "cmdline").read_bytes() and \
-                        podnet._proc_state(int(entry.name)) not in ("", "Z"):
+                        dhcp.proc_state(int(entry.name)) not in ("", "Z"):
                     pids.append(int(entry.name))
         return sorted(pids)
 
@@ -308,7 +310,7 @@ class Lab:
 
     def assert_no_trace(self, sandbox_ids: list[str], ips: list[str]) -> None:
         """Nothing in the lab's host names these sandboxes or their addresses."""
-        tags = [podnet.LinkNames.for_sandbox(s).host_bridge[3:] for s in sandbox_ids]
+        tags = [LinkNames.for_sandbox(s).host_bridge[3:] for s in sandbox_ids]
         for name in _link_names():
             assert not any(t in name for t in tags), name
         for line in _rules("iptables-save"):
@@ -350,7 +352,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         subprocess.run(["ip", "netns", "delete", lab.host_netns], capture_output=True, check=False, timeout=30)
     # The machine's own network saw none of it. (Only names this test could
     # have made are looked for: others may run pod networks here meanwhile.)
-    ours = [lab.tag, *(podnet.LinkNames.for_sandbox(s).host_bridge[3:] for s in lab.sandboxes)]
+    ours = [lab.tag, *(LinkNames.for_sandbox(s).host_bridge[3:] for s in lab.sandboxes)]
     leaked = [n for n in set(_link_names()) - real_links if any(t in n for t in ours)]
     assert leaked == []
     assert not [n for n in netns.list_names() if lab.tag in n or n in lab.netns_names]
@@ -378,7 +380,7 @@ def test_vm_gets_the_pod_ip_by_dhcp_and_answers_http_and_host_ports(lab: Lab) ->
     assert (wiring.gateway, wiring.prefix) == (lab.gateway, 24)
     found = status.result.sandbox_interface("eth0")
     assert found is not None and wiring.vm_mac == found[1].mac  # the VM takes the pod's original MAC
-    names = podnet.LinkNames.for_sandbox(sandbox_id)
+    names = LinkNames.for_sandbox(sandbox_id)
     assert wiring.host_bridge == names.host_bridge == f"pvb{sandbox_id[:12]}"
     # The bridge plugin's isGateway turned on forwarding: in the lab's host only.
     assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
@@ -389,17 +391,17 @@ def test_vm_gets_the_pod_ip_by_dhcp_and_answers_http_and_host_ports(lab: Lab) ->
     links = _link_names()
     assert names.host_bridge in links and names.host_veth in links
     # The DHCP server starts for the VM (CreateContainer), not with the sandbox.
-    assert not podnet.dhcp_running(workdir) and lab.dnsmasq_pids() == []
+    assert not dhcp.running(workdir) and lab.dnsmasq_pids() == []
     assert mgr.ensure_dhcp(sandbox_id, workdir) is True
-    assert podnet.dhcp_running(workdir)
+    assert dhcp.running(workdir)
     assert mgr.ensure_dhcp(sandbox_id, workdir) is False
     pod_links = _run("ip", "-n", ns, "-o", "link")
     assert names.inner_bridge in pod_links and names.pod_veth in pod_links
     # eth0 gave up its address and MAC; the in-pod bridge has only the DHCP identity.
     assert "inet " not in _run("ip", "-n", ns, "-o", "addr", "show", "dev", "eth0")
     assert wiring.vm_mac not in _run("ip", "-n", ns, "-o", "link", "show", "dev", "eth0")
-    assert f"{podnet.DHCP_SERVER_IP}/32" in _run("ip", "-n", ns, "-o", "addr", "show", "dev", names.inner_bridge)
-    assert podnet.load(workdir) == wiring
+    assert f"{DHCP_SERVER_IP}/32" in _run("ip", "-n", ns, "-o", "addr", "show", "dev", names.inner_bridge)
+    assert state.load(workdir) == wiring
     assert mgr.status(sandbox_id, workdir) is not None
 
     # The VM asks for its address: exactly the pod IP, the CNI gateway, the sandbox's DNS.
@@ -412,7 +414,7 @@ def test_vm_gets_the_pod_ip_by_dhcp_and_answers_http_and_host_ports(lab: Lab) ->
     assert lease["search"].split() == ["default.svc.cluster.local", "cluster.local"]
     assert lease["domain"] == "default.svc.cluster.local"
     assert lease["hostname"] == f"vm-{sandbox_id[:6]}"
-    assert lease["serverid"] == podnet.DHCP_SERVER_IP
+    assert lease["serverid"] == DHCP_SERVER_IP
     assert lease["mtu"] == str(wiring.mtu)
 
     # The VM serves HTTP on the pod IP; the host reaches it directly...
@@ -495,7 +497,7 @@ def test_ten_sandboxes_concurrently_leave_nothing(lab: Lab) -> None:
     assert len({s.wiring.host_bridge for s in statuses}) == 10
     with ThreadPoolExecutor(max_workers=10) as pool:
         assert all(pool.map(lambda s: mgr.ensure_dhcp(s[0], s[1]), sandboxes))
-    assert all(podnet.dhcp_running(w) for _, w in sandboxes)
+    assert all(dhcp.running(w) for _, w in sandboxes)
     assert len(lab.dnsmasq_pids()) == 10
 
     with ThreadPoolExecutor(max_workers=10) as pool:
@@ -550,7 +552,7 @@ def test_add_retried_after_a_crash_starts_clean(lab: Lab) -> None:
     second = lab.add(lab.manager(), sandbox_id, workdir)
     assert lab.dnsmasq_pids() == []  # the first attempt's went with it
     assert lab.manager().ensure_dhcp(sandbox_id, workdir) is True
-    assert podnet.dhcp_running(workdir) and len(lab.dnsmasq_pids()) == 1
+    assert dhcp.running(workdir) and len(lab.dnsmasq_pids()) == 1
     assert len(list(lab.cache_dir.glob("*.json"))) == 1
     lab.manager().remove(sandbox_id, workdir)
     assert lab.state() == before
@@ -571,11 +573,11 @@ def test_dhcp_server_is_restarted_after_it_died(lab: Lab) -> None:
     for pid in lab.dnsmasq_pids():
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while podnet.dhcp_running(workdir) and time.monotonic() < deadline:
+    while dhcp.running(workdir) and time.monotonic() < deadline:
         time.sleep(0.05)
     # ...and restarts one that had been started and died (a new manager: the agent restarted).
     lab.manager().recover(sandbox_id, workdir)
-    assert podnet.dhcp_running(workdir) and len(lab.dnsmasq_pids()) == 1
+    assert dhcp.running(workdir) and len(lab.dnsmasq_pids()) == 1
     client = lab.client(status.wiring)
     assert lab.dhcp(client)["ip"] == status.ip
     _run("ip", "link", "del", client.host_end)
@@ -615,8 +617,8 @@ def test_cni_routes_and_dns_reach_the_vm(lab: Lab) -> None:
     mgr = lab.manager(conf_dir)
     sandbox_id, workdir = lab.new_sandbox()
     status = lab.add(mgr, sandbox_id, workdir)
-    assert status.wiring.routes == (podnet.DHCPRoute("0.0.0.0/0", lab.gateway),
-                                    podnet.DHCPRoute("192.168.77.0/24", router))
+    assert status.wiring.routes == (DHCPRoute("0.0.0.0/0", lab.gateway),
+                                    DHCPRoute("192.168.77.0/24", router))
     assert mgr.ensure_dhcp(sandbox_id, workdir)
     client = lab.client(status.wiring)
     lease = lab.dhcp(client)
@@ -637,7 +639,7 @@ def test_pod_mtu_reaches_every_link_and_the_vm(lab: Lab) -> None:
     mgr = lab.manager(conf_dir)
     sandbox_id, workdir = lab.new_sandbox()
     status = lab.add(mgr, sandbox_id, workdir)
-    names = podnet.LinkNames.for_sandbox(sandbox_id)
+    names = LinkNames.for_sandbox(sandbox_id)
     assert status.wiring.mtu == 1400
     ns = netns_name(sandbox_id)
     for link, where in ((names.host_bridge, None), (names.host_veth, None), (names.pod_veth, ns),
@@ -660,7 +662,7 @@ def test_a_foreign_bridge_with_the_same_name_is_refused_and_left_alone(lab: Lab)
     lab.warm_up(mgr)
     sandbox_id, workdir = lab.new_sandbox()
     other = sandbox_id[:12] + secrets.token_hex(26)
-    names = podnet.LinkNames.for_sandbox(sandbox_id)
+    names = LinkNames.for_sandbox(sandbox_id)
     _run("ip", "link", "add", "name", names.host_bridge, "type", "bridge")
     try:
         _run("ip", "link", "set", "dev", names.host_bridge, "alias", f"podvisor sandbox {other}")

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
-from agent.adapters.pod_network import PodNetworkManager
+from agent.adapters.network.pod_network import PodNetworkManager
 from agent.api.gen.runtime.v1 import api_pb2 as pb
 from tests.integration.agentproc import AgentProcess
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from agent.domain.errors import AlreadyExists, Unavailable
-from agent.domain.sandbox import Metadata, Sandbox, SandboxSpec, SandboxState
+from agent.domain.network.choice import NetworkChoice
+from agent.domain.network.wiring import PodNetworkStatus
+from agent.domain.sandbox import DNSConfig, Metadata, PortMapping, Sandbox, SandboxSpec, SandboxState
 from agent.services.ports import Ports
 
 Event = tuple[object, ...]
@@ -142,9 +145,16 @@ class RecordingNetwork:
         self.lost: set[str] = set()
         self.cached: list[str] = []
 
-    def add(self, sandbox_id: str, name: str, namespace: str, uid: str, port_mappings: object, dns: object,
-            hostname: str, workdir: Path) -> object:
+    def add(self, sandbox_id: str, name: str, namespace: str, uid: str, port_mappings: Sequence[PortMapping],
+            dns: DNSConfig, hostname: str, workdir: Path) -> PodNetworkStatus:
         raise AssertionError("not used by recovery")
+
+    def status(self, sandbox_id: str, workdir: Path) -> PodNetworkStatus | None:
+        self.journal.record("network.status", sandbox_id)
+        return None
+
+    def readiness(self) -> NetworkChoice:
+        raise AssertionError("not used by the sandbox service")
 
     def remove(self, sandbox_id: str, workdir: Path) -> None:
         self.journal.record("network.remove", sandbox_id)

@@ -29,8 +29,9 @@ from agent.api.host import HostServicer
 from agent.api.images import ImageServicer
 from agent.api.runtime_service import RuntimeServicer
 from agent.domain import errors
-from agent.domain.cni import ConfigLookup, NetworkConfig
 from agent.domain.host import HostFacts
+from agent.domain.network.choice import NetworkChoice
+from agent.domain.network.cni import NetworkConfig
 from agent.domain.virt import KvmFacts, VirtChoice
 from agent.services.containers import ContainerService
 from agent.services.images import ImagePorts, ImageService
@@ -134,10 +135,11 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     libvirt = FakeLibvirt()
     runtime = SwitchableRuntime(
         libvirt=libvirt,
-        cni_lookup=lambda: ConfigLookup(
-            Path("/etc/cni/net.d/10-podvisor.conflist"),
-            NetworkConfig("podvisor", "1.0.0", ("bridge", "portmap")),
+        cni_lookup=lambda: NetworkChoice(
             "using /etc/cni/net.d/10-podvisor.conflist (network podvisor)",
+            NetworkConfig("podvisor", "1.0.0", ("bridge", "portmap")),
+            Path("/etc/cni/net.d/10-podvisor.conflist"),
+            {"cniVersion": "1.0.0", "name": "podvisor", "plugins": [{"type": "bridge"}, {"type": "portmap"}]},
         ),
         host_facts=lambda: HostFacts("hv", "6.1", "cpu", 4, 2**33, 2**32, 2**40, 2**39),
         virt=VirtChoice("qemu", "no /dev/kvm on this host: using TCG"),

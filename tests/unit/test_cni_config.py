@@ -1,4 +1,5 @@
-"""CNI network configuration: parsing (pure) and picking a file (tmp dirs)."""
+"""CNI network configuration: parsing (pure), and choosing one over the files
+found in tmp dirs (the one choice `Status` and ADD share)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,17 @@ from typing import Any
 
 import pytest
 
-from agent.adapters.cni import find_config
-from agent.domain import cni
-from agent.domain.cni import NetworkConfig, parse
+from agent.adapters.network.cni import find_configs
+from agent.domain.network import cni
+from agent.domain.network.choice import (
+    BUILTIN_SUMMARY,
+    CNIFacts,
+    ConfigFile,
+    NetworkChoice,
+    NetworkSettings,
+    choose,
+)
+from agent.domain.network.cni import NetworkConfig, builtin_default_config, parse
 
 BRIDGE_CONFLIST: dict[str, Any] = {
     "cniVersion": "1.0.0",
@@ -75,7 +84,15 @@ def test_config_suffixes_match_libcni() -> None:
     assert set(cni.CONFIG_SUFFIXES) == {".conflist", ".conf", ".json"}
 
 
-# find_config() ----------------------------------------------------------------------
+# choose() over find_configs() --------------------------------------------------------
+
+BUILTIN = "; using the built-in network (bridge podvisor0, subnet 10.85.0.0/16)"
+
+
+def find_config(conf_dirs: tuple[Path, ...], bin_dirs: tuple[Path, ...]) -> NetworkChoice:
+    """What Status and ADD get for these directories."""
+    settings = NetworkSettings(True, conf_dirs, bin_dirs, "podvisor0", "10.85.0.0/16")
+    return choose(settings, find_configs(conf_dirs, bin_dirs))
 
 
 @pytest.fixture
@@ -144,10 +161,10 @@ def test_missing_plugin_binaries_are_skipped_with_a_message(conf_dir: Path, bin_
     (conf_dir / "10-bridge.conflist").unlink()
     missing = find_config((conf_dir,), (bin_dir,))
     assert missing.path is None
-    assert missing.config is None
+    assert missing.config == BUILTIN_SUMMARY and missing.source == "builtin"
     assert missing.message == (
         f"no valid CNI network configuration in {conf_dir}; skipped "
-        f"{conf_dir / '05-calico.conflist'}: plugin binaries not found: calico, bandwidth"
+        f"{conf_dir / '05-calico.conflist'}: plugin binaries not found: calico, bandwidth{BUILTIN}"
     )
 
 
@@ -194,15 +211,15 @@ def test_unreadable_entry_is_skipped(conf_dir: Path, bin_dir: Path) -> None:
 def test_empty_dir_message(conf_dir: Path, bin_dir: Path) -> None:
     found = find_config((conf_dir,), (bin_dir,))
     assert found.path is None
-    assert found.config is None
-    assert found.message == f"no valid CNI network configuration in {conf_dir}"
+    assert found.config == BUILTIN_SUMMARY
+    assert found.message == f"no valid CNI network configuration in {conf_dir}{BUILTIN}"
 
 
 def test_missing_dir_is_like_an_empty_one(tmp_path: Path, bin_dir: Path) -> None:
     absent = tmp_path / "no-such-dir"
     found = find_config((absent,), (bin_dir,))
     assert found.path is None
-    assert found.message == f"no valid CNI network configuration in {absent}"
+    assert found.message == f"no valid CNI network configuration in {absent}{BUILTIN}"
 
 
 def test_conf_dirs_are_searched_in_order(tmp_path: Path, bin_dir: Path) -> None:
@@ -229,4 +246,39 @@ def test_later_conf_dir_used_when_the_first_has_nothing_valid(tmp_path: Path,
 def test_message_names_every_conf_dir(tmp_path: Path, bin_dir: Path) -> None:
     dirs = (tmp_path / "a", tmp_path / "b")
     assert find_config(dirs, (bin_dir,)).message == (
-        f"no valid CNI network configuration in {dirs[0]}, {dirs[1]}")
+        f"no valid CNI network configuration in {dirs[0]}, {dirs[1]}{BUILTIN}")
+
+
+def test_the_chosen_file_is_what_add_runs(conf_dir: Path, bin_dir: Path) -> None:
+    doc = {"cniVersion": "0.4.0", "name": "single", "type": "bridge", "bridge": "x0"}
+    (conf_dir / "10-single.conf").write_bytes(_json(doc))
+    found = find_config((conf_dir,), (bin_dir,))
+    assert (found.conflist, found.source) == (doc, str(conf_dir / "10-single.conf"))
+
+
+def test_without_a_file_add_runs_the_builtin_network(conf_dir: Path, bin_dir: Path) -> None:
+    settings = NetworkSettings(True, (conf_dir,), (bin_dir,), "pvb0", "10.9.0.0/24", ipam_data_dir=Path("/ipam"))
+    found = choose(settings, find_configs((conf_dir,), (bin_dir,)))
+    assert found.conflist == builtin_default_config("pvb0", "10.9.0.0/24", ipam_data_dir=Path("/ipam"))
+    assert found.source == "builtin" and found.path is None
+    assert found.message == (f"no valid CNI network configuration in {conf_dir}; "
+                             "using the built-in network (bridge pvb0, subnet 10.9.0.0/24)")
+
+
+def test_disabled_networking_looks_at_nothing() -> None:
+    settings = NetworkSettings(False, (Path("/nowhere"),), (), "podvisor0", "10.85.0.0/16")
+    for facts in (None, CNIFacts((ConfigFile(Path("/nowhere/10-x.conflist"), _net("x")),), frozenset({"bridge"}))):
+        found = choose(settings, facts)
+        assert found.message == "pod networking is disabled ([cni] enabled = false): VMs get no NIC"
+        assert (found.config, found.path, found.conflist, found.source) == (
+            NetworkConfig("none", "", ()), None, None, "disabled")
+
+
+def test_an_unreadable_file_is_skipped_with_its_error() -> None:
+    facts = CNIFacts((ConfigFile(Path("/d/00-a.conflist"), None, "[Errno 13] Permission denied"),
+                      ConfigFile(Path("/d/10-b.conflist"), _net("b"))), frozenset({"bridge"}))
+    found = choose(NetworkSettings(True, (Path("/d"),), (), "podvisor0", "10.85.0.0/16"), facts)
+    assert found.path == Path("/d/10-b.conflist")
+    facts = CNIFacts(facts.files[:1], frozenset())
+    assert choose(NetworkSettings(True, (Path("/d"),), (), "podvisor0", "10.85.0.0/16"), facts).message == (
+        f"no valid CNI network configuration in /d; skipped /d/00-a.conflist: [Errno 13] Permission denied{BUILTIN}")

@@ -15,16 +15,9 @@ from typing import Any
 
 import pytest
 
-from agent.adapters.cni_exec import (
-    Attachment,
-    CNIError,
-    CNIExec,
-    builtin_default_config,
-    normalize_config,
-    plugin_stdin,
-    runtime_config,
-)
+from agent.adapters.network.cni import CNIError, CNIExec
 from agent.domain.errors import FailedPrecondition, InvalidArgument
+from agent.domain.network.cni import Attachment, builtin_default_config, normalize_config, plugin_stdin, runtime_config
 from agent.domain.sandbox import DNSConfig, PortMapping
 
 FAKE_PLUGIN = """#!{python}

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agent.domain.cni_result import (
+from agent.domain.network.cni_result import (
     DNS,
     CNIErrorInfo,
     Interface,

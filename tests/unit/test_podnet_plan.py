@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
-from agent.adapters.podnet import DHCPRoute, LinkNames, PodWiring, dhcp_hostname, dnsmasq_args, plan, random_mac
-from agent.domain.cni_result import parse_result
+from agent.adapters.network.links import random_mac
+from agent.domain.network.cni_result import parse_result
+from agent.domain.network.dnsmasq import dnsmasq_args
+from agent.domain.network.wiring import DHCPRoute, LinkNames, PodWiring, dhcp_hostname, plan
 
 SANDBOX = "0123456789abcdef" * 4
 
@@ -153,7 +155,7 @@ def test_wiring_round_trips_through_json() -> None:
 
 
 def test_batch_error_keeps_the_error_not_the_line_number() -> None:
-    from agent.adapters.podnet import _batch_error
+    from agent.adapters.network.links import _batch_error
 
     assert _batch_error(b'Error: argument "x" is wrong: "dev" not a valid ifname\nCommand failed -:3\n') == (
         'Error: argument "x" is wrong: "dev" not a valid ifname')
@@ -162,7 +164,7 @@ def test_batch_error_keeps_the_error_not_the_line_number() -> None:
 
 
 def test_batch_safe_only_for_quotable_text() -> None:
-    from agent.adapters.podnet import _batch_safe
+    from agent.adapters.network.links import _batch_safe
 
     assert _batch_safe("podvisor sandbox " + SANDBOX)
     assert _batch_safe("podvisor sandbox my sandbox; $1")

@@ -1,11 +1,14 @@
-"""The one place that runs CNI plugins: the CNI 1.0 protocol over subprocesses.
+"""CNI on the host: finding the configurations and plugins, running plugins
+(the CNI 1.0 protocol over subprocesses), and the on-disk ADD cache.
 
-A network configuration list is executed plugin by plugin (ADD and CHECK in
-order, DEL in reverse), each plugin getting the network's name and version,
-the previous plugin's result (``prevResult``) and the runtime values for the
-capabilities it declares (``runtimeConfig``: port mappings, DNS). Every call
-has a timeout and a checked exit status; a failing plugin's CNI error object
-becomes a :class:`CNIError` carrying the plugin's own message.
+:func:`find_configs` gathers the facts the choice of a configuration needs
+(``agent/domain/network/choice.py`` makes it). A network configuration list
+is executed plugin by plugin (ADD and CHECK in order, DEL in reverse), each
+plugin getting the network's name and version, the previous plugin's result
+(``prevResult``) and the runtime values for the capabilities it declares
+(``runtimeConfig``: port mappings, DNS). Every call has a timeout and a
+checked exit status; a failing plugin's CNI error object becomes a
+:class:`CNIError` carrying the plugin's own message.
 
 What ADD did is cached on disk, one file per sandbox, *before* the first
 plugin runs and again with the final result: DEL then works after an agent
@@ -20,12 +23,9 @@ directory, iptables' xtables lock).
 
 from __future__ import annotations
 
-import copy
 import errno
-import ipaddress
 import json
 import os
-import re
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -35,28 +35,46 @@ from typing import Any
 
 import structlog
 
-from agent.adapters import netns
-from agent.domain import cni_result
-from agent.domain.cni_result import CNIResult
+from agent.adapters.network import netns
 from agent.domain.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted, Unavailable
-from agent.domain.sandbox import DNSConfig, PortMapping
+from agent.domain.network import cni_result
+from agent.domain.network.choice import CNIFacts, ConfigFile
+from agent.domain.network.cni import CONFIG_SUFFIXES, CONTAINER_ID, Attachment, normalize_config, plugin_stdin
+from agent.domain.network.cni_result import CNIResult
 
 log = structlog.get_logger(__name__)
 
 PLUGIN_TIMEOUT = 60.0
 CACHE_KIND = "podvisor.io/cni-cache"
 CACHE_VERSION = 1
-DEFAULT_NETWORK_NAME = "podvisor"
 # Versions whose plugins implement CHECK and get prevResult on DEL (0.4.0 on).
 _CHECK_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
 _PREV_RESULT_ON_DEL = _CHECK_VERSIONS
-# A plugin type names a file in a bin dir: a plain file name, nothing more.
-_PLUGIN_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
-# Container ids and CNI_ARGS values: CNI allows [A-Za-z0-9_.-]; ';' and '='
-# would break CNI_ARGS' own syntax.
-_CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-_BRIDGE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+
+def find_configs(conf_dirs: Sequence[Path], bin_dirs: Sequence[Path]) -> CNIFacts:
+    """The candidate configuration files, in the order libcni tries them
+    (directory by directory, file names in lexical order), each with its
+    bytes or why it could not be read, and the plugin binaries present."""
+    files: list[ConfigFile] = []
+    for conf_dir in conf_dirs:
+        try:
+            entries = sorted(p for p in conf_dir.iterdir() if p.suffix in CONFIG_SUFFIXES)
+        except OSError:
+            continue  # a directory that does not exist is like an empty one
+        for path in entries:
+            try:
+                files.append(ConfigFile(path, path.read_bytes()))
+            except OSError as exc:
+                files.append(ConfigFile(path, None, str(exc)))
+    plugins: set[str] = set()
+    for bin_dir in bin_dirs:
+        try:
+            with os.scandir(bin_dir) as it:
+                plugins.update(entry.name for entry in it if entry.is_file())
+        except OSError:
+            continue
+    return CNIFacts(tuple(files), frozenset(plugins))
 
 
 class CNIError(Unavailable):
@@ -76,49 +94,6 @@ class CNIError(Unavailable):
 
 
 @dataclass(frozen=True)
-class Attachment:
-    """Who is being attached: the CNI_* variables of one sandbox."""
-
-    container_id: str
-    netns: Path
-    ifname: str = "eth0"
-    pod_name: str = ""
-    pod_namespace: str = ""
-    pod_uid: str = ""
-
-    def validate(self) -> None:
-        if not _CONTAINER_ID.match(self.container_id):
-            raise InvalidArgument("pod_sandbox_id", f"{self.container_id!r} is not a valid CNI container id")
-        if not _IFNAME.match(self.ifname):
-            raise InvalidArgument("ifname", f"{self.ifname!r} is not a valid interface name")
-        for field_name, value in (("metadata.name", self.pod_name), ("metadata.namespace", self.pod_namespace),
-                                  ("metadata.uid", self.pod_uid)):
-            if any(c in value for c in ";=\x00") or any(ord(c) < 0x20 for c in value):
-                raise InvalidArgument(field_name, "must not contain ';', '=' or control characters")
-
-    def cni_args(self) -> str:
-        """CNI_ARGS as kubelet-era runtimes pass them.
-
-        IgnoreUnknown=1 comes first because plugins that parse CNI_ARGS
-        strictly (host-local, for one) refuse keys they do not know otherwise.
-        """
-        pairs = [("IgnoreUnknown", "1"), ("K8S_POD_NAMESPACE", self.pod_namespace),
-                 ("K8S_POD_NAME", self.pod_name), ("K8S_POD_INFRA_CONTAINER_ID", self.container_id),
-                 ("K8S_POD_UID", self.pod_uid)]
-        return ";".join(f"{k}={v}" for k, v in pairs)
-
-    def to_json(self) -> dict[str, str]:
-        return {"containerId": self.container_id, "netns": str(self.netns), "ifName": self.ifname,
-                "podName": self.pod_name, "podNamespace": self.pod_namespace, "podUid": self.pod_uid}
-
-    @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> Attachment:
-        return cls(container_id=str(doc["containerId"]), netns=Path(str(doc["netns"])),
-                   ifname=str(doc.get("ifName", "eth0")), pod_name=str(doc.get("podName", "")),
-                   pod_namespace=str(doc.get("podNamespace", "")), pod_uid=str(doc.get("podUid", "")))
-
-
-@dataclass(frozen=True)
 class CacheEntry:
     """What the cache file of one sandbox holds."""
 
@@ -127,127 +102,6 @@ class CacheEntry:
     runtime_config: dict[str, Any]
     # None while ADD has not finished (or failed and could not be undone).
     result: dict[str, Any] | None
-
-
-# Configuration ----------------------------------------------------------------------
-
-
-def normalize_config(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """A configuration list from a .conflist or a single-plugin .conf document.
-
-    Raises FailedPrecondition naming the problem: a bad host configuration is
-    an operator's error, not the request's.
-    """
-    if not isinstance(doc, Mapping):
-        raise FailedPrecondition("CNI configuration is not a JSON object")
-    name = doc.get("name")
-    if not isinstance(name, str) or not name:
-        raise FailedPrecondition("CNI configuration has no network name")
-    version = doc.get("cniVersion")
-    if not isinstance(version, str) or not version:
-        raise FailedPrecondition(f"CNI network {name} has no cniVersion")
-    if "plugins" in doc:
-        plugins = doc["plugins"]
-        if not isinstance(plugins, list) or not plugins:
-            raise FailedPrecondition(f"CNI network {name}: 'plugins' must be a non-empty list")
-        conflist = copy.deepcopy(dict(doc))
-    else:
-        # libcni's ConfListFromConf: the whole document is the only plugin.
-        conflist = {"cniVersion": version, "name": name, "plugins": [copy.deepcopy(dict(doc))]}
-    for i, plugin in enumerate(conflist["plugins"]):
-        if not isinstance(plugin, dict):
-            raise FailedPrecondition(f"CNI network {name}: plugins[{i}] is not an object")
-        ptype = plugin.get("type")
-        if not isinstance(ptype, str) or not _PLUGIN_TYPE.match(ptype):
-            raise FailedPrecondition(f"CNI network {name}: plugins[{i}] has no valid 'type'")
-    return conflist
-
-
-def builtin_default_config(bridge: str, subnet: str, *, name: str = DEFAULT_NETWORK_NAME,
-                           ipam_data_dir: Path | None = None) -> dict[str, Any]:
-    """The network the agent uses when /etc/cni/net.d has none.
-
-    bridge + host-local + portmap, as containerd's default template:
-    - ``isGateway`` puts the subnet's gateway address on the host bridge (the
-      pod's default route and the host's route to the pods); it also turns
-      on IP forwarding, which a node needs for pod egress anyway.
-    - ``ipMasq`` lets pods reach the outside; ``hairpinMode`` lets a VM reach
-      itself through its own host port.
-    - portmap serves CRI port mappings (its ``snat`` default covers
-      connections to 127.0.0.1:<hostPort>).
-    No ``loopback`` network: kubelet-era runtimes attach it as a separate
-    network so that containers get a working ``lo``, but here the pod's
-    namespace only carries the wiring to the VM, and the VM has its own lo.
-    """
-    if not _BRIDGE_NAME.match(bridge):
-        raise FailedPrecondition(f"CNI bridge name {bridge!r} is not a valid interface name (at most 15 characters)")
-    try:
-        net = ipaddress.ip_network(subnet)
-    except ValueError:
-        raise FailedPrecondition(f"CNI subnet {subnet!r} is not a network in CIDR notation") from None
-    ipam: dict[str, Any] = {
-        "type": "host-local",
-        "ranges": [[{"subnet": str(net)}]],
-        "routes": [{"dst": "0.0.0.0/0" if net.version == 4 else "::/0"}],
-    }
-    if ipam_data_dir is not None:
-        ipam["dataDir"] = str(ipam_data_dir)
-    return {
-        "cniVersion": "1.0.0",
-        "name": name,
-        "plugins": [
-            {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": True, "hairpinMode": True,
-             "ipam": ipam},
-            {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
-        ],
-    }
-
-
-def runtime_config(port_mappings: Sequence[PortMapping], dns: DNSConfig | None) -> dict[str, Any]:
-    """The runtimeConfig values the runtime offers (CNI CONVENTIONS.md).
-
-    Mappings without a host port are dropped, as containerd does: they
-    publish nothing.
-    """
-    rc: dict[str, Any] = {}
-    mappings = []
-    for pm in port_mappings:
-        if pm.host_port <= 0:
-            continue
-        entry: dict[str, Any] = {"hostPort": pm.host_port, "containerPort": pm.container_port,
-                                 "protocol": pm.protocol.lower() or "tcp"}
-        if pm.host_ip:
-            entry["hostIP"] = pm.host_ip
-        mappings.append(entry)
-    if mappings:
-        rc["portMappings"] = mappings
-    if dns is not None and (dns.servers or dns.searches or dns.options):
-        rc["dns"] = {"servers": list(dns.servers), "searches": list(dns.searches), "options": list(dns.options)}
-    return rc
-
-
-def plugin_stdin(conflist: Mapping[str, Any], plugin: Mapping[str, Any], rc: Mapping[str, Any],
-                 prev_result: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The configuration one plugin reads on stdin (pure; CNI spec section 3)."""
-    conf = copy.deepcopy(dict(plugin))
-    conf["name"] = conflist["name"]
-    conf["cniVersion"] = conflist["cniVersion"]
-    capabilities = plugin.get("capabilities")
-    # A plugin only sees the runtime values it asked for: unknown keys in
-    # runtimeConfig are an error for some plugins.
-    conf.pop("runtimeConfig", None)
-    if isinstance(capabilities, dict):
-        wanted = {k: v for k, v in rc.items() if capabilities.get(k) is True}
-        if wanted:
-            conf["runtimeConfig"] = wanted
-    if prev_result is not None:
-        conf["prevResult"] = copy.deepcopy(dict(prev_result))
-    else:
-        conf.pop("prevResult", None)
-    return conf
-
-
-# Execution --------------------------------------------------------------------------
 
 
 class CNIExec:
@@ -265,7 +119,7 @@ class CNIExec:
     # cache
 
     def _cache_path(self, container_id: str) -> Path:
-        if not _CONTAINER_ID.match(container_id):
+        if not CONTAINER_ID.match(container_id):
             raise InvalidArgument("pod_sandbox_id", f"{container_id!r} is not a valid CNI container id")
         return self.cache_dir / f"{container_id}.json"
 
@@ -333,7 +187,7 @@ class CNIExec:
             names = sorted(p.stem for p in self.cache_dir.glob("*.json"))
         except OSError:
             return []
-        return [n for n in names if _CONTAINER_ID.match(n)]
+        return [n for n in names if CONTAINER_ID.match(n)]
 
     def _drop_cache(self, container_id: str) -> None:
         self._cache_path(container_id).unlink(missing_ok=True)

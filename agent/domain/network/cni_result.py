@@ -62,6 +62,8 @@ class Route:
 
 @dataclass(frozen=True)
 class DNS:
+    """The DNS settings a result hands to the workload."""
+
     nameservers: tuple[str, ...] = ()
     domain: str = ""
     search: tuple[str, ...] = ()
@@ -70,6 +72,8 @@ class DNS:
 
 @dataclass(frozen=True)
 class CNIResult:
+    """A parsed ADD result: interfaces, addresses, routes, DNS."""
+
     cni_version: str
     interfaces: tuple[Interface, ...] = ()
     ips: tuple[IPConfig, ...] = ()
