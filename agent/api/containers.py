@@ -13,8 +13,8 @@ from typing import Any
 
 from agent.api.convert import sandbox_status_to_pb
 from agent.domain.errors import InvalidArgument, PodvisorError
-from agent.domain.vm import Container, ContainerState
-from agent.services.containers import ContainerFilter, ContainerService, ContainerSpec, ContainerStats
+from agent.domain.vm import Container, ContainerSpec, ContainerState
+from agent.services.containers import ContainerFilter, ContainerService, ContainerStats
 from agent.services.sandboxes import SandboxService
 
 from runtime.v1 import api_pb2 as pb
