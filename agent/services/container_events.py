@@ -32,6 +32,11 @@ class EventHub:
         self._subscribers: list[queue.Queue[ContainerEvent | None]] = []
         self._lock = threading.Lock()
 
+    def subscriber_count(self) -> int:
+        """How many streams are open."""
+        with self._lock:
+            return len(self._subscribers)
+
     def publish(self, ev: ContainerEvent) -> None:
         """Hand ``ev`` to every subscriber, without waiting for any."""
         with self._lock:

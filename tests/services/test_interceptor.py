@@ -10,6 +10,7 @@ mapping and the "rpc" log event.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
@@ -29,11 +30,13 @@ from agent.api.runtime_service import ImageServicer, RuntimeServicer
 from agent.domain import errors
 from agent.domain.cni import ConfigLookup, NetworkConfig
 from agent.domain.host import HostFacts
+from agent.domain.hypervisor import HypervisorVersions
 from agent.domain.virt import KvmFacts, VirtChoice
 from agent.services.containers import ContainerService
 from agent.services.images import ImagePorts, ImageService
 from agent.services.runtime import RuntimeInfoService
 from agent.services.sandboxes import SandboxService
+from tests.services.container_fakes import ContainerFakes
 from tests.services.service_fakes import FakePorts
 
 from runtime.v1 import api_pb2 as pb
@@ -57,14 +60,16 @@ class FakeLibvirt:
     def connected(self) -> bool:
         return self.up
 
-    def versions(self) -> object:
-        @dataclass
-        class Versions:
-            library: str = "10.0.0"
-            daemon: str = "10.0.0"
-            hypervisor: str = "8.2.0"
+    def versions(self) -> HypervisorVersions:
+        return HypervisorVersions(library="10.0.0", daemon="10.0.0", hypervisor="8.2.0")
 
-        return Versions()
+
+class FixedHost:
+    def facts(self) -> HostFacts:
+        return HostFacts("hv", "6.1", "cpu", 4, 2**33, 2**32, 2**40, 2**39)
+
+    def node_ip(self) -> str:
+        return "192.0.2.10"
 
 
 class SwitchableRuntime(RuntimeInfoService):
@@ -88,18 +93,10 @@ class Harness:
     images: api_pb2_grpc.ImageServiceStub
 
 
-def _no_containers(root: Path, sandboxes: SandboxService) -> ContainerService:
-    """A container service with no VMs; creating one is not exercised here."""
-    from agent.adapters.store import Store
-    from agent.services.containers import ContainerPorts
-
-    def unreachable(*_args: object, **_kwargs: object) -> object:
-        raise AssertionError("no VMs in this test")
-
-    return ContainerService(ContainerPorts(
-        store=Store(root / "db"), libvirt=None, files=None, console=None, sandboxes=sandboxes, images=None,
-        build_request=unreachable, build_seed=unreachable, render_domain=unreachable,  # type: ignore[arg-type]
-        parse_metadata=unreachable, virt_type=lambda: "qemu"))  # type: ignore[arg-type]
+def _no_containers(sandboxes: SandboxService) -> ContainerService:
+    """A container service with no VMs over the recording fakes; creating one
+    is not exercised here."""
+    return ContainerService(dataclasses.replace(ContainerFakes().ports, sandboxes=sandboxes))
 
 
 def _no_image_ports(root: Path) -> ImagePorts:
@@ -139,17 +136,17 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
             NetworkConfig("podvisor", "1.0.0", ("bridge", "portmap")),
             "using /etc/cni/net.d/10-podvisor.conflist (network podvisor)",
         ),
-        host_facts=lambda: HostFacts("hv", "6.1", "cpu", 4, 2**33, 2**32, 2**40, 2**39),
+        host=FixedHost(),
         virt=VirtChoice("qemu", "no /dev/kvm on this host: using TCG"),
         kvm=KvmFacts(device_present=False, device_usable=False, pvm=False),
         state_dir=Path("/var/lib/podvisor"),
     )
     fakes = FakePorts()
-    sandboxes = SandboxService(fakes.ports)
+    sandboxes = SandboxService(fakes.ports, fakes.members)
     # The real assembly: ApiInterceptor, services registered from descriptors.
     server, _health = api_server.build(
         RuntimeServicer(runtime, sandboxes, "/var/lib/podvisor/sandboxes",
-                        _no_containers(tmp_path_factory.mktemp("vms"), sandboxes)),
+                        _no_containers(sandboxes)),
         ImageServicer(ImageService(_no_image_ports(tmp_path_factory.mktemp("images")),
                                    max_virtual_size=1 << 30), "/var/lib/podvisor/images"),
         HostServicer(runtime),
