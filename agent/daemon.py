@@ -1,9 +1,11 @@
-"""Composition root: adapters → services → gRPC; signals; sd_notify.
+"""Composition root: adapters → services → gRPC; lock, socket, signals, sd_notify.
 
-Start-up order matters: the state directory is locked first (two agents on
-one state would corrupt it), recovery runs before the socket exists (no client
-can see a half-recovered state), and READY=1 is sent only once the server
-answers.
+It only wires: every decision lives in a service. Start-up order matters:
+the state directory is locked first (two agents on one state would corrupt
+it), every service is built and wired before the one recovery
+(``agent.services.recovery.recover``) runs, recovery runs before the socket
+exists (no client can see a half-recovered state), and READY=1 is sent only
+once the server answers.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import structlog
 
 from agent import __version__
-from agent.adapters import host, kvm, qemu_img, registry, systemd
+from agent.adapters import kvm, qemu_img, registry, systemd
 from agent.adapters.console_log import ConsoleLogs
 from agent.adapters.files import SandboxFiles
+from agent.adapters.host import Host
 from agent.adapters.image_files import ImageFiles
 from agent.adapters.layers import DiskExtractor
 from agent.adapters.libvirt import Libvirt
@@ -37,17 +39,15 @@ from agent.api.host import HostServicer
 from agent.api.images import ImageServicer
 from agent.api.runtime_service import RuntimeServicer
 from agent.config import AgentConfig
-from agent.domain import imageref, virt, vmrequest
-from agent.domain.sandbox import NetworkMode, Sandbox
-from agent.domain.vm import Container, VMRequest
-from agent.render import cloudinit, domain_xml, nocloud
-from agent.services.containers import ContainerPorts, ContainerService, ContainerSpec
+from agent.domain import imageref
+from agent.services.containers import ContainerService
 from agent.services.images import ImagePorts, ImageService
-from agent.services.ports import Ports, SystemClock
+from agent.services.ports import ContainerPorts, Ports, SystemClock
 from agent.services.recovery import recover
-from agent.services.runtime import RuntimeInfoService
-from agent.services.sandboxes import SandboxService
+from agent.services.runtime import RuntimeInfoService, choose_virt
+from agent.services.sandboxes import LateMembers, SandboxService
 from agent.services.stats import StatsService
+from agent.services.vm_build import VMBuilder
 
 log = structlog.get_logger(__name__)
 
@@ -88,16 +88,6 @@ def _prepare_socket(path: Path) -> None:
     raise StartupError(f"another process is already serving on {path}")
 
 
-def _choose_virt(configured: str) -> tuple[virt.VirtChoice, virt.KvmFacts]:
-    facts = kvm.gather()
-    if virt.needs_probe(configured, facts):
-        ok, detail = kvm.probe()
-        facts = virt.KvmFacts(facts.device_present, facts.device_usable, facts.pvm, ok, detail)
-    choice = virt.choose(configured, facts)
-    if configured == "kvm" and (facts.pvm or not facts.device_usable):
-        log.warning("virt_type = kvm is configured, but guests may not run on this /dev/kvm",
-                    pvm=facts.pvm, usable=facts.device_usable)
-    return choice, facts
 
 
 def build_image_service(cfg: AgentConfig, store: Store) -> ImageService:
@@ -148,54 +138,15 @@ def build_image_service(cfg: AgentConfig, store: Store) -> ImageService:
 
 
 def build_container_service(cfg: AgentConfig, store: Store, libvirt: Libvirt, console: ConsoleLogs,
-                            sandboxes: SandboxService, images: ImageService, virt_type: str,
-                            network: PodNetworkManager | None) -> ContainerService:
-    """VM containers: request merging, seeds and domain XML behind the use cases."""
-    defaults = cfg.vm
-
-    def build_request(spec: ContainerSpec, sandbox: Sandbox) -> VMRequest:
-        return vmrequest.build_vm_request(
-            cri_resources=vmrequest.CRIResources(
-                memory_limit_in_bytes=spec.memory_limit_in_bytes, cpu_quota=spec.cpu_quota,
-                cpu_period=spec.cpu_period, cpu_shares=spec.cpu_shares),
-            pod_annotations=sandbox.spec.annotations, container_annotations=spec.annotations,
-            env=spec.env, command=spec.command, args=spec.args, defaults=defaults)
-
-    def wiring(sandbox: Sandbox) -> Any:
-        if network is None or sandbox.spec.network_mode is not NetworkMode.POD:
-            return None
-        status = network.status(sandbox.id, cfg.sandboxes_dir / sandbox.id)
-        return status.wiring if status is not None else None
-
-    def start_dhcp(sandbox: Sandbox) -> None:
-        if network is not None and sandbox.spec.network_mode is NetworkMode.POD:
-            network.ensure_dhcp(sandbox.id, cfg.sandboxes_dir / sandbox.id)
-
-    def nic(sandbox: Sandbox) -> tuple[str, str] | None:
-        w = wiring(sandbox)
-        return (w.host_bridge, w.vm_mac) if w is not None else None
-
-    def build_seed(request: VMRequest, container: Container, sandbox: Sandbox) -> bytes:
-        # Default network-config: what CNI assigned, so guests come up on the
-        # pod network even without DHCP.
-        w = wiring(sandbox) if request.pod_network else None
-        pod_net = None
-        if w is not None:
-            pod_net = cloudinit.PodNetwork(
-                mac=w.vm_mac, addresses=(f"{w.ip}/{w.prefix}",), gateways=(w.gateway,) if w.gateway else (),
-                routes=tuple(cloudinit.Route(to=r.dst, via=r.gw) for r in w.routes),
-                dns_servers=tuple(w.dns_servers), dns_searches=tuple(w.dns_searches), mtu=w.mtu)
-        # instance-id: the container id, stable for the VM's life, new for a new VM.
-        files = cloudinit.seed_files(instance_id=container.id,
-                                     hostname=sandbox.spec.hostname or sandbox.spec.metadata.name,
-                                     cloud_init=request.cloud_init, network=pod_net)
-        return nocloud.build_seed_iso(files["meta-data"], files["user-data"], files.get("network-config"))
-
+                            sandbox_files: SandboxFiles, sandboxes: SandboxService, images: ImageService,
+                            virt_type: str, network: PodNetworkManager | None) -> ContainerService:
+    """VM containers over their adapters; what a VM is made of from ``VMBuilder``."""
+    vm_files = VMFiles(cfg.sandboxes_dir, cfg.runtime_dir)
+    builder = VMBuilder(defaults=cfg.vm, virt_type=virt_type, files=vm_files, sandbox_files=sandbox_files,
+                        network=network)
     return ContainerService(ContainerPorts(
-        store=store, libvirt=libvirt, files=VMFiles(cfg.sandboxes_dir, cfg.runtime_dir, nic), console=console,
-        sandboxes=sandboxes, images=images, build_request=build_request, build_seed=build_seed,
-        render_domain=domain_xml.render, parse_metadata=domain_xml.parse_metadata,
-        virt_type=lambda: virt_type, start_dhcp=start_dhcp,
+        store=store, hypervisor=libvirt, files=vm_files, console=console, sandboxes=sandboxes, images=images,
+        vm=builder, clock=SystemClock(),
     ))
 
 
@@ -218,33 +169,33 @@ class Daemon:
         if cfg.cni.enabled:
             network = PodNetworkManager(cfg.cni.conf_dirs, cfg.cni.bin_dirs, cfg.state_dir / "cni",
                                         cfg.cni.builtin_bridge, cfg.cni.builtin_subnet)
-        ports = Ports(store=store, files=files, clock=SystemClock(), network=network, node_ip=host.node_ipv4)
-        sandboxes = SandboxService(ports)
-        recover(ports, sandboxes)
-
+        host = Host(cfg.state_dir)
+        ports = Ports(store=store, files=files, clock=SystemClock(), network=network, host=host)
+        # The sandbox service needs its members (the container service) and
+        # the container service needs the sandbox service: bound below.
+        members = LateMembers()
+        sandboxes = SandboxService(ports, members)
         images = build_image_service(cfg, store)
-        images.recover()
 
         libvirt = Libvirt(cfg.libvirt.uri, cfg.libvirt.reconnect_interval_seconds)
         libvirt.start()
-        choice, facts = _choose_virt(cfg.libvirt.virt_type)
+        choice, facts = choose_virt(cfg.libvirt.virt_type, kvm)
         log.info("virtualisation type chosen", virt_type=choice.virt_type, reason=choice.reason)
 
         console = ConsoleLogs()
-        containers = build_container_service(cfg, store, libvirt, console, sandboxes, images, choice.virt_type,
-                                             network)
+        containers = build_container_service(cfg, store, libvirt, console, files, sandboxes, images,
+                                             choice.virt_type, network)
+        members.bind(containers)
         images.set_in_use(containers.image_ids_in_use)
-        sandboxes.stop_members = containers.stop_in_sandbox
-        sandboxes.remove_members = containers.remove_in_sandbox
         libvirt.on_lifecycle(lambda ev: containers.on_domain_event(ev.domain, ev.kind, ev.detail))
         libvirt.on_reconnect(containers.reconcile_all)
-        containers.recover()
+        recover(ports, sandboxes, images, containers)
         console.start()
 
         runtime = RuntimeInfoService(
             libvirt=libvirt,
             cni_lookup=network.readiness if network is not None else disabled_readiness,
-            host_facts=lambda: host.gather(cfg.state_dir),
+            host=host,
             virt=choice,
             kvm=facts,
             state_dir=cfg.state_dir,

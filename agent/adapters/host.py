@@ -57,3 +57,19 @@ def node_ipv4() -> str:
             if a.family == socket.AF_INET and not a.address.startswith(("127.", "169.254.")):
                 return str(a.address)
     return ""
+
+
+class Host:
+    """The host facts port: live figures for Host/Info, the node's address
+    for hostNetwork sandboxes."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self._state_dir = state_dir
+
+    def facts(self) -> HostFacts:
+        """CPU, memory, kernel and the state directory's disk, read now."""
+        return gather(self._state_dir)
+
+    def node_ip(self) -> str:
+        """The node's own IPv4 address ("" when there is none)."""
+        return node_ipv4()

@@ -11,13 +11,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import libvirt
 import structlog
 
 from agent.domain.errors import Internal, NotFound, Unavailable
+from agent.domain.hypervisor import DomainState, DomainStats, HypervisorVersions, LifecycleEvent
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -57,44 +57,8 @@ def _start_event_loop() -> None:
         _event_loop_started = True
 
 
-@dataclass(frozen=True)
-class Versions:
-    library: str
-    daemon: str
-    hypervisor: str
-
-
 def _fmt_version(v: int) -> str:
     return f"{v // 1_000_000}.{(v // 1000) % 1000}.{v % 1000}" if v else ""
-
-
-@dataclass(frozen=True)
-class DomainState:
-    """libvirt's state of a domain in plain words.
-
-    ``state``: running, paused, shutoff, crashed, other, or missing (no such
-    domain). ``reason`` for shutoff: shutdown (the guest powered off),
-    destroyed, crashed, failed, daemon, or unknown.
-    """
-
-    state: str
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class DomainStats:
-    cpu_time_ns: int
-    rss_bytes: int
-    balloon_bytes: int  # what the guest currently has (balloon "actual")
-    guest_available_bytes: int  # 0 when the balloon driver reports nothing
-    guest_unused_bytes: int
-
-
-@dataclass(frozen=True)
-class LifecycleEvent:
-    domain: str
-    kind: str  # defined, undefined, started, stopped, suspended, resumed, shutdown, crashed, other
-    detail: str  # for stopped: shutdown, destroyed, crashed, failed, other
 
 
 _STATES = {
@@ -269,9 +233,9 @@ class Libvirt:
 
     # Queries -------------------------------------------------------------
 
-    def versions(self) -> Versions:
-        def get(conn: Any) -> Versions:
-            return Versions(
+    def versions(self) -> HypervisorVersions:
+        def get(conn: Any) -> HypervisorVersions:
+            return HypervisorVersions(
                 library=_fmt_version(libvirt.getVersion()),
                 daemon=_fmt_version(conn.getLibVersion()),
                 hypervisor=_fmt_version(conn.getVersion()),

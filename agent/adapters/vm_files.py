@@ -12,34 +12,21 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from agent.adapters import qemu_img
 from agent.domain.errors import InvalidArgument, ResourceExhausted
-from agent.domain.sandbox import Sandbox
+from agent.domain.vm import ContainerPaths
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 OVMF_CODE = ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS = ("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd")
 
 
-@dataclass(frozen=True)
-class ContainerPaths:
-    directory: str
-    overlay: str
-    seed: str
-    console_log: str
-    serial_socket: str
-
-
 class VMFiles:
-    def __init__(self, sandboxes_dir: Path, runtime_dir: Path,
-                 network_lookup: Callable[[Sandbox], tuple[str, str] | None] = lambda _sb: None) -> None:
+    def __init__(self, sandboxes_dir: Path, runtime_dir: Path) -> None:
         self.sandboxes = sandboxes_dir
         self.sockets = runtime_dir / "vm"
-        self._network_lookup = network_lookup
 
     def container_paths(self, sandbox_id: str, container_id: str) -> ContainerPaths:
         for value, name in ((sandbox_id, "pod_sandbox_id"), (container_id, "container_id")):
@@ -92,10 +79,6 @@ class VMFiles:
         if not loader or not template:
             raise ResourceExhausted("UEFI firmware requested but OVMF is not installed (Debian package ovmf)")
         return {"loader": loader, "vars_template": template, "nvram": str(Path(paths.directory) / "nvram.fd")}
-
-    def network_for(self, sandbox: Sandbox) -> tuple[str, str] | None:
-        """(host bridge, MAC) the VM's NIC joins; None when the pod has no network."""
-        return self._network_lookup(sandbox)
 
     def owns(self, domain_xml: str) -> bool:
         """Whether a domain's files live under this agent's state directory."""

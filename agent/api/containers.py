@@ -10,7 +10,8 @@ from agent.api.convert import containers as convert
 from agent.api.convert.sandboxes import sandbox_status_to_pb
 from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.domain.errors import InvalidArgument, PodvisorError
-from agent.services.containers import ContainerEvent, ContainerService
+from agent.services.container_events import ContainerEvent
+from agent.services.containers import ContainerService
 from agent.services.sandboxes import SandboxService
 from agent.services.stats import StatsService
 

@@ -1,6 +1,7 @@
 """Virtual machines: the typed values builders and services share (pure).
 
-A ``VMRequest`` is what a CreateContainer asked for after annotations and the
+A ``ContainerSpec`` is CreateContainer as the API received it. A
+``VMRequest`` is what a CreateContainer asked for after annotations and the
 KubeVirt VMI spec were merged (CRI fields first, then annotations, then the
 agent's defaults). A ``DomainSpec`` is everything the domain XML builder
 needs, with host paths already decided. Neither knows about protobuf or
@@ -126,6 +127,37 @@ class DomainSpec:
     guest_agent_socket: str = ""  # virtio-serial channel org.qemu.guest_agent.0; "" for none
     machine: str = "q35"
     emulator: str = ""  # "" lets libvirt choose
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """CreateContainer after conversion from protobuf."""
+
+    sandbox_id: str
+    name: str
+    attempt: int
+    image: str
+    command: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    log_path: str = ""  # relative to the sandbox's log directory
+    memory_limit_in_bytes: int = 0
+    cpu_quota: int = 0
+    cpu_period: int = 0
+    cpu_shares: int = 0
+
+
+@dataclass(frozen=True)
+class ContainerPaths:
+    """Where a VM's files live on the host (decided by the VM files adapter)."""
+
+    directory: str
+    overlay: str
+    seed: str
+    console_log: str
+    serial_socket: str
 
 
 @dataclass(frozen=True)

@@ -11,29 +11,36 @@ Status comes from libvirt: lifecycle events move RUNNING containers to EXITED
 as they happen, and every read reconciles with the domain's state, so a
 domain destroyed behind the agent's back, or gone after a libvirtd restart,
 shows up as EXITED with a reason.
+
+Beside it: ``vm_build`` decides what the VM is made of (request, seed,
+domain XML, NIC; reached through the ``VMBuild`` port), ``container_events``
+fans lifecycle events out to GetContainerEvents streams. The service is the
+sandbox service's ``SandboxMembers``: StopPodSandbox and RemovePodSandbox stop
+and remove the sandbox's VM through it. Start-up recovery (``recover``) is
+one step of ``agent.services.recovery.recover``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import structlog
 
 from agent.domain import vm as vm_model
 from agent.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PodvisorError
 from agent.domain.filters import selected
-from agent.domain.sandbox import NetworkMode, Sandbox, SandboxState, resolve_id
+from agent.domain.sandbox import SandboxState, resolve_id
 from agent.domain.validation import validate_id, validate_string_map
-from agent.domain.vm import Container, ContainerState, DiskSpec, DomainSpec, InterfaceSpec, VMRequest
+from agent.domain.vm import Container, ContainerSpec, ContainerState
+from agent.services.container_events import ContainerEvent, EventHub
+from agent.services.ports import ContainerPorts
 
 log = structlog.get_logger(__name__)
 
@@ -42,39 +49,11 @@ EXIT_ERROR = 1
 
 
 @dataclass(frozen=True)
-class ContainerSpec:
-    """CreateContainer after conversion from protobuf."""
-
-    sandbox_id: str
-    name: str
-    attempt: int
-    image: str
-    command: tuple[str, ...] = ()
-    args: tuple[str, ...] = ()
-    env: dict[str, str] = field(default_factory=dict)
-    labels: dict[str, str] = field(default_factory=dict)
-    annotations: dict[str, str] = field(default_factory=dict)
-    log_path: str = ""  # relative to the sandbox's log directory
-    memory_limit_in_bytes: int = 0
-    cpu_quota: int = 0
-    cpu_period: int = 0
-    cpu_shares: int = 0
-
-
-@dataclass(frozen=True)
 class ContainerFilter:
     id: str = ""
     sandbox_id: str = ""
     state: ContainerState | None = None
     label_selector: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ContainerEvent:
-    container_id: str
-    sandbox_id: str
-    kind: str  # created, started, stopped, deleted
-    at_ns: int
 
 
 @dataclass(frozen=True)
@@ -88,32 +67,13 @@ class ContainerStats:
     writable_bytes: int
 
 
-@dataclass
-class ContainerPorts:
-    store: Any  # save_container, delete_container, load_containers
-    libvirt: Any  # agent.adapters.libvirt.Libvirt
-    files: Any  # agent.adapters.vm_files.VMFiles
-    console: Any  # agent.adapters.console_log.ConsoleLogs
-    sandboxes: Any  # agent.services.sandboxes.SandboxService
-    images: Any  # agent.services.images.ImageService
-    build_request: Callable[[ContainerSpec, Sandbox], VMRequest]
-    build_seed: Callable[[VMRequest, Container, Sandbox], bytes]
-    render_domain: Callable[[DomainSpec], str]
-    parse_metadata: Callable[[str], dict[str, str] | None]
-    virt_type: Callable[[], str]
-    now_ns: Callable[[], int] = time.time_ns
-    # Starts the sandbox's DHCP server for the VM (pod network, bridge binding).
-    start_dhcp: Callable[[Sandbox], None] = lambda _sandbox: None
-
-
 class ContainerService:
     def __init__(self, ports: ContainerPorts) -> None:
         self._p = ports
         self._lock = threading.RLock()
         self._by_id: dict[str, Container] = {}
         self._op_locks: dict[str, threading.Lock] = {}
-        self._subscribers: list[queue.Queue[ContainerEvent | None]] = []
-        self._sub_lock = threading.Lock()
+        self._events = EventHub()
         # Containers a StopContainer is handling right now: reconciliation
         # leaves them to it.
         self._stopping: set[str] = set()
@@ -157,36 +117,15 @@ class ContainerService:
     # Events ------------------------------------------------------------------
 
     def _emit(self, c: Container, kind: str) -> None:
-        ev = ContainerEvent(c.id, c.sandbox_id, kind, self._p.now_ns())
-        with self._sub_lock:
-            for q in self._subscribers:
-                try:
-                    q.put_nowait(ev)
-                except queue.Full:  # a client that stopped reading must not stall VMs
-                    log.warning("container event dropped for a slow client", container_id=c.id, kind=kind)
+        self._events.publish(ContainerEvent(c.id, c.sandbox_id, kind, self._p.clock.now_ns()))
 
     def events(self, stop: threading.Event) -> Iterator[ContainerEvent]:
         """Lifecycle events from now on, until ``stop`` is set."""
-        q: queue.Queue[ContainerEvent | None] = queue.Queue(maxsize=10_000)
-        with self._sub_lock:
-            self._subscribers.append(q)
-        try:
-            while not stop.is_set():
-                try:
-                    ev = q.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if ev is None:
-                    return
-                yield ev
-        finally:
-            with self._sub_lock:
-                self._subscribers.remove(q)
+        return self._events.stream(stop)
 
     def close_streams(self) -> None:
-        with self._sub_lock:
-            for q in self._subscribers:
-                q.put(None)
+        """End every open event stream (the agent is stopping)."""
+        self._events.close()
 
     # Create ------------------------------------------------------------------
 
@@ -204,7 +143,7 @@ class ContainerService:
         if sandbox.state is not SandboxState.READY:
             raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
         image = self._p.images.get(spec.image)
-        request = self._p.build_request(spec, sandbox)
+        request = self._p.vm.request(spec, sandbox)
         disk = image.disk_for(request.containerdisk_path)
         base_path = self._p.images.base_disk_path(image, disk)
 
@@ -221,7 +160,7 @@ class ContainerService:
                 sandbox.spec.log_directory and spec.log_path) else ""
             c = Container(
                 id=cid, sandbox_id=sandbox.id, name=spec.name, attempt=spec.attempt, image=spec.image,
-                image_id=image.id, state=ContainerState.CREATING, created_at_ns=self._p.now_ns(),
+                image_id=image.id, state=ContainerState.CREATING, created_at_ns=self._p.clock.now_ns(),
                 domain_name=vm_model.domain_name(cid), directory=paths.directory,
                 overlay_path=paths.overlay, seed_path=paths.seed, console_log=paths.console_log,
                 serial_socket=paths.serial_socket, log_path=log_path,
@@ -231,15 +170,15 @@ class ContainerService:
             )
             self._put(c)
         # The pod's DHCP server starts while the disks are prepared.
-        dhcp = self._aside.submit(self._p.start_dhcp, sandbox) if request.pod_network else None
+        dhcp = self._aside.submit(self._p.vm.prepare_network, sandbox) if request.pod_network else None
         try:
             self._p.files.create_container_dir(paths)
             self._p.files.create_overlay(base_path, disk.format, paths.overlay)
-            self._p.files.write_seed(paths.seed, self._p.build_seed(request, c, sandbox))
-            xml = self._p.render_domain(self._domain_spec(c, sandbox, request, paths))
+            self._p.files.write_seed(paths.seed, self._p.vm.seed(request, c, sandbox))
+            xml = self._p.vm.domain_xml(c, sandbox, request, paths)
             if dhcp is not None:
                 dhcp.result()
-            self._p.libvirt.define_domain(xml)
+            self._p.hypervisor.define_domain(xml)
             c = self._put(dataclasses.replace(c, state=ContainerState.CREATED))
         except BaseException:
             if dhcp is not None:
@@ -251,41 +190,10 @@ class ContainerService:
         self._emit(c, "created")
         return c
 
-    def _domain_spec(self, c: Container, sandbox: Sandbox, request: VMRequest, paths: Any) -> DomainSpec:
-        disks = [
-            DiskSpec(source=c.overlay_path, format="qcow2", target=_target(request.disk_bus, 0),
-                     bus=request.disk_bus, boot_order=1, serial="containerdisk"),
-            # KubeVirt attaches the NoCloud seed as a disk; any block device
-            # labelled cidata is found by cloud-init.
-            DiskSpec(source=c.seed_path, format="raw",
-                     target=_target("virtio", 1 if request.disk_bus == "virtio" else 0),
-                     bus="virtio", readonly=True, serial="cloudinit"),
-        ]
-        interfaces: list[InterfaceSpec] = []
-        if request.pod_network and sandbox.spec.network_mode is NetworkMode.NODE:
-            # hostNetwork: QEMU's user-mode stack, outbound through the node.
-            mac = "52:54:00:" + ":".join(c.id[i:i + 2] for i in (0, 2, 4))
-            interfaces.append(InterfaceSpec(bridge="", mac=mac, model=request.interface_model, kind="user"))
-        else:
-            network = self._p.files.network_for(sandbox) if request.pod_network else None
-            if network is not None:
-                interfaces.append(InterfaceSpec(bridge=network[0], mac=network[1], model=request.interface_model))
-        firmware = self._p.files.firmware(request.firmware, paths)
-        return DomainSpec(
-            name=c.domain_name, uuid=str(uuid.UUID(c.id[:32])), virt_type=self._p.virt_type(),
-            vcpus=c.vcpus, max_vcpus=c.max_vcpus, memory_bytes=c.memory_bytes,
-            max_memory_bytes=c.max_memory_bytes, disks=tuple(disks), serial_socket=c.serial_socket,
-            console_log=c.console_log, sandbox_id=c.sandbox_id, container_id=c.id,
-            pod_name=sandbox.spec.metadata.name, pod_namespace=sandbox.spec.metadata.namespace,
-            container_name=c.name, cpu_shares=c.cpu_shares, firmware=request.firmware,
-            uefi_loader=firmware.get("loader", ""), uefi_vars_template=firmware.get("vars_template", ""),
-            uefi_nvram=firmware.get("nvram", ""), interfaces=tuple(interfaces),
-        )
-
     def _roll_back(self, c: Container) -> None:
         log.warning("rolling back container creation", container_id=c.id)
         try:
-            self._p.libvirt.undefine_domain(c.domain_name)
+            self._p.hypervisor.undefine_domain(c.domain_name)
         except PodvisorError as exc:
             log.warning("could not undefine during rollback", container_id=c.id, error=exc.message)
         self._p.files.remove_container_dir(c.directory)
@@ -305,11 +213,11 @@ class ContainerService:
                 raise FailedPrecondition(f"container {c.id} is {c.state.value}; only a created container can start")
             self._p.console.follow(c.id, c.console_log, c.log_path, self._p.files.console_state(c.directory))
             try:
-                self._p.libvirt.start_domain(c.domain_name)
+                self._p.hypervisor.start_domain(c.domain_name)
             except BaseException:
                 self._p.console.unfollow(c.id)
                 raise
-            c = self._put(dataclasses.replace(c, state=ContainerState.RUNNING, started_at_ns=self._p.now_ns()))
+            c = self._put(dataclasses.replace(c, state=ContainerState.RUNNING, started_at_ns=self._p.clock.now_ns()))
         log.info("container started", container_id=c.id, domain=c.domain_name)
         self._emit(c, "started")
         return c
@@ -342,14 +250,14 @@ class ContainerService:
 
     def _stop_domain(self, c: Container, timeout: int) -> None:
         if timeout > 0:
-            self._p.libvirt.shutdown_domain(c.domain_name)
+            self._p.hypervisor.shutdown_domain(c.domain_name)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                state = self._p.libvirt.domain_state(c.domain_name)
+                state = self._p.hypervisor.domain_state(c.domain_name)
                 if state.state in ("shutoff", "missing", "crashed"):
                     break
                 time.sleep(0.1)
-        killed = self._p.libvirt.destroy_domain(c.domain_name)
+        killed = self._p.hypervisor.destroy_domain(c.domain_name)
         current = self._by_id.get(c.id, c)
         if current.state is ContainerState.EXITED:
             return  # the event handler recorded the guest's own power-off
@@ -364,7 +272,7 @@ class ContainerService:
             current = self._by_id.get(c.id)
             if current is None or current.state is ContainerState.EXITED:
                 return current or c
-            done = dataclasses.replace(current, state=ContainerState.EXITED, finished_at_ns=self._p.now_ns(),
+            done = dataclasses.replace(current, state=ContainerState.EXITED, finished_at_ns=self._p.clock.now_ns(),
                                        exit_code=exit_code, reason=reason, message=message, stop_requested=False)
             self._put(done)
         self._p.console.unfollow(c.id)
@@ -405,7 +313,7 @@ class ContainerService:
         if c.state is not ContainerState.RUNNING or c.id in self._stopping:
             return c
         try:
-            state = self._p.libvirt.domain_state(c.domain_name)
+            state = self._p.hypervisor.domain_state(c.domain_name)
         except PodvisorError:
             return c  # libvirt unreachable: report the last known state
         if state.state in ("running", "paused"):
@@ -439,9 +347,9 @@ class ContainerService:
             self.finish_removal(c)
 
     def finish_removal(self, c: Container) -> None:
-        self._p.libvirt.destroy_domain(c.domain_name)
+        self._p.hypervisor.destroy_domain(c.domain_name)
         self._p.console.unfollow(c.id)
-        self._p.libvirt.undefine_domain(c.domain_name)
+        self._p.hypervisor.undefine_domain(c.domain_name)
         self._p.files.remove_container_dir(c.directory)
         self._p.store.delete_container(c.id)
         with self._lock:
@@ -467,16 +375,16 @@ class ContainerService:
 
     def domain_xml(self, c: Container) -> str:
         try:
-            return str(self._p.libvirt.domain_xml(c.domain_name))
+            return str(self._p.hypervisor.domain_xml(c.domain_name))
         except PodvisorError:
             return ""
 
     def stats(self, c: Container) -> ContainerStats:
-        now = self._p.now_ns()
+        now = self._p.clock.now_ns()
         writable = self._p.files.allocated_bytes(c.overlay_path)
         if c.state is ContainerState.RUNNING:
             try:
-                s = self._p.libvirt.domain_stats(c.domain_name)
+                s = self._p.hypervisor.domain_stats(c.domain_name)
                 return ContainerStats(c, now, s.cpu_time_ns, s.rss_bytes, s.balloon_bytes,
                                       s.guest_available_bytes, writable)
             except PodvisorError:
@@ -502,9 +410,9 @@ class ContainerService:
             if c.state in (ContainerState.RUNNING, ContainerState.CREATED):
                 live = c.state is ContainerState.RUNNING
                 if memory_bytes and memory_bytes != c.memory_bytes:
-                    self._p.libvirt.set_domain_memory(c.domain_name, memory_bytes, live=live)
+                    self._p.hypervisor.set_domain_memory(c.domain_name, memory_bytes, live=live)
                 if vcpus and vcpus != c.vcpus:
-                    self._p.libvirt.set_domain_vcpus(c.domain_name, vcpus, live=live)
+                    self._p.hypervisor.set_domain_vcpus(c.domain_name, vcpus, live=live)
             with self._lock:
                 # Re-read: an exit recorded meanwhile must not be overwritten.
                 current = self._by_id.get(c.id, c)
@@ -523,11 +431,13 @@ class ContainerService:
     # Sandbox hooks --------------------------------------------------------------------
 
     def stop_in_sandbox(self, sandbox_id: str) -> None:
+        """Hard-stop the sandbox's running VM (StopPodSandbox, RemovePodSandbox)."""
         for c in self.in_sandbox(sandbox_id):
             if c.state is ContainerState.RUNNING:
                 self.stop(c.id, 0)
 
     def remove_in_sandbox(self, sandbox_id: str) -> None:
+        """Remove every container of the sandbox (RemovePodSandbox)."""
         for c in self.in_sandbox(sandbox_id):
             self.remove(c.id)
 
@@ -538,7 +448,7 @@ class ContainerService:
         and undefine orphan domains this agent made."""
         stored = self._p.store.load_containers()
         try:
-            domains = self._p.libvirt.list_domains()
+            domains = self._p.hypervisor.list_domains()
         except PodvisorError as exc:
             log.warning("libvirt unreachable during recovery; states will reconcile later", error=exc.message)
             domains = None
@@ -560,17 +470,12 @@ class ContainerService:
         if domains is not None:
             known = {c.domain_name for c in keep}
             for name, xml in domains.items():
-                meta = self._p.parse_metadata(xml)
-                if meta is None or name in known:
+                if not self._p.vm.is_podvisor_domain(xml) or name in known:
                     continue  # not ours, or adopted
                 if not self._p.files.owns(xml):
                     continue  # another agent's (its own state directory) on the same libvirtd
                 log.warning("undefining orphan domain made by Podvisor", domain=name)
-                self._p.libvirt.destroy_domain(name)
-                self._p.libvirt.undefine_domain(name)
+                self._p.hypervisor.destroy_domain(name)
+                self._p.hypervisor.undefine_domain(name)
         log.info("containers recovered", containers=len(keep))
 
-
-def _target(bus: str, index: int) -> str:
-    prefix = {"virtio": "vd", "sata": "sd", "scsi": "sd", "ide": "hd"}.get(bus, "vd")
-    return prefix + "abcdefghijklmnopqrstuvwxyz"[index]

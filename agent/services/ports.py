@@ -1,32 +1,54 @@
 """Ports: what the services need from the outside world, as Protocols.
 
-Services receive them in one bundle (``Ports``), so service tests can hand in
-recording fakes while integration tests run the real adapters.
+Every port is a ``Protocol`` here, and so are the collaborators one service
+offers another (``SandboxLookup``, ``SandboxMembers``, ``ContainerImages``,
+``VMBuild``). The values they take and return are domain values
+(``agent.domain``), so services and their fakes never import an adapter.
+Services receive their ports in one bundle each (``Ports`` for sandboxes,
+``ContainerPorts`` for VM containers), so service tests hand in recording
+fakes while the daemon hands in the adapters.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from agent.domain.host import HostFacts
+from agent.domain.hypervisor import DomainState, DomainStats, HypervisorVersions
+from agent.domain.image import BaseDisk, Image
 from agent.domain.network.choice import NetworkChoice
 from agent.domain.network.wiring import PodNetworkStatus
 from agent.domain.sandbox import DNSConfig, PortMapping, Sandbox
+from agent.domain.virt import KvmFacts
+from agent.domain.vm import Container, ContainerPaths, ContainerSpec, VMRequest
+
+# Shared ------------------------------------------------------------------------------
 
 
 class Clock(Protocol):
+    """Wall-clock time (``SystemClock``; a stepping fake in tests)."""
+
     def now_ns(self) -> int: ...
 
 
 class SystemClock:
+    """The real clock."""
+
     def now_ns(self) -> int:
+        """Nanoseconds since the epoch."""
         return time.time_ns()
 
 
+# Sandboxes ------------------------------------------------------------------------------
+
+
 class SandboxStore(Protocol):
+    """Sandbox rows (agent.adapters.store.Store)."""
+
     def insert_sandbox(self, sandbox: Sandbox) -> None: ...
     def update_sandbox(self, sandbox: Sandbox) -> None: ...
     def delete_sandbox(self, sandbox_id: str) -> None: ...
@@ -48,6 +70,8 @@ class SandboxNetwork(Protocol):
 
 
 class SandboxFiles(Protocol):
+    """Per-sandbox folders and CRI log directories (agent.adapters.files.SandboxFiles)."""
+
     def sandbox_dir(self, sandbox_id: str) -> Path: ...
     def create_sandbox_dir(self, sandbox_id: str) -> Path: ...
     def remove_sandbox_dir(self, sandbox_id: str) -> None: ...
@@ -55,12 +79,149 @@ class SandboxFiles(Protocol):
     def ensure_log_directory(self, path: str) -> None: ...
 
 
+class HostProbe(Protocol):
+    """The host machine (agent.adapters.host.Host)."""
+
+    def facts(self) -> HostFacts: ...
+    def node_ip(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class Ports:
+    """What the sandbox service needs."""
+
     store: SandboxStore
     files: SandboxFiles
     clock: Clock
     # None: no pod networking (disabled in the config, or in service tests).
     network: SandboxNetwork | None = None
-    # The node's address, reported as the IP of hostNetwork (NODE) sandboxes.
-    node_ip: Callable[[], str] = lambda: ""
+    # The node's address is reported as the IP of hostNetwork (NODE)
+    # sandboxes; None (service tests): they report none.
+    host: HostProbe | None = None
+
+
+class SandboxMembers(Protocol):
+    """What a sandbox holds (its VM container), as the sandbox service sees
+    it: stopped with no grace on StopPodSandbox, removed on RemovePodSandbox
+    (agent.services.containers.ContainerService)."""
+
+    def stop_in_sandbox(self, sandbox_id: str) -> None: ...
+    def remove_in_sandbox(self, sandbox_id: str) -> None: ...
+
+
+# VM containers ------------------------------------------------------------------------
+
+
+class ContainerStore(Protocol):
+    """Container rows (agent.adapters.store.Store)."""
+
+    def save_container(self, container: Container) -> None: ...
+    def delete_container(self, container_id: str) -> None: ...
+    def load_containers(self) -> list[Container]: ...
+
+
+class Hypervisor(Protocol):
+    """Domain operations (agent.adapters.libvirt.Libvirt). Failures arrive as
+    domain errors: ``Unavailable`` when the hypervisor cannot be reached."""
+
+    def define_domain(self, xml: str) -> None: ...
+    def start_domain(self, name: str) -> None: ...
+    def shutdown_domain(self, name: str) -> None: ...
+    def destroy_domain(self, name: str) -> bool: ...
+    def undefine_domain(self, name: str) -> bool: ...
+    def domain_state(self, name: str) -> DomainState: ...
+    def domain_xml(self, name: str) -> str: ...
+    def domain_stats(self, name: str) -> DomainStats: ...
+    def set_domain_memory(self, name: str, size_bytes: int, *, live: bool) -> None: ...
+    def set_domain_vcpus(self, name: str, count: int, *, live: bool) -> None: ...
+    def list_domains(self) -> dict[str, str]: ...
+
+
+class KvmProbe(Protocol):
+    """What decides the virt type (agent.adapters.kvm, the module)."""
+
+    def gather(self) -> KvmFacts: ...
+    def probe(self) -> tuple[bool, str]: ...
+
+
+class HypervisorStatus(Protocol):
+    """The hypervisor connection as Status and Host/Info report it
+    (agent.adapters.libvirt.Libvirt)."""
+
+    @property
+    def uri(self) -> str: ...
+    @property
+    def last_error(self) -> str: ...
+    def connected(self) -> bool: ...
+    def versions(self) -> HypervisorVersions: ...
+
+
+class VMFiles(Protocol):
+    """Per-VM files on the host (agent.adapters.vm_files.VMFiles)."""
+
+    def container_paths(self, sandbox_id: str, container_id: str) -> ContainerPaths: ...
+    def create_container_dir(self, paths: ContainerPaths) -> None: ...
+    def create_overlay(self, base: Path, base_format: str, overlay: str) -> None: ...
+    def write_seed(self, path: str, data: bytes) -> None: ...
+    def remove_container_dir(self, directory: str) -> None: ...
+    def console_state(self, directory: str) -> str: ...
+    def firmware(self, kind: str, paths: ContainerPaths) -> dict[str, str]: ...
+    def owns(self, domain_xml: str) -> bool: ...
+    def allocated_bytes(self, path: str) -> int: ...
+
+
+class ConsoleLogs(Protocol):
+    """The console → CRI log follower (agent.adapters.console_log.ConsoleLogs)."""
+
+    def follow(self, container_id: str, raw: str, cri: str, state_file: str) -> None: ...
+    def unfollow(self, container_id: str) -> None: ...
+    def reopen(self, container_id: str, cri: str) -> None: ...
+
+
+class SandboxLookup(Protocol):
+    """Sandboxes as the container service reads them
+    (agent.services.sandboxes.SandboxService)."""
+
+    def get(self, sandbox_id: str) -> Sandbox: ...
+
+
+class ContainerImages(Protocol):
+    """Pulled images as the container service reads them
+    (agent.services.images.ImageService)."""
+
+    def get(self, text: str) -> Image: ...
+    def base_disk_path(self, img: Image, disk: BaseDisk) -> Path: ...
+
+
+class VMNetwork(Protocol):
+    """Pod networking as the VM side uses it (the same adapter as
+    SandboxNetwork): the sandbox's wiring as on disk, and its DHCP server."""
+
+    def status(self, sandbox_id: str, workdir: Path) -> PodNetworkStatus | None: ...
+    def ensure_dhcp(self, sandbox_id: str, workdir: Path) -> bool: ...
+
+
+class VMBuild(Protocol):
+    """What a VM is made of: its request, NoCloud seed and domain XML, and
+    the pod network it joins (agent.services.vm_build.VMBuilder)."""
+
+    def request(self, spec: ContainerSpec, sandbox: Sandbox) -> VMRequest: ...
+    def prepare_network(self, sandbox: Sandbox) -> None: ...
+    def seed(self, request: VMRequest, container: Container, sandbox: Sandbox) -> bytes: ...
+    def domain_xml(self, container: Container, sandbox: Sandbox, request: VMRequest,
+                   paths: ContainerPaths) -> str: ...
+    def is_podvisor_domain(self, xml: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class ContainerPorts:
+    """What the container service needs."""
+
+    store: ContainerStore
+    hypervisor: Hypervisor
+    files: VMFiles
+    console: ConsoleLogs
+    sandboxes: SandboxLookup
+    images: ContainerImages
+    vm: VMBuild
+    clock: Clock

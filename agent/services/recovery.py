@@ -1,9 +1,25 @@
-"""Start-up recovery: rebuild the in-memory view from the store and finish or
-undo what a crash interrupted.
+"""Start-up recovery: rebuild the in-memory views from the store and finish or
+undo what a crash interrupted, before the socket exists.
 
-- CREATING sandboxes were never reported to a client as created: roll back.
-- REMOVING sandboxes were being deleted: finish the deletion.
-- Sandbox directories without a row are orphans this agent made: delete.
+``recover`` is the one entry; it runs the steps in this order:
+
+1. sandboxes (``recover_sandboxes``), with their pod networks:
+   - CREATING sandboxes were never reported to a client as created: roll back
+     (pod network included).
+   - REMOVING sandboxes were being deleted: finish the deletion.
+   - READY sandboxes whose pod network is gone (a host reboot) become
+     NOTREADY; pod networks of sandboxes without a row are removed.
+   - Sandbox directories without a row are orphans this agent made: delete.
+2. images (``ImageService.recover``): the pull scratch space is emptied, the
+   records loaded, blobs and disks no image references collected.
+3. VM containers (``ContainerService.recover``): half-done creations rolled
+   back, removals finished, running domains adopted (their console followed
+   again), vanished ones marked exited, orphan domains undefined. Last:
+   libvirt connects meanwhile, and the records it reads refer to the
+   sandboxes and images the earlier steps settled.
+
+Each step is idempotent and must not keep the agent from starting: a crash
+during recovery is recovered by the next start.
 """
 
 from __future__ import annotations
@@ -12,6 +28,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Protocol
 
 import structlog
 
@@ -44,7 +61,24 @@ def _best_effort(what: str, sandbox_id: str, fn: Callable[[], object]) -> bool:
     return True
 
 
-def recover(ports: Ports, sandboxes: SandboxService) -> RecoveryReport:
+class Recoverable(Protocol):
+    """A service that rebuilds its own state at start (images, containers)."""
+
+    def recover(self) -> None: ...
+
+
+def recover(ports: Ports, sandboxes: SandboxService, images: Recoverable,
+            containers: Recoverable) -> RecoveryReport:
+    """Recover everything, in the order the module docstring gives; the
+    sandboxes' report is returned."""
+    report = recover_sandboxes(ports, sandboxes)
+    images.recover()
+    containers.recover()
+    return report
+
+
+def recover_sandboxes(ports: Ports, sandboxes: SandboxService) -> RecoveryReport:
+    """Step 1: sandboxes and their pod networks."""
     report = RecoveryReport()
     stored = ports.store.load_sandboxes()
     keep = []

@@ -1,17 +1,23 @@
-"""Runtime-level use cases: Version, Status and host information."""
+"""Runtime-level use cases: Version, Status, host information, and the
+choice of virt type at start."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+
+import structlog
 
 from agent import __version__
+from agent.domain import virt
 from agent.domain.errors import PodvisorError
 from agent.domain.host import HostFacts
 from agent.domain.network.choice import NetworkChoice
 from agent.domain.virt import KvmFacts, VirtChoice
+from agent.services.ports import HostProbe, HypervisorStatus, KvmProbe
+
+log = structlog.get_logger(__name__)
 
 RUNTIME_NAME = "podvisor"
 RUNTIME_API_VERSION = "v1"
@@ -20,13 +26,18 @@ RUNTIME_API_VERSION = "v1"
 KUBELET_API_VERSION = "0.1.0"
 
 
-class LibvirtPort(Protocol):
-    uri: str
-
-    @property
-    def last_error(self) -> str: ...
-    def connected(self) -> bool: ...
-    def versions(self) -> object: ...
+def choose_virt(configured: str, kvm: KvmProbe) -> tuple[VirtChoice, KvmFacts]:
+    """The virt type ``[libvirt] virt_type`` leads to on this host, probing
+    KVM only when the facts alone cannot tell."""
+    facts = kvm.gather()
+    if virt.needs_probe(configured, facts):
+        ok, detail = kvm.probe()
+        facts = virt.KvmFacts(facts.device_present, facts.device_usable, facts.pvm, ok, detail)
+    choice = virt.choose(configured, facts)
+    if configured == "kvm" and (facts.pvm or not facts.device_usable):
+        log.warning("virt_type = kvm is configured, but guests may not run on this /dev/kvm",
+                    pvm=facts.pvm, usable=facts.device_usable)
+    return choice, facts
 
 
 @dataclass(frozen=True)
@@ -60,16 +71,16 @@ class HostInfo:
 class RuntimeInfoService:
     def __init__(
         self,
-        libvirt: LibvirtPort,
+        libvirt: HypervisorStatus,
         cni_lookup: Callable[[], NetworkChoice],
-        host_facts: Callable[[], HostFacts],
+        host: HostProbe,
         virt: VirtChoice,
         kvm: KvmFacts,
         state_dir: Path,
     ) -> None:
         self._libvirt = libvirt
         self._cni_lookup = cni_lookup
-        self._host_facts = host_facts
+        self._host = host
         self.virt = virt
         self.kvm = kvm
         self._state_dir = state_dir
@@ -90,7 +101,7 @@ class RuntimeInfoService:
             v = self._libvirt.versions()
         except PodvisorError:
             return False, "", "", ""
-        return True, getattr(v, "library", ""), getattr(v, "daemon", ""), getattr(v, "hypervisor", "")
+        return True, v.library, v.daemon, v.hypervisor
 
     def status(self) -> RuntimeStatus:
         up, lib, daemon, qemu = self._libvirt_versions()
@@ -127,7 +138,7 @@ class RuntimeInfoService:
             libvirt_library=lib or "",
             libvirt_daemon=daemon,
             qemu=qemu,
-            host=self._host_facts(),
+            host=self._host.facts(),
             state_dir=self._state_dir,
             agent_version=__version__,
         )

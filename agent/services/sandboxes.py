@@ -5,6 +5,13 @@ second; reads must not touch the disk) and writes every change through to the
 store before it becomes visible. Multi-step operations first persist an
 intermediate state (CREATING, REMOVING) so recovery can finish or undo them
 after a crash.
+
+A sandbox's VM container is an explicit collaborator, ``SandboxMembers``
+(the container service), given at construction. The two services need each
+other (the container service looks sandboxes up), so the composition root
+builds the sandbox service with a ``LateMembers`` and binds it, once, to the
+container service as soon as that exists, before any call is served or any
+recovery runs. Until it is bound a sandbox has no members.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import structlog
 
@@ -28,7 +35,7 @@ from agent.domain.sandbox import (
     resolve_id,
 )
 from agent.domain.validation import validate_id, validate_sandbox_spec
-from agent.services.ports import Ports
+from agent.services.ports import Ports, SandboxMembers
 
 log = structlog.get_logger(__name__)
 
@@ -41,17 +48,39 @@ def new_id() -> str:
     return secrets.token_hex(32)
 
 
+class LateMembers:
+    """A ``SandboxMembers`` that forwards to the one bound later (see the
+    module docstring); unbound, a sandbox has no members."""
+
+    def __init__(self) -> None:
+        self._members: SandboxMembers | None = None
+
+    def bind(self, members: SandboxMembers) -> None:
+        """Forward to ``members`` from now on (once: a second binding is a wiring bug)."""
+        if self._members is not None:
+            raise RuntimeError("sandbox members are already bound")
+        self._members = members
+
+    def stop_in_sandbox(self, sandbox_id: str) -> None:
+        """Stop the sandbox's VM, if any."""
+        if self._members is not None:
+            self._members.stop_in_sandbox(sandbox_id)
+
+    def remove_in_sandbox(self, sandbox_id: str) -> None:
+        """Remove the sandbox's containers, if any."""
+        if self._members is not None:
+            self._members.remove_in_sandbox(sandbox_id)
+
+
 class SandboxService:
-    def __init__(self, ports: Ports) -> None:
+    def __init__(self, ports: Ports, members: SandboxMembers) -> None:
         self._ports = ports
+        self._members = members
         self._lock = threading.RLock()
         self._by_id: dict[str, Sandbox] = {}
         self._by_name: dict[str, str] = {}
         # Immutable snapshot for lock-free reads; replaced on every change.
         self._snapshot: tuple[Sandbox, ...] = ()
-        # Set by the composition root: what the sandbox's VM needs on stop/remove.
-        self.stop_members: Callable[[str], None] = lambda _sid: None
-        self.remove_members: Callable[[str], None] = lambda _sid: None
 
     # In-memory view ------------------------------------------------------
 
@@ -127,7 +156,8 @@ class SandboxService:
             elif spec.network_mode is NetworkMode.NODE:
                 # hostNetwork: the VM gets a user-mode NIC behind the node's
                 # own address (docs/networking.md).
-                ready = dataclasses.replace(ready, ip=self._ports.node_ip())
+                host = self._ports.host
+                ready = dataclasses.replace(ready, ip=host.node_ip() if host is not None else "")
             self._ports.store.update_sandbox(ready)
         except BaseException:
             self._roll_back(sb)
@@ -151,7 +181,7 @@ class SandboxService:
         # CRI: any running container is forcibly stopped (kubelet normally
         # stopped it gracefully before); then the pod network goes (CNI DEL,
         # idempotent, from the on-disk cache).
-        self.stop_members(sb.id)
+        self._members.stop_in_sandbox(sb.id)
         self.remove_network(sb)
         with self._lock:
             sb = self._by_id.get(sb.id)
@@ -168,8 +198,8 @@ class SandboxService:
         sb = self._find(sandbox_id, "pod_sandbox_id")
         if sb is None:
             return
-        self.stop_members(sb.id)
-        self.remove_members(sb.id)
+        self._members.stop_in_sandbox(sb.id)
+        self._members.remove_in_sandbox(sb.id)
         with self._lock:
             sb = self._by_id.get(sb.id)
             if sb is None:

@@ -7,13 +7,12 @@ only converts it.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.domain.sandbox import Sandbox, SandboxFilter
 from agent.domain.vm import ContainerState
 from agent.services.containers import ContainerFilter, ContainerService, ContainerStats
+from agent.services.ports import Clock, SystemClock
 from agent.services.sandboxes import SandboxService
 
 
@@ -38,10 +37,10 @@ class StatsService:
     """ContainerStats, ListContainerStats, PodSandboxStats and ListPodSandboxStats."""
 
     def __init__(self, sandboxes: SandboxService, containers: ContainerService,
-                 now_ns: Callable[[], int] = time.time_ns) -> None:
+                 clock: Clock | None = None) -> None:
         self._sandboxes = sandboxes
         self._containers = containers
-        self._now_ns = now_ns
+        self._clock = clock or SystemClock()
 
     def container(self, container_id: str) -> ContainerStats:
         """One container's stats (NOT_FOUND for an unknown id)."""
@@ -63,4 +62,4 @@ class StatsService:
     def _sandbox_stats(self, sandbox: Sandbox) -> SandboxStats:
         stats = tuple(self._containers.stats(c) for c in self._containers.in_sandbox(sandbox.id)
                       if c.state is ContainerState.RUNNING)
-        return sandbox_totals(sandbox, stats, self._now_ns())
+        return sandbox_totals(sandbox, stats, self._clock.now_ns())

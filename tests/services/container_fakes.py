@@ -1,4 +1,4 @@
-"""Recording fakes of every ContainerService port (agent/services/containers.py).
+"""Recording fakes of every ContainerService port (ContainerPorts in agent/services/ports.py).
 
 All fakes append to one shared Journal (tests/services/service_fakes.py) so a
 test can assert the order of calls across ports. No libvirt, no root, no disk.
@@ -12,13 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.adapters.libvirt import DomainState, DomainStats
-from agent.adapters.vm_files import ContainerPaths
 from agent.domain.errors import NotFound
+from agent.domain.hypervisor import DomainState, DomainStats
 from agent.domain.image import BaseDisk, Image
 from agent.domain.sandbox import Metadata, Sandbox, SandboxSpec, SandboxState
-from agent.domain.vm import Container, ContainerState, DomainSpec, VMRequest
-from agent.services.containers import ContainerPorts, ContainerSpec
+from agent.domain.vm import Container, ContainerPaths, ContainerSpec, ContainerState, VMRequest
+from agent.services.ports import ContainerPorts
 from tests.services.service_fakes import FakeClock, Journal
 
 STATE_ROOT = Path("/state/sandboxes")
@@ -195,9 +194,6 @@ class FakeFiles:
     def firmware(self, kind: str, paths: ContainerPaths) -> dict[str, str]:
         return {}
 
-    def network_for(self, sb: Sandbox) -> tuple[str, str] | None:
-        return ("pv-br0", "52:54:00:12:34:56")
-
     def owns(self, domain_xml: str) -> bool:
         return f"{self.sandboxes}/" in domain_xml
 
@@ -247,16 +243,44 @@ class FakeImages:
         return BASE_PATH
 
 
-def render_domain(spec: DomainSpec) -> str:
-    """Enough XML for the fakes: the name, and every disk's source path."""
-    disks = "".join(f"<disk><source file='{d.source}'/></disk>" for d in spec.disks)
-    return (f"<domain><name>{spec.name}</name><metadata><podvisor container='{spec.container_id}'/>"
-            f"</metadata>{disks}</domain>")
+class FakeVM:
+    """VMBuild: REQUEST and SEED for every VM, XML with the name and the disks'
+    paths; remembers what it was asked for."""
 
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.request_value = REQUEST
+        self.seed_error: BaseException | None = None
+        self.requests: list[tuple[ContainerSpec, Sandbox]] = []
+        self.seed_calls: list[tuple[VMRequest, Container, Sandbox]] = []
+        # Not in the journal: it runs beside the disk preparation, in another thread.
+        self.dhcp_started: list[str] = []
+        self.dhcp_error: Exception | None = None
 
-def parse_metadata(xml: str) -> dict[str, str] | None:
-    m = re.search(r"<podvisor container='([^']*)'/>", xml)
-    return {"container_id": m.group(1)} if m else None
+    def request(self, spec: ContainerSpec, sb: Sandbox) -> VMRequest:
+        self.requests.append((spec, sb))
+        return self.request_value
+
+    def prepare_network(self, sb: Sandbox) -> None:
+        self.dhcp_started.append(sb.id)
+        if self.dhcp_error is not None:
+            raise self.dhcp_error
+
+    def seed(self, request: VMRequest, c: Container, sb: Sandbox) -> bytes:
+        self.seed_calls.append((request, c, sb))
+        if self.seed_error is not None:
+            raise self.seed_error
+        return SEED
+
+    def domain_xml(self, c: Container, sb: Sandbox, request: VMRequest, paths: ContainerPaths) -> str:
+        """Enough XML for the fakes: the name, and every disk's source path."""
+        self.journal.record("render_domain", c.domain_name)
+        disks = "".join(f"<disk><source file='{p}'/></disk>" for p in (c.overlay_path, c.seed_path))
+        return (f"<domain><name>{c.domain_name}</name><metadata><podvisor container='{c.id}'/>"
+                f"</metadata>{disks}</domain>")
+
+    def is_podvisor_domain(self, xml: str) -> bool:
+        return re.search(r"<podvisor container='([^']*)'/>", xml) is not None
 
 
 class ContainerFakes:
@@ -271,37 +295,12 @@ class ContainerFakes:
         self.sandboxes = FakeSandboxes(sandbox(), sandbox(OTHER_SANDBOX_ID),
                                        sandbox("f" * 64, state=SandboxState.NOTREADY))
         self.images = FakeImages(self.journal)
+        self.vm = FakeVM(self.journal)
         self.clock = FakeClock()
-        self.requests: list[tuple[ContainerSpec, Sandbox]] = []
-        self.seed_calls: list[tuple[VMRequest, Container, Sandbox]] = []
-        self.domain_specs: list[DomainSpec] = []
         self.ports = ContainerPorts(
-            store=self.store, libvirt=self.libvirt, files=self.files, console=self.console,
-            sandboxes=self.sandboxes, images=self.images, build_request=self._build_request,
-            build_seed=self._build_seed, render_domain=self._render_domain, parse_metadata=parse_metadata,
-            virt_type=lambda: "qemu", now_ns=self.clock.now_ns, start_dhcp=self._start_dhcp,
+            store=self.store, hypervisor=self.libvirt, files=self.files, console=self.console,
+            sandboxes=self.sandboxes, images=self.images, vm=self.vm, clock=self.clock,
         )
-        # Not in the journal: it runs beside the disk preparation, in another thread.
-        self.dhcp_started: list[str] = []
-        self.dhcp_error: Exception | None = None
-
-    def _start_dhcp(self, sb: Sandbox) -> None:
-        self.dhcp_started.append(sb.id)
-        if self.dhcp_error is not None:
-            raise self.dhcp_error
-
-    def _build_request(self, spec: ContainerSpec, sb: Sandbox) -> VMRequest:
-        self.requests.append((spec, sb))
-        return REQUEST
-
-    def _build_seed(self, request: VMRequest, c: Container, sb: Sandbox) -> bytes:
-        self.seed_calls.append((request, c, sb))
-        return SEED
-
-    def _render_domain(self, spec: DomainSpec) -> str:
-        self.journal.record("render_domain", spec.name)
-        self.domain_specs.append(spec)
-        return render_domain(spec)
 
 
 def record(container_id: str, state: ContainerState, *, sandbox_id: str = SANDBOX_ID,

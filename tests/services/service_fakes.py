@@ -173,8 +173,22 @@ class RecordingNetwork:
         return list(self.cached)
 
 
+class RecordingMembers:
+    """SandboxMembers: records which sandbox's VM was stopped or removed."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    def stop_in_sandbox(self, sandbox_id: str) -> None:
+        self.journal.record("members.stop", sandbox_id)
+
+    def remove_in_sandbox(self, sandbox_id: str) -> None:
+        self.journal.record("members.remove", sandbox_id)
+
+
 class FakePorts:
-    """The bundle a service receives, plus handles on each fake."""
+    """The bundle a service receives, plus handles on each fake (and the
+    sandbox service's members)."""
 
     def __init__(self, store_delay: float = 0.0, *, network: bool = False) -> None:
         self.journal = Journal()
@@ -183,6 +197,7 @@ class FakePorts:
         self.clock = FakeClock()
         self.network = RecordingNetwork(self.journal) if network else None
         self.ports = Ports(store=self.store, files=self.files, clock=self.clock, network=self.network)
+        self.members = RecordingMembers(self.journal)
 
 
 def spec(

@@ -9,10 +9,11 @@ import time
 
 import pytest
 
-from agent.adapters.libvirt import DomainState
 from agent.domain.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
+from agent.domain.hypervisor import DomainState
 from agent.domain.vm import Container, ContainerState
-from agent.services.containers import ContainerEvent, ContainerFilter, ContainerService
+from agent.services.container_events import ContainerEvent
+from agent.services.containers import ContainerFilter, ContainerService
 from tests.services.container_fakes import (
     BASE_PATH,
     IMAGE_ID,
@@ -94,23 +95,13 @@ def test_create_records_created_with_exact_calls_in_order(fakes: ContainerFakes,
     assert service.image_ids_in_use() == {IMAGE_ID}
 
 
-def test_create_hands_the_domain_spec_the_containers_values(fakes: ContainerFakes,
-                                                              service: ContainerService) -> None:
+def test_create_asks_the_vm_builder_with_the_containers_values(fakes: ContainerFakes,
+                                                               service: ContainerService) -> None:
     c = service.create(cspec())
-    [spec] = fakes.domain_specs
-    assert spec.name == c.domain_name
-    assert spec.uuid.replace("-", "") == c.id[:32]
-    assert spec.virt_type == "qemu"
-    assert (spec.vcpus, spec.max_vcpus, spec.memory_bytes, spec.max_memory_bytes) == (
-        1, 4, 256 * MiB, 1024 * MiB)
-    assert [(d.source, d.format, d.target, d.readonly, d.serial) for d in spec.disks] == [
-        (c.overlay_path, "qcow2", "vda", False, "containerdisk"),
-        (c.seed_path, "raw", "vdb", True, "cloudinit"),
-    ]
-    assert [(i.bridge, i.mac, i.kind) for i in spec.interfaces] == [("pv-br0", "52:54:00:12:34:56", "bridge")]
-    assert (spec.sandbox_id, spec.container_id, spec.container_name) == (SANDBOX_ID, c.id, "vm")
-    assert (spec.pod_name, spec.pod_namespace) == ("vm-1", "default")
-    [(request, seeded, sb)] = fakes.seed_calls
+    [(spec, sb)] = fakes.vm.requests
+    assert spec == cspec() and sb.id == SANDBOX_ID
+    [(request, seeded, sb)] = fakes.vm.seed_calls
+    assert request == REQUEST
     assert seeded.id == c.id and seeded.state is ContainerState.CREATING
     assert sb.id == SANDBOX_ID
 
@@ -235,9 +226,7 @@ def test_failure_in_define_rolls_back(fakes: ContainerFakes, service: ContainerS
 
 def test_failure_in_seed_rolls_back_and_never_defines(fakes: ContainerFakes,
                                                       service: ContainerService) -> None:
-    def boom(*_a: object) -> bytes:
-        raise RuntimeError("seed")
-    fakes.ports.build_seed = boom
+    fakes.vm.seed_error = RuntimeError("seed")
     with pytest.raises(RuntimeError):
         service.create(cspec())
     assert fakes.journal.of("libvirt.define_domain") == []
@@ -250,19 +239,19 @@ def test_failure_in_seed_rolls_back_and_never_defines(fakes: ContainerFakes,
 
 def test_create_starts_the_pods_dhcp_server(fakes: ContainerFakes, service: ContainerService) -> None:
     service.create(cspec())
-    assert fakes.dhcp_started == [SANDBOX_ID]
+    assert fakes.vm.dhcp_started == [SANDBOX_ID]
 
 
 def test_create_of_a_vm_without_nic_starts_no_dhcp_server(fakes: ContainerFakes,
                                                            service: ContainerService) -> None:
-    fakes.ports.build_request = lambda spec, sb: dataclasses.replace(REQUEST, pod_network=False)
+    fakes.vm.request_value = dataclasses.replace(REQUEST, pod_network=False)
     service.create(cspec())
-    assert fakes.dhcp_started == []
+    assert fakes.vm.dhcp_started == []
 
 
 def test_a_dhcp_server_that_cannot_start_fails_create_and_rolls_back(fakes: ContainerFakes,
                                                                       service: ContainerService) -> None:
-    fakes.dhcp_error = Internal("dnsmasq for sandbox x exited right after starting")
+    fakes.vm.dhcp_error = Internal("dnsmasq for sandbox x exited right after starting")
     with pytest.raises(Internal, match="dnsmasq"):
         service.create(cspec())
     assert fakes.journal.of("libvirt.define_domain") == []
@@ -676,9 +665,9 @@ def _subscribe(service: ContainerService) -> tuple[list[ContainerEvent], threadi
     t.start()
     # events() subscribes on its first next(): wait until the generator has registered.
     deadline = time.monotonic() + 5
-    while not service._subscribers and time.monotonic() < deadline:
+    while not service._events.subscriber_count() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert service._subscribers
+    assert service._events.subscriber_count()
     return got, stop, t
 
 
@@ -699,7 +688,7 @@ def test_events_stream_the_lifecycle_in_order(fakes: ContainerFakes, service: Co
         (c.id, SANDBOX_ID, "stopped"), (c.id, SANDBOX_ID, "deleted"),
     ]
     assert [e.at_ns for e in got] == sorted(e.at_ns for e in got)
-    assert service._subscribers == []
+    assert service._events.subscriber_count() == 0
 
 
 def test_close_streams_ends_every_subscriber(service: ContainerService) -> None:

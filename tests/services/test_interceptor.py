@@ -10,6 +10,7 @@ mapping and the "rpc" log event.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from agent.api.images import ImageServicer
 from agent.api.runtime_service import RuntimeServicer
 from agent.domain import errors
 from agent.domain.host import HostFacts
+from agent.domain.hypervisor import HypervisorVersions
 from agent.domain.network.choice import NetworkChoice
 from agent.domain.network.cni import NetworkConfig
 from agent.domain.virt import KvmFacts, VirtChoice
@@ -38,6 +40,7 @@ from agent.services.images import ImagePorts, ImageService
 from agent.services.runtime import RuntimeInfoService
 from agent.services.sandboxes import SandboxService
 from agent.services.stats import StatsService
+from tests.services.container_fakes import ContainerFakes
 from tests.services.service_fakes import FakePorts
 
 REQUEST_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -58,14 +61,16 @@ class FakeLibvirt:
     def connected(self) -> bool:
         return self.up
 
-    def versions(self) -> object:
-        @dataclass
-        class Versions:
-            library: str = "10.0.0"
-            daemon: str = "10.0.0"
-            hypervisor: str = "8.2.0"
+    def versions(self) -> HypervisorVersions:
+        return HypervisorVersions(library="10.0.0", daemon="10.0.0", hypervisor="8.2.0")
 
-        return Versions()
+
+class FixedHost:
+    def facts(self) -> HostFacts:
+        return HostFacts("hv", "6.1", "cpu", 4, 2**33, 2**32, 2**40, 2**39)
+
+    def node_ip(self) -> str:
+        return "192.0.2.10"
 
 
 class SwitchableRuntime(RuntimeInfoService):
@@ -89,18 +94,10 @@ class Harness:
     images: api_pb2_grpc.ImageServiceStub
 
 
-def _no_containers(root: Path, sandboxes: SandboxService) -> ContainerService:
-    """A container service with no VMs; creating one is not exercised here."""
-    from agent.adapters.store import Store
-    from agent.services.containers import ContainerPorts
-
-    def unreachable(*_args: object, **_kwargs: object) -> object:
-        raise AssertionError("no VMs in this test")
-
-    return ContainerService(ContainerPorts(
-        store=Store(root / "db"), libvirt=None, files=None, console=None, sandboxes=sandboxes, images=None,
-        build_request=unreachable, build_seed=unreachable, render_domain=unreachable,  # type: ignore[arg-type]
-        parse_metadata=unreachable, virt_type=lambda: "qemu"))  # type: ignore[arg-type]
+def _no_containers(sandboxes: SandboxService) -> ContainerService:
+    """A container service with no VMs over the recording fakes; creating one
+    is not exercised here."""
+    return ContainerService(dataclasses.replace(ContainerFakes().ports, sandboxes=sandboxes))
 
 
 def _no_image_ports(root: Path) -> ImagePorts:
@@ -141,15 +138,15 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
             Path("/etc/cni/net.d/10-podvisor.conflist"),
             {"cniVersion": "1.0.0", "name": "podvisor", "plugins": [{"type": "bridge"}, {"type": "portmap"}]},
         ),
-        host_facts=lambda: HostFacts("hv", "6.1", "cpu", 4, 2**33, 2**32, 2**40, 2**39),
+        host=FixedHost(),
         virt=VirtChoice("qemu", "no /dev/kvm on this host: using TCG"),
         kvm=KvmFacts(device_present=False, device_usable=False, pvm=False),
         state_dir=Path("/var/lib/podvisor"),
     )
     fakes = FakePorts()
-    sandboxes = SandboxService(fakes.ports)
+    sandboxes = SandboxService(fakes.ports, fakes.members)
     # The real assembly: ApiInterceptor, services registered from descriptors.
-    containers = _no_containers(tmp_path_factory.mktemp("vms"), sandboxes)
+    containers = _no_containers(sandboxes)
     server, _health = api_server.build(
         RuntimeServicer(runtime, sandboxes, "/var/lib/podvisor/sandboxes", containers,
                         StatsService(sandboxes, containers)),

@@ -13,8 +13,8 @@ from agent.adapters.store import Store
 from agent.domain.errors import AlreadyExists, NotFound
 from agent.domain.sandbox import SandboxState
 from agent.services.ports import Ports
-from agent.services.recovery import recover
-from agent.services.sandboxes import SandboxService
+from agent.services.recovery import recover, recover_sandboxes
+from agent.services.sandboxes import LateMembers, SandboxService
 from tests.services.service_fakes import FakeClock, FakePorts, sandbox, spec
 
 CREATING_ID = "c" * 64
@@ -72,7 +72,7 @@ def _dirs(state: State) -> set[str]:
 
 
 def test_recovery_report(crashed: State) -> None:
-    report = recover(crashed.ports, SandboxService(crashed.ports))
+    report = recover_sandboxes(crashed.ports, SandboxService(crashed.ports, LateMembers()))
     assert report.kept == [READY_ID, NOTREADY_ID]
     assert report.rolled_back == [CREATING_ID]
     assert report.finished_removal == [REMOVING_ID]
@@ -80,8 +80,8 @@ def test_recovery_report(crashed: State) -> None:
 
 
 def test_creating_rows_are_rolled_back(crashed: State) -> None:
-    service = SandboxService(crashed.ports)
-    recover(crashed.ports, service)
+    service = SandboxService(crashed.ports, LateMembers())
+    recover_sandboxes(crashed.ports, service)
     assert CREATING_ID not in {s.id for s in crashed.store.load_sandboxes()}
     assert CREATING_ID not in _dirs(crashed)
     with pytest.raises(NotFound):
@@ -92,8 +92,8 @@ def test_creating_rows_are_rolled_back(crashed: State) -> None:
 
 
 def test_removing_rows_are_finished(crashed: State) -> None:
-    service = SandboxService(crashed.ports)
-    recover(crashed.ports, service)
+    service = SandboxService(crashed.ports, LateMembers())
+    recover_sandboxes(crashed.ports, service)
     assert REMOVING_ID not in {s.id for s in crashed.store.load_sandboxes()}
     assert REMOVING_ID not in _dirs(crashed)
     with pytest.raises(NotFound):
@@ -102,8 +102,8 @@ def test_removing_rows_are_finished(crashed: State) -> None:
 
 
 def test_ready_and_notready_are_kept(crashed: State) -> None:
-    service = SandboxService(crashed.ports)
-    recover(crashed.ports, service)
+    service = SandboxService(crashed.ports, LateMembers())
+    recover_sandboxes(crashed.ports, service)
     assert [(s.id, s.state) for s in crashed.store.load_sandboxes()] == [
         (READY_ID, SandboxState.READY), (NOTREADY_ID, SandboxState.NOTREADY)]
     assert [(s.id, s.state) for s in service.list()] == [
@@ -118,15 +118,15 @@ def test_ready_and_notready_are_kept(crashed: State) -> None:
 
 
 def test_orphan_dirs_are_deleted_and_foreign_dirs_kept(crashed: State) -> None:
-    recover(crashed.ports, SandboxService(crashed.ports))
+    recover_sandboxes(crashed.ports, SandboxService(crashed.ports, LateMembers()))
     assert _dirs(crashed) == {READY_ID, NOTREADY_ID, "lost+found"}
 
 
 def test_recovery_is_idempotent(crashed: State) -> None:
-    recover(crashed.ports, SandboxService(crashed.ports))
+    recover_sandboxes(crashed.ports, SandboxService(crashed.ports, LateMembers()))
     again = crashed.reopen()
     crashed.store = again.store  # so the fixture closes the open one
-    report = recover(again.ports, SandboxService(again.ports))
+    report = recover_sandboxes(again.ports, SandboxService(again.ports, LateMembers()))
     assert report.kept == [READY_ID, NOTREADY_ID]
     assert report.rolled_back == []
     assert report.finished_removal == []
@@ -135,15 +135,15 @@ def test_recovery_is_idempotent(crashed: State) -> None:
 
 
 def test_recovery_of_an_empty_state_dir(state: State) -> None:
-    service = SandboxService(state.ports)
-    report = recover(state.ports, service)
+    service = SandboxService(state.ports, LateMembers())
+    report = recover_sandboxes(state.ports, service)
     assert (report.kept, report.rolled_back, report.finished_removal, report.orphan_dirs) == (
         [], [], [], [])
     assert service.list() == []
 
 
 def test_sandboxes_survive_a_restart_through_the_service(state: State) -> None:
-    service = SandboxService(state.ports)
+    service = SandboxService(state.ports, LateMembers())
     a = service.run(spec(name="a", uid="ua"))
     b = service.run(spec(name="b", uid="ub"))
     service.stop(b.id)
@@ -152,8 +152,8 @@ def test_sandboxes_survive_a_restart_through_the_service(state: State) -> None:
 
     restarted = state.reopen()
     state.store = restarted.store
-    fresh = SandboxService(restarted.ports)
-    report = recover(restarted.ports, fresh)
+    fresh = SandboxService(restarted.ports, LateMembers())
+    report = recover_sandboxes(restarted.ports, fresh)
     assert report.kept == [a.id, b.id]
     assert [(s.id, s.state) for s in fresh.list()] == [(a.id, SandboxState.READY),
                                                        (b.id, SandboxState.NOTREADY)]
@@ -173,9 +173,9 @@ def test_recovery_call_order_on_fakes() -> None:
     ):
         fakes.store.rows[sb.id] = sb
     fakes.files.dirs = {READY_ID, CREATING_ID, REMOVING_ID, ORPHAN_ID}
-    service = SandboxService(fakes.ports)
+    service = SandboxService(fakes.ports, fakes.members)
 
-    recover(fakes.ports, service)
+    recover_sandboxes(fakes.ports, service)
 
     assert fakes.journal.events == [
         ("store.load",),
@@ -212,9 +212,9 @@ def test_recovery_with_pod_networks_on_fakes() -> None:
     fakes.files.dirs = {READY_ID, lost_id, NOTREADY_ID, CREATING_ID}
     fakes.network.lost = {lost_id}
     fakes.network.cached = [READY_ID, ORPHAN_ID]
-    service = SandboxService(fakes.ports)
+    service = SandboxService(fakes.ports, fakes.members)
 
-    report = recover(fakes.ports, service)
+    report = recover_sandboxes(fakes.ports, service)
 
     assert fakes.journal.of("network.") == [
         ("network.remove", CREATING_ID),
@@ -228,3 +228,37 @@ def test_recovery_with_pod_networks_on_fakes() -> None:
     assert fakes.store.rows[lost_id].state is SandboxState.NOTREADY
     assert service.get(lost_id).state is SandboxState.NOTREADY
     assert service.get(READY_ID).state is SandboxState.READY
+
+
+class RecordingRecovery:
+    """A service's own recovery step (images, containers), recorded."""
+
+    def __init__(self, fakes: FakePorts, name: str) -> None:
+        self.fakes = fakes
+        self.name = name
+
+    def recover(self) -> None:
+        self.fakes.journal.record(f"{self.name}.recover")
+
+
+def test_one_recovery_runs_sandboxes_then_images_then_containers() -> None:
+    fakes = FakePorts(network=True)
+    assert fakes.network is not None
+    fakes.store.rows[READY_ID] = sandbox(READY_ID, SandboxState.READY, "ready", 10)
+    fakes.files.dirs = {READY_ID, ORPHAN_ID}
+    service = SandboxService(fakes.ports, fakes.members)
+
+    report = recover(fakes.ports, service, RecordingRecovery(fakes, "images"),
+                     RecordingRecovery(fakes, "containers"))
+
+    assert fakes.journal.events == [
+        ("store.load",),
+        ("network.recover", READY_ID),
+        ("network.cached_sandbox_ids",),
+        ("files.list_sandbox_dirs",),
+        ("files.remove_sandbox_dir", ORPHAN_ID),
+        ("images.recover",),
+        ("containers.recover",),
+    ]
+    assert report.kept == [READY_ID]
+    assert report.orphan_dirs == [ORPHAN_ID]

@@ -17,8 +17,9 @@ from agent.domain.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from agent.domain.sandbox import SandboxFilter, SandboxState
-from agent.services.sandboxes import SandboxService
+from agent.domain.host import HostFacts
+from agent.domain.sandbox import NetworkMode, SandboxFilter, SandboxState
+from agent.services.sandboxes import LateMembers, SandboxService
 from tests.services.service_fakes import FakePorts, sandbox, spec
 
 ID = re.compile(r"^[0-9a-f]{64}$")
@@ -32,7 +33,7 @@ def fakes() -> FakePorts:
 
 @pytest.fixture
 def service(fakes: FakePorts) -> SandboxService:
-    return SandboxService(fakes.ports)
+    return SandboxService(fakes.ports, fakes.members)
 
 
 # run ---------------------------------------------------------------------------------
@@ -193,7 +194,8 @@ def test_stop_marks_notready(fakes: FakePorts, service: SandboxService) -> None:
     stopped = service.get(sb.id)
     assert stopped.state is SandboxState.NOTREADY
     assert stopped.stopped_at_ns > sb.created_at_ns
-    assert fakes.journal.events == [("store.update", sb.id, SandboxState.NOTREADY)]
+    # CRI: the VM is forcibly stopped first.
+    assert fakes.journal.events == [("members.stop", sb.id), ("store.update", sb.id, SandboxState.NOTREADY)]
     assert fakes.store.rows[sb.id] == stopped
     # The directory stays until RemovePodSandbox.
     assert fakes.files.dirs == {sb.id}
@@ -206,7 +208,8 @@ def test_stop_is_idempotent(fakes: FakePorts, service: SandboxService) -> None:
     fakes.journal.clear()
     service.stop(sb.id)
     service.stop(sb.id[:13])
-    assert fakes.journal.events == []
+    # Only the (idempotent) stop of its VM; nothing is written.
+    assert fakes.journal.events == [("members.stop", sb.id), ("members.stop", sb.id)]
     assert service.get(sb.id) == first  # stopped_at_ns not moved
 
 
@@ -238,6 +241,8 @@ def test_remove_deletes_everything(fakes: FakePorts, service: SandboxService) ->
     fakes.journal.clear()
     service.remove(sb.id)
     assert fakes.journal.events == [
+        ("members.stop", sb.id),
+        ("members.remove", sb.id),
         ("store.update", sb.id, SandboxState.REMOVING),
         ("files.remove_sandbox_dir", sb.id),
         ("store.delete", sb.id),
@@ -371,7 +376,7 @@ def _run_in_threads(n: int, target: Callable[[int], None]) -> None:
 
 def test_concurrent_runs_of_distinct_sandboxes() -> None:
     fakes = FakePorts(store_delay=0.001)
-    service = SandboxService(fakes.ports)
+    service = SandboxService(fakes.ports, fakes.members)
     ids: list[str] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -398,7 +403,7 @@ def test_concurrent_runs_of_distinct_sandboxes() -> None:
 
 def test_concurrent_runs_of_the_same_name_let_exactly_one_win() -> None:
     fakes = FakePorts(store_delay=0.001)
-    service = SandboxService(fakes.ports)
+    service = SandboxService(fakes.ports, fakes.members)
     ids: list[str] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -421,3 +426,42 @@ def test_concurrent_runs_of_the_same_name_let_exactly_one_win() -> None:
     assert list(fakes.store.rows) == ids
     assert len(fakes.journal.of("store.insert")) == 1
     assert [s.id for s in service.list()] == ids
+
+
+# members and host ---------------------------------------------------------------------
+
+
+def test_late_members_forward_once_bound() -> None:
+    fakes = FakePorts()
+    late = LateMembers()
+    service = SandboxService(fakes.ports, late)
+    sb = service.run(spec())
+    service.stop(sb.id)  # unbound: the sandbox has no members yet
+    assert fakes.journal.of("members.") == []
+    late.bind(fakes.members)
+    service.remove(sb.id)
+    assert fakes.journal.of("members.") == [("members.stop", sb.id), ("members.remove", sb.id)]
+    with pytest.raises(RuntimeError):
+        late.bind(fakes.members)
+
+
+class FixedHost:
+    def facts(self) -> HostFacts:
+        raise AssertionError("not used by sandboxes")
+
+    def node_ip(self) -> str:
+        return "192.0.2.10"
+
+
+def test_a_host_network_sandbox_reports_the_nodes_address() -> None:
+    fakes = FakePorts()
+    ports = dataclasses.replace(fakes.ports, host=FixedHost())
+    service = SandboxService(ports, fakes.members)
+    sb = service.run(dataclasses.replace(spec(), network_mode=NetworkMode.NODE))
+    assert sb.ip == "192.0.2.10"
+    assert service.get(sb.id).ip == "192.0.2.10"
+
+
+def test_a_host_network_sandbox_without_host_facts_reports_no_address(service: SandboxService) -> None:
+    sb = service.run(dataclasses.replace(spec(), network_mode=NetworkMode.NODE))
+    assert sb.ip == ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from agent.domain.errors import NotFound
@@ -22,6 +24,11 @@ from tests.services.container_fakes import (
 NOW = 1_700_000_000_000_000_000
 
 
+class FixedClock:
+    def now_ns(self) -> int:
+        return NOW
+
+
 class ListingSandboxes(FakeSandboxes):
     """The two SandboxService calls StatsService makes: get and a filtered list."""
 
@@ -33,7 +40,7 @@ class ListingSandboxes(FakeSandboxes):
 def fakes() -> ContainerFakes:
     f = ContainerFakes()
     f.sandboxes = ListingSandboxes(*f.sandboxes.by_id.values())
-    f.ports.sandboxes = f.sandboxes
+    f.ports = dataclasses.replace(f.ports, sandboxes=f.sandboxes)
     return f
 
 
@@ -44,7 +51,7 @@ def containers(fakes: ContainerFakes) -> ContainerService:
 
 @pytest.fixture
 def stats(fakes: ContainerFakes, containers: ContainerService) -> StatsService:
-    return StatsService(fakes.sandboxes, containers, now_ns=lambda: NOW)  # type: ignore[arg-type]
+    return StatsService(fakes.sandboxes, containers, clock=FixedClock())  # type: ignore[arg-type]
 
 
 def _two_vms(containers: ContainerService) -> tuple[Container, Container]:

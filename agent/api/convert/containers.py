@@ -6,8 +6,9 @@ import json
 
 from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.domain.errors import InvalidArgument
-from agent.domain.vm import Container, ContainerState, quota_for_vcpus, vcpus_for_quota
-from agent.services.containers import ContainerEvent, ContainerFilter, ContainerSpec, ContainerStats
+from agent.domain.vm import Container, ContainerSpec, ContainerState, quota_for_vcpus, vcpus_for_quota
+from agent.services.container_events import ContainerEvent
+from agent.services.containers import ContainerFilter, ContainerStats
 
 _STATES = {
     ContainerState.CREATED: pb.CONTAINER_CREATED, ContainerState.RUNNING: pb.CONTAINER_RUNNING,
