@@ -1,10 +1,16 @@
-"""Reading a blob while it downloads, so extraction overlaps the download.
+"""Concurrency helpers shared by services and adapters (no I/O of their own
+beyond following a file another thread writes).
 
-The downloader writes the blob to its temporary file and reports progress
-here; a reader in another thread follows the file as it grows (the page cache
-makes that a memory copy). If the download restarts from zero (a broken
-stream retried), the reader raises :class:`Restarted` and the consumer starts
-over; if the download fails, the reader raises its error.
+* :class:`SingleFlight`: callers asking for the same key while a call runs
+  share its outcome (concurrent pulls of one reference, downloads of one blob).
+* :class:`KeyedLock`: one lock per key, alive only while used.
+* Reading a blob while it downloads, so extraction overlaps the download: the
+  downloader writes the blob to its temporary file and reports progress to a
+  :class:`BlobProgress`; a :class:`FollowReader` in another thread follows the
+  file as it grows (the page cache makes that a memory copy). If the download
+  restarts from zero (a broken stream retried), the reader raises
+  :class:`Restarted` and the consumer starts over; if the download fails, the
+  reader raises its error.
 """
 
 from __future__ import annotations
@@ -12,6 +18,77 @@ from __future__ import annotations
 import io
 import os
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class _Flight(Generic[T]):
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: T | None = None
+        self.error: BaseException | None = None
+
+
+class SingleFlight(Generic[T]):
+    """Callers asking for the same key while a call runs share its outcome."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flights: dict[str, _Flight[T]] = {}
+
+    def do(self, key: str, fn: Callable[[], T]) -> tuple[T, bool]:
+        """(result, whether this caller did the work)."""
+        with self._lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+        if not leader:
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return flight.result, False  # type: ignore[return-value]
+        try:
+            flight.result = fn()
+            return flight.result, True
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._flights[key]
+            flight.done.set()
+
+
+class KeyedLock:
+    """One lock per key; a key's lock exists only while someone holds or awaits it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        """Hold ``key``'s lock for the ``with`` block."""
+        with self._lock:
+            lock, users = self._locks.get(key) or (threading.Lock(), 0)
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                users = self._locks[key][1] - 1
+                if users:
+                    self._locks[key] = (lock, users)
+                else:
+                    del self._locks[key]
+
+
+# --- following a blob while it downloads ---------------------------------------
 
 
 class Restarted(Exception):

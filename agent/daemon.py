@@ -23,13 +23,16 @@ from typing import Any
 import structlog
 
 from agent import __version__
-from agent.adapters import cni, host, kvm, qemu_img, registry, systemd
+from agent.adapters import cni, host, kvm, qemu_img, systemd
 from agent.adapters.console_log import ConsoleLogs
 from agent.adapters.files import SandboxFiles
 from agent.adapters.image_files import ImageFiles
 from agent.adapters.layers import DiskExtractor
 from agent.adapters.libvirt import Libvirt
 from agent.adapters.pod_network import PodNetworkManager
+from agent.adapters.registry import RegistryClient
+from agent.adapters.registry.credentials import RegistryCredentials, configured_lookup
+from agent.adapters.registry.transport import RegistryHostConfig
 from agent.adapters.store import Store
 from agent.adapters.vm_files import VMFiles
 from agent.api import server as api_server
@@ -42,8 +45,8 @@ from agent.domain.sandbox import NetworkMode, Sandbox
 from agent.domain.vm import Container, VMRequest
 from agent.render import cloudinit, domain_xml, nocloud
 from agent.services.containers import ContainerPorts, ContainerService, ContainerSpec
-from agent.services.images import ImagePorts, ImageService
-from agent.services.ports import Ports, SystemClock
+from agent.services.images import ImageService
+from agent.services.ports import ImagePorts, Ports, SystemClock
 from agent.services.recovery import recover
 from agent.services.runtime import RuntimeInfoService
 from agent.services.sandboxes import SandboxService
@@ -116,44 +119,20 @@ def network_readiness(cfg: AgentConfig) -> ConfigLookup:
 def build_image_service(cfg: AgentConfig, store: Store) -> ImageService:
     """Registry client, image files and store behind the image use cases."""
     reg = cfg.registries
-    config_creds = {
-        name: registry.RegistryCredentials(username=h.username, password=h.password)
-        for name, h in reg.hosts if h.username
-    }
-
-    def config_lookup(name: str) -> registry.RegistryCredentials | None:
-        for registry_name, creds in config_creds.items():
-            found = registry.credentials_for(registry_name, creds)(name)
-            if found is not None:
-                return found
-        return None
-
-    client = registry.RegistryClient(
-        credentials=config_lookup,
-        hosts={name: registry.RegistryHostConfig(ca_file=h.ca_file or None, insecure=h.insecure)
-               for name, h in reg.hosts},
+    client = RegistryClient(
+        credentials=configured_lookup({name: RegistryCredentials(username=h.username, password=h.password)
+                                       for name, h in reg.hosts if h.username}),
+        hosts={name: RegistryHostConfig(ca_file=h.ca_file or None, insecure=h.insecure) for name, h in reg.hosts},
         rewrites=[imageref.RewriteRule(r.prefix, r.replacement) for r in reg.rewrites],
         mirrors=[imageref.Mirror(name, h.mirrors) for name, h in reg.hosts if h.mirrors],
         timeout=cfg.images.registry_timeout_seconds,
     )
-
-    def credentials(auth: object, ref: imageref.ImageRef) -> registry.CredentialLookup | None:
-        if auth is None:
-            return None
-        creds = registry.RegistryCredentials.from_auth_config(auth)
-        if creds.is_empty():
-            return None
-        server = getattr(auth, "server_address", "") or ref.registry
-        return registry.credentials_for(server, creds)
-
-    files = ImageFiles(cfg.images_dir)
     ports = ImagePorts(
         registry=client,
         store=store,
-        files=files,
+        files=ImageFiles(cfg.images_dir),
         new_extractor=DiskExtractor,
         inspect_disk=lambda path, source, limit: qemu_img.info(path, source=source, max_virtual_size=limit),
-        credentials=credentials,
         now_ns=time.time_ns,
     )
     return ImageService(ports, max_virtual_size=cfg.images.max_virtual_size_bytes,

@@ -27,8 +27,8 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from agent.adapters import oci_layout  # noqa: E402
 from agent.adapters.registry import RegistryClient  # noqa: E402
+from agent.cli import oci_layout  # noqa: E402
 from agent.domain.imageref import RemoteRepository  # noqa: E402
 from bench.common import start_agent  # noqa: E402
 from tests.integration.registry_fixture import run_registry  # noqa: E402

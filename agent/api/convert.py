@@ -10,6 +10,7 @@ from google.protobuf import json_format
 import agent.api.gen  # noqa: F401  (puts the generated packages on sys.path)
 from agent.domain.errors import InvalidArgument
 from agent.domain.image import Image
+from agent.domain.registry import RegistryAuth
 from agent.domain.sandbox import (
     DNSConfig,
     Metadata,
@@ -268,3 +269,15 @@ def host_info_to_pb(h: HostInfo) -> podvisor_pb2.HostInfoResponse:
 
 def message_to_json(msg: Any) -> str:
     return str(json_format.MessageToJson(msg, preserving_proto_field_name=True))
+
+
+def registry_auth_from_pb(auth: pb.AuthConfig) -> RegistryAuth:
+    """A PullImage's ``AuthConfig`` as the domain's registry credentials."""
+    return RegistryAuth(
+        username=auth.username,
+        password=auth.password,
+        auth=auth.auth,
+        server_address=auth.server_address,
+        identity_token=auth.identity_token,
+        registry_token=auth.registry_token,
+    )

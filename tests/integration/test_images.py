@@ -17,7 +17,8 @@ from typing import Any
 import grpc
 import pytest
 
-from agent.adapters.registry import RegistryClient, RegistryCredentials
+from agent.adapters.registry import RegistryClient
+from agent.adapters.registry.credentials import RegistryCredentials
 from agent.domain import oci
 from tests.integration.agentproc import AgentProcess
 from tests.integration.registry_fixture import RunningRegistry, containerdisk_layer, push_image

@@ -31,7 +31,8 @@ from agent.domain.cni import ConfigLookup, NetworkConfig
 from agent.domain.host import HostFacts
 from agent.domain.virt import KvmFacts, VirtChoice
 from agent.services.containers import ContainerService
-from agent.services.images import ImagePorts, ImageService
+from agent.services.images import ImageService
+from agent.services.ports import ImagePorts
 from agent.services.runtime import RuntimeInfoService
 from agent.services.sandboxes import SandboxService
 from tests.services.service_fakes import FakePorts
@@ -116,7 +117,7 @@ def _no_image_ports(root: Path) -> ImagePorts:
 
     return ImagePorts(registry=NoRegistry(), store=Store(root / "db"), files=ImageFiles(root),
                       new_extractor=DiskExtractor, inspect_disk=unreachable,  # type: ignore[arg-type]
-                      credentials=lambda _a, _r: None, now_ns=lambda: 0)
+                      now_ns=lambda: 0)
 
 
 @pytest.fixture(autouse=True)
