@@ -9,6 +9,7 @@ only ever sent to the registry it belongs to.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,14 +36,8 @@ class RegistryCredentials:
 
     @classmethod
     def from_auth(cls, auth: RegistryAuth) -> RegistryCredentials:
-        """The credentials a pull's ``RegistryAuth`` carries."""
-        return cls(
-            username=auth.username,
-            password=auth.password,
-            auth=auth.auth,
-            identity_token=auth.identity_token,
-            registry_token=auth.registry_token,
-        )
+        """The credentials a pull's ``RegistryAuth`` carries (all but its server)."""
+        return cls(**{f.name: getattr(auth, f.name) for f in dataclasses.fields(cls)})
 
     def basic(self) -> tuple[str, str] | None:
         """(username, password) from the explicit fields or the ``auth`` string."""
