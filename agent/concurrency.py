@@ -109,22 +109,26 @@ class BlobProgress:
     # Writer side --------------------------------------------------------------
 
     def started(self, path: str) -> None:
+        """The download writes to ``path`` from now on."""
         with self._cond:
             self.path = path
             self._cond.notify_all()
 
     def restarted(self) -> None:
+        """The download begins again from the first byte."""
         with self._cond:
             self.written = 0
             self.generation += 1
             self._cond.notify_all()
 
     def wrote(self, n: int) -> None:
+        """``n`` more bytes are in the file."""
         with self._cond:
             self.written += n
             self._cond.notify_all()
 
     def finished(self, error: BaseException | None = None) -> None:
+        """The download is over: complete, or failed with ``error``."""
         with self._cond:
             self.done = True
             self.error = error
@@ -145,6 +149,7 @@ class BlobProgress:
                 self._cond.wait(5.0)
 
     def wait_path(self) -> tuple[str, int]:
+        """Block until the download has a file; (its path, the generation)."""
         with self._cond:
             while True:
                 # The error first: a failed download's file is gone, and opening

@@ -172,11 +172,13 @@ class ImageService:
                  blobs_collected=collected)
 
     def set_in_use(self, in_use: Callable[[], set[str]]) -> None:
+        """Where to ask which image ids VM containers use (known once containers exist)."""
         self._in_use = in_use
 
     # Queries -------------------------------------------------------------
 
     def list_images(self, ref_filter: str = "") -> list[Image]:
+        """ListImages: every image, oldest first, or the one ``ref_filter`` names."""
         images = list(self._catalogue.snapshot())
         if not ref_filter:
             return images
@@ -190,15 +192,18 @@ class ImageService:
         return image_model.find(self._catalogue.snapshot(), text)
 
     def get(self, text: str) -> Image:
+        """The image ``text`` names; ``FailedPrecondition`` when it is not on this host."""
         img = self.status(text)
         if img is None:
             raise FailedPrecondition(f"image {text!r} is not present on this host; pull it first")
         return img
 
     def base_disk_path(self, img: Image, disk: BaseDisk) -> Path:
+        """Where ``disk`` of ``img`` lies on the host."""
         return self._ports.files.disk_path(img.id, disk.file)
 
     def usage(self) -> tuple[int, int]:
+        """ImageFsInfo: (bytes, inodes) used under the images directory."""
         return self._ports.files.usage()
 
     # Pull ----------------------------------------------------------------
