@@ -17,14 +17,13 @@ import os
 import signal
 import socket
 import threading
-import time
 from pathlib import Path
 from types import FrameType
 
 import structlog
 
 from agent import __version__
-from agent.adapters import kvm, qemu_img, registry, systemd
+from agent.adapters import kvm, qemu_img, systemd
 from agent.adapters.console_log import ConsoleLogs
 from agent.adapters.files import SandboxFiles
 from agent.adapters.host import Host
@@ -32,6 +31,9 @@ from agent.adapters.image_files import ImageFiles
 from agent.adapters.layers import DiskExtractor
 from agent.adapters.libvirt import Libvirt
 from agent.adapters.network.pod_network import PodNetworkManager, disabled_readiness
+from agent.adapters.registry import RegistryClient
+from agent.adapters.registry.credentials import RegistryCredentials, configured_lookup
+from agent.adapters.registry.transport import RegistryHostConfig
 from agent.adapters.store import Store
 from agent.adapters.vm_files import VMFiles
 from agent.api import server as api_server
@@ -41,8 +43,8 @@ from agent.api.runtime_service import RuntimeServicer
 from agent.config import AgentConfig
 from agent.domain import imageref
 from agent.services.containers import ContainerService
-from agent.services.images import ImagePorts, ImageService
-from agent.services.ports import ContainerPorts, Ports, SystemClock
+from agent.services.images import ImageService
+from agent.services.ports import ContainerPorts, ImagePorts, Ports, SystemClock
 from agent.services.recovery import recover
 from agent.services.runtime import RuntimeInfoService, choose_virt
 from agent.services.sandboxes import LateMembers, SandboxService
@@ -93,45 +95,21 @@ def _prepare_socket(path: Path) -> None:
 def build_image_service(cfg: AgentConfig, store: Store) -> ImageService:
     """Registry client, image files and store behind the image use cases."""
     reg = cfg.registries
-    config_creds = {
-        name: registry.RegistryCredentials(username=h.username, password=h.password)
-        for name, h in reg.hosts if h.username
-    }
-
-    def config_lookup(name: str) -> registry.RegistryCredentials | None:
-        for registry_name, creds in config_creds.items():
-            found = registry.credentials_for(registry_name, creds)(name)
-            if found is not None:
-                return found
-        return None
-
-    client = registry.RegistryClient(
-        credentials=config_lookup,
-        hosts={name: registry.RegistryHostConfig(ca_file=h.ca_file or None, insecure=h.insecure)
-               for name, h in reg.hosts},
+    client = RegistryClient(
+        credentials=configured_lookup({name: RegistryCredentials(username=h.username, password=h.password)
+                                       for name, h in reg.hosts if h.username}),
+        hosts={name: RegistryHostConfig(ca_file=h.ca_file or None, insecure=h.insecure) for name, h in reg.hosts},
         rewrites=[imageref.RewriteRule(r.prefix, r.replacement) for r in reg.rewrites],
         mirrors=[imageref.Mirror(name, h.mirrors) for name, h in reg.hosts if h.mirrors],
         timeout=cfg.images.registry_timeout_seconds,
     )
-
-    def credentials(auth: object, ref: imageref.ImageRef) -> registry.CredentialLookup | None:
-        if auth is None:
-            return None
-        creds = registry.RegistryCredentials.from_auth_config(auth)
-        if creds.is_empty():
-            return None
-        server = getattr(auth, "server_address", "") or ref.registry
-        return registry.credentials_for(server, creds)
-
-    files = ImageFiles(cfg.images_dir)
     ports = ImagePorts(
         registry=client,
         store=store,
-        files=files,
+        files=ImageFiles(cfg.images_dir),
         new_extractor=DiskExtractor,
         inspect_disk=lambda path, source, limit: qemu_img.info(path, source=source, max_virtual_size=limit),
-        credentials=credentials,
-        now_ns=time.time_ns,
+        clock=SystemClock(),
     )
     return ImageService(ports, max_virtual_size=cfg.images.max_virtual_size_bytes,
                         parallelism=cfg.images.pull_parallelism)

@@ -36,10 +36,10 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from agent.adapters import oci_layout  # noqa: E402
 from agent.adapters.registry import RegistryClient  # noqa: E402
 from agent.api.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
 from agent.api.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
+from agent.cli import oci_layout  # noqa: E402
 from agent.domain.imageref import RemoteRepository  # noqa: E402
 from bench.common import percentile, start_agent  # noqa: E402
 from tests.integration.registry_fixture import run_registry  # noqa: E402

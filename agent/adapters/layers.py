@@ -25,13 +25,13 @@ import posixpath
 import tarfile
 import tempfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import zstandard
 
 from agent.domain.errors import FailedPrecondition
+from agent.domain.image import DiskFile
 from agent.domain.oci import Compression
 
 DISK_DIR = "disk"
@@ -43,17 +43,6 @@ _WRITEBACK_STEP = 32 << 20
 # Default bound on one extracted file: [images] max_virtual_size_bytes' default
 # (1 TiB) plus room for qcow2 metadata. The image service passes its own.
 DEFAULT_MAX_FILE_BYTES = (1 << 40) + (64 << 20)
-
-
-@dataclass
-class DiskFile:
-    """A file under /disk/ as the layers so far left it."""
-
-    path: str  # normalised, e.g. "disk/cirros.qcow2"
-    layer: str  # digest of the layer that wrote it
-    temp: Path | None  # extracted content; None when not a regular file
-    kind: str = "file"  # "file", or what else the entry was ("symlink", ...)
-    size: int = 0
 
 
 def normalise_entry(name: str, layer: str) -> str:

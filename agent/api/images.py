@@ -21,7 +21,7 @@ class ImageServicer(api_pb2_grpc.ImageServiceServicer):  # type: ignore[misc]
     def PullImage(self, request: pb.PullImageRequest, context: Any) -> pb.PullImageResponse:
         if not request.image.image:
             raise InvalidArgument("image.image", "is required")
-        auth = request.auth if request.HasField("auth") else None
+        auth = convert.registry_auth_from_pb(request.auth) if request.HasField("auth") else None
         img = self._images.pull(request.image.image, auth)
         # containerd and CRI-O answer with the image id (the config digest).
         return pb.PullImageResponse(image_ref=img.id)

@@ -11,8 +11,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from agent.adapters import oci_layout, qemu_img
-from agent.adapters.registry import RegistryClient, RegistryCredentials, RegistryHostConfig
+from agent.adapters import qemu_img
+from agent.adapters.registry import RegistryClient
+from agent.adapters.registry.credentials import RegistryCredentials
+from agent.adapters.registry.transport import RegistryHostConfig
+from agent.cli import oci_layout
 from agent.domain.errors import PodvisorError
 from agent.domain.imageref import RemoteRepository, parse_image_ref, registry_endpoint
 

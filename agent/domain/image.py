@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from agent.domain.errors import FailedPrecondition, InvalidArgument
 from agent.domain.imageref import ImageRef, parse_image_ref
@@ -21,6 +22,17 @@ class BaseDisk:
     format: str  # "qcow2" or "raw", stated explicitly wherever it is used
     virtual_size: int
     size: int  # bytes on the host
+
+
+@dataclass
+class DiskFile:
+    """A file under /disk/ as an image's layers so far left it (while pulling)."""
+
+    path: str  # normalised, e.g. "disk/cirros.qcow2"
+    layer: str  # digest of the layer that wrote it
+    temp: Path | None  # extracted content; None when not a regular file
+    kind: str = "file"  # "file", or what else the entry was ("symlink", ...)
+    size: int = 0
 
 
 @dataclass(frozen=True)

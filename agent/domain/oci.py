@@ -1,8 +1,8 @@
 """OCI / Docker distribution formats (pure).
 
 Media types, manifests and indexes as typed values (parsed with validation
-and encoded back to bytes), platform selection from an index, digests, and the
-``WWW-Authenticate`` grammar registries use to ask for credentials.
+and encoded back to bytes), platform selection from an index, digests, and
+the parts of an image config the agent uses.
 
 Errors: text a *client* typed (a digest in a request) raises
 ``InvalidArgument``; documents a *registry* served that cannot be used raise
@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -492,110 +492,40 @@ def _dump(document: Mapping[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-# --- registry authentication ---------------------------------------------------------
+# --- image config ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class AuthChallenge:
-    """One challenge from a ``WWW-Authenticate`` header.
+class ImageConfig:
+    """What the agent reads from an image config blob."""
 
-    ``scheme`` is lower-case (``basic``, ``bearer``); parameter names are
-    lower-case, values as sent (unquoted).
+    # rootfs.diff_ids: the digests of the layers' uncompressed tars, bottom first.
+    diff_ids: tuple[str, ...]
+    # config.User ("" when absent or unreadable: the user is informational).
+    user: str = ""
+
+
+def parse_image_config(data: bytes, *, source: str = "image") -> ImageConfig:
+    """Parse an image config; ``FailedPrecondition`` when it lists no diff_ids.
+
+    ``source`` names the image in the error (``image <name>``).
     """
-
-    scheme: str
-    params: Mapping[str, str] = field(default_factory=dict)
-    token68: str | None = None
-
-    @property
-    def realm(self) -> str | None:
-        """The ``realm`` parameter (the token endpoint URL for Bearer)."""
-        return self.params.get("realm")
-
-    @property
-    def service(self) -> str | None:
-        """The ``service`` parameter sent back to a Bearer token endpoint."""
-        return self.params.get("service")
-
-    @property
-    def scope(self) -> str | None:
-        """The ``scope`` parameter the registry asked for, if any."""
-        return self.params.get("scope")
+    document: Any
+    try:
+        document = json.loads(data)
+    except ValueError:
+        document = None
+    try:
+        diff_ids = document["rootfs"]["diff_ids"]
+    except (KeyError, TypeError):
+        diff_ids = None
+    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
+        raise FailedPrecondition(f"{source}: its config has no rootfs.diff_ids list")
+    return ImageConfig(diff_ids=tuple(diff_ids), user=_config_user(document))
 
 
-_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_PARAM_RE = re.compile(rf"({_TOKEN})[ \t]*=[ \t]*(?:\"((?:[^\"\\]|\\.)*)(\"?)|({_TOKEN}))")
-_TOKEN68_RE = re.compile(r"([A-Za-z0-9._~+/-]+=*)[ \t]*(?=,|$)")
-_SCHEME_RE = re.compile(_TOKEN)
-_SPACE_RE = re.compile(r"[ \t]*")
-_UNESCAPE_RE = re.compile(r"\\(.)")
-
-
-def parse_www_authenticate(header: str) -> list[AuthChallenge]:
-    """Parse a ``WWW-Authenticate`` value into challenges (RFC 7235 §4.1).
-
-    Handles several challenges in one header, quoted strings containing commas
-    and backslash escapes, and token68 credentials. Malformed trailing text is
-    ignored rather than fatal: the caller decides whether a usable challenge
-    was found.
-    """
-    challenges: list[AuthChallenge] = []
-    pos = 0
-    length = len(header)
-    while pos < length:
-        pos = _skip_separators(header, pos)
-        scheme_match = _SCHEME_RE.match(header, pos)
-        if scheme_match is None:
-            break
-        scheme = scheme_match.group(0).lower()
-        pos = _SPACE_RE.match(header, scheme_match.end()).end()  # type: ignore[union-attr]
-        params: dict[str, str] = {}
-        token68: str | None = None
-        if _PARAM_RE.match(header, pos) is None:
-            t68 = _TOKEN68_RE.match(header, pos)
-            if t68 is not None and t68.group(1):
-                token68 = t68.group(1)
-                pos = t68.end()
-        while True:
-            param = _PARAM_RE.match(header, pos)
-            if param is None:
-                break
-            name = param.group(1).lower()
-            if param.group(4) is not None:
-                value = param.group(4)
-            else:
-                value = _UNESCAPE_RE.sub(r"\1", param.group(2))
-            params.setdefault(name, value)
-            pos = _SPACE_RE.match(header, param.end()).end()  # type: ignore[union-attr]
-            if pos < length and header[pos] == ",":
-                pos = _SPACE_RE.match(header, pos + 1).end()  # type: ignore[union-attr]
-                # ", ," runs of empty list elements are allowed by RFC 7230 #rule.
-                while pos < length and header[pos] == ",":
-                    pos = _SPACE_RE.match(header, pos + 1).end()  # type: ignore[union-attr]
-            else:
-                break
-        challenges.append(AuthChallenge(scheme=scheme, params=params, token68=token68))
-        if pos < length and header[pos] not in ", \t" and _SCHEME_RE.match(header, pos) is None:
-            break
-    return challenges
-
-
-def _skip_separators(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in ", \t":
-        pos += 1
-    return pos
-
-
-def pull_scope(repository: str) -> str:
-    """The token scope to pull from ``repository``: ``repository:<name>:pull``."""
-    return f"repository:{repository}:pull"
-
-
-def push_scope(repository: str) -> str:
-    """The token scope to push to ``repository``: ``repository:<name>:pull,push``."""
-    return f"repository:{repository}:pull,push"
-
-
-def scopes_for(repository: str, actions: Sequence[str]) -> str:
-    """A ``repository:<name>:<a>,<b>`` scope for arbitrary actions."""
-    return f"repository:{repository}:{','.join(actions)}"
+def _config_user(document: Any) -> str:
+    try:
+        return str((document.get("config") or {}).get("User") or "")
+    except AttributeError:
+        return ""

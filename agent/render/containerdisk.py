@@ -12,7 +12,6 @@ import hashlib
 import json
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 
 from agent.domain import oci
@@ -46,10 +45,13 @@ class _HashingWriter:
         self._out.flush()
 
 
-def write_layer(disk: Path, out: BinaryIO, *, name: str | None = None, compress: bool = True,
+def write_layer(disk: BinaryIO, size: int, name: str, out: BinaryIO, *, compress: bool = True,
                 level: int = 1) -> BuiltLayer:
-    """Write the layer tar (gzip by default) holding ``disk/<name>`` to ``out``."""
-    name = name or disk.name
+    """Write the layer tar (gzip by default) holding ``disk/<name>`` to ``out``.
+
+    ``disk`` is the open disk file and ``size`` its length: the caller reads
+    the file system, this only encodes.
+    """
     if "/" in name or name in ("", ".", ".."):
         raise ValueError(f"disk name {name!r} must be a plain file name")
     blob = _HashingWriter(out)
@@ -62,11 +64,10 @@ def write_layer(disk: Path, out: BinaryIO, *, name: str | None = None, compress:
         d.uid = d.gid = QEMU_UID
         tar.addfile(d)
         info = tarfile.TarInfo(f"disk/{name}")
-        info.size = disk.stat().st_size
+        info.size = size
         info.mode = 0o444
         info.uid = info.gid = QEMU_UID
-        with open(disk, "rb") as src:
-            tar.addfile(info, src)
+        tar.addfile(info, disk)
     if gz is not None:
         gz.close()
     media_type = oci.OCI_LAYER_GZIP if compress else oci.OCI_LAYER

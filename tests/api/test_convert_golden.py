@@ -264,6 +264,10 @@ CASES = (
     Case("images", "image_no_user", images.image_to_pb, (_image(""),)),
     Case("images", "verbose_info", images.image_verbose_info,
          (_image(), {"cirros.qcow2": f"/var/lib/podvisor/images/disks/{IMAGE_ID[7:]}/cirros.qcow2"})),
+    Case("images", "registry_auth", images.registry_auth_from_pb, (pb.AuthConfig(
+        username="puller", password="golden-password", auth="cHVsbGVyOmdvbGRlbi1wYXNzd29yZA==",
+        server_address="registry.example", identity_token="id-token", registry_token="reg-token"),)),
+    Case("images", "registry_auth_empty", images.registry_auth_from_pb, (pb.AuthConfig(),)),
     Case("images", "fs_usage", images.image_fs_usage_to_pb,
          ("/var/lib/podvisor/images", 21_000_000, 12, 1_700_000_003_000_000_000)),
     # runtime info

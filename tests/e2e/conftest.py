@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from agent.adapters import oci_layout
 from agent.adapters.registry import RegistryClient
 from agent.api.gen.runtime.v1 import api_pb2 as pb
+from agent.cli import oci_layout
 from agent.domain.imageref import RemoteRepository
 from tests.integration.agentproc import AgentProcess, agent_factory  # noqa: F401
 from tests.integration.registry_fixture import RunningRegistry, registry  # noqa: F401

@@ -17,7 +17,8 @@ from typing import Any
 import grpc
 import pytest
 
-from agent.adapters.registry import RegistryClient, RegistryCredentials
+from agent.adapters.registry import RegistryClient
+from agent.adapters.registry.credentials import RegistryCredentials
 from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.domain import oci
 from tests.integration.agentproc import AgentProcess

@@ -26,16 +26,13 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent.adapters.registry import (
-    RegistryClient,
-    RegistryCredentials,
-    RegistryHostConfig,
-    credentials_for,
-    is_loopback_host,
-)
+from agent.adapters.registry import RegistryClient
+from agent.adapters.registry.credentials import RegistryCredentials, credentials_for
+from agent.adapters.registry.transport import RegistryHostConfig, is_loopback_host
 from agent.domain import oci
 from agent.domain.errors import FailedPrecondition, NotFound, Unauthenticated, Unavailable
 from agent.domain.imageref import Mirror, RemoteRepository, RewriteRule, parse_image_ref
+from agent.domain.registry import RegistryAuth
 from tests.integration.registry_fixture import (  # noqa: F401 - fixtures are found by name
     LOOPBACK,
     PushedImage,
@@ -91,42 +88,7 @@ def as_lookup(running: RunningRegistry, password: str | None = None) -> Any:
     )
 
 
-# --- credentials (pure, no registry needed) ----------------------------------------
-
-
-def test_credentials_from_cri_auth_config() -> None:
-    @dataclass
-    class AuthConfig:  # the fields of runtime.v1.AuthConfig
-        username: str = ""
-        password: str = ""
-        auth: str = ""
-        server_address: str = ""
-        identity_token: str = ""
-        registry_token: str = ""
-
-    encoded = base64.b64encode(b"user:pa:ss").decode()
-    assert RegistryCredentials.from_auth_config(AuthConfig(auth=encoded)).basic() == (
-        "user",
-        "pa:ss",
-    )
-    explicit = RegistryCredentials.from_auth_config(AuthConfig("u", "p", auth=encoded))
-    assert explicit.basic() == ("u", "p")
-    token_only = RegistryCredentials.from_auth_config(AuthConfig(identity_token="t"))
-    assert token_only.basic() is None and not token_only.is_empty()
-    assert RegistryCredentials(auth="!!notbase64").basic() is None
-    assert RegistryCredentials().is_empty()
-    assert "secret" not in repr(RegistryCredentials("u", "secret", "secret", "secret", "secret"))
-
-
-def test_credentials_for_matches_only_its_registry() -> None:
-    creds = RegistryCredentials("u", "p")
-    hub = credentials_for("https://index.docker.io/v1/", creds)
-    assert hub("docker.io") is creds and hub("registry-1.docker.io") is creds
-    assert hub("mirror.gcr.io") is None
-    local = credentials_for("127.0.0.1:5000", creds)
-    assert local("127.0.0.1:5000") is creds and local("127.0.0.1:5001") is None
-    with pytest.raises(ValueError):
-        credentials_for("", creds)
+# --- pure helpers (no registry needed) ---------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -497,9 +459,9 @@ def test_htpasswd_right_credentials(auth_registry: RunningRegistry, sleeps: Slee
     # CRI's AuthConfig.auth form (base64 user:password), given per call.
     user, password = next(iter(auth_registry.users.items()))
     encoded = base64.b64encode(f"{user}:{password}".encode()).decode()
-    per_call = credentials_for(auth_registry.host, RegistryCredentials(auth=encoded))
+    per_call = RegistryAuth(auth=encoded, server_address=auth_registry.host)
     with RegistryClient(sleep=sleeps) as client:
-        again = client.resolve(parse_image_ref(f"{auth_registry.host}/{repo.name}:v1"), credentials=per_call)
+        again = client.resolve(parse_image_ref(f"{auth_registry.host}/{repo.name}:v1"), auth=per_call)
     assert again.digest == pushed.digest
 
 

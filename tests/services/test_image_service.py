@@ -28,17 +28,19 @@ from typing import Any
 import pytest
 import zstandard
 
-from agent.adapters.blobstream import BlobProgress
 from agent.adapters.image_files import ImageFiles
 from agent.adapters.layers import DiskExtractor
-from agent.adapters.registry import ResolvedImage
 from agent.adapters.store import Store
+from agent.concurrency import BlobProgress, KeyedLock, SingleFlight
 from agent.domain import oci
 from agent.domain.disk import DiskInfo
 from agent.domain.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from agent.domain.image import BaseDisk, Image
 from agent.domain.imageref import ImageRef, RemoteRepository, parse_image_ref
-from agent.services.images import DISK_FILE_SLACK, ImagePorts, ImageService, KeyedLock, SingleFlight
+from agent.domain.registry import RegistryAuth, ResolvedImage
+from agent.services.images import ImageService
+from agent.services.ports import ImagePorts
+from agent.services.pull import DISK_FILE_SLACK
 from tests.services.service_fakes import FakeClock
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -142,11 +144,11 @@ class Published:
 
 @dataclass
 class FakeRegistry:
-    """Serves what was published; records every call with the credentials given."""
+    """Serves what was published; records every call with the auth given."""
 
     manifests: dict[str, Published] = field(default_factory=dict)  # "name:tag" / "name@digest"
     blobs: dict[str, bytes] = field(default_factory=dict)
-    calls: list[tuple[str, str, Any]] = field(default_factory=list)
+    calls: list[tuple[str, str, RegistryAuth | None]] = field(default_factory=list)
     blob_delay: float = 0.0
     fail_blob: dict[str, BaseException] = field(default_factory=dict)
     # Called inside fetch_config / fetch_blob (to hold a pull at that point).
@@ -196,14 +198,14 @@ class FakeRegistry:
         with self._lock:
             return Counter(call[1] for call in self.calls if call[0] == "fetch_blob")
 
-    def _record(self, method: str, what: str, credentials: Any) -> None:
+    def _record(self, method: str, what: str, auth: RegistryAuth | None) -> None:
         with self._lock:
-            self.calls.append((method, what, credentials))
+            self.calls.append((method, what, auth))
 
     # RegistryPort
 
-    def resolve(self, ref: ImageRef, *, credentials: Any = None) -> ResolvedImage:
-        self._record("resolve", str(ref), credentials)
+    def resolve(self, ref: ImageRef, *, auth: RegistryAuth | None = None) -> ResolvedImage:
+        self._record("resolve", str(ref), auth)
         key = f"{ref.name}@{ref.digest}" if ref.digest else f"{ref.name}:{ref.tag}"
         with self._lock:
             published = self.manifests.get(key)
@@ -211,17 +213,19 @@ class FakeRegistry:
             raise NotFound(f"image {ref} not found")
         return dataclasses.replace(published.resolved, ref=ref)
 
-    def fetch_config(self, repo: Any, config: oci.Descriptor, *, credentials: Any = None) -> bytes:
-        self._record("fetch_config", config.digest, credentials)
+    def fetch_config(self, repo: RemoteRepository, config: oci.Descriptor, *,
+                     auth: RegistryAuth | None = None) -> bytes:
+        self._record("fetch_config", config.digest, auth)
         if self.on_fetch_config is not None:
             self.on_fetch_config()
         return self.blobs[config.digest]
 
-    def fetch_blob(self, repo: Any, digest: str, dest_path: Any, *, expected_size: int | None = None,
-                   credentials: Any = None, progress: BlobProgress | None = None) -> int:
+    def fetch_blob(self, repo: RemoteRepository, digest: str, dest_path: str | os.PathLike[str], *,
+                   expected_size: int | None = None, auth: RegistryAuth | None = None,
+                   progress: BlobProgress | None = None) -> int:
         """Like RegistryClient.fetch_blob: a temporary file beside dest_path, followed
         through ``progress`` while written, renamed into place at the end."""
-        self._record("fetch_blob", digest, credentials)
+        self._record("fetch_blob", digest, auth)
         if self.on_fetch_blob is not None:
             self.on_fetch_blob(digest)
         data = self.blobs[digest]
@@ -304,10 +308,6 @@ class Env:
         return self.service.base_disk_path(img, img.disks[which]).read_bytes()
 
 
-def credentials(auth: Any, ref: ImageRef) -> Any:
-    return None if auth is None else ("credentials", auth, ref.registry)
-
-
 def make_env(root: Path, registry: FakeRegistry | None = None) -> Env:
     registry = registry or FakeRegistry()
     files = ImageFiles(root / "images")
@@ -320,8 +320,7 @@ def make_env(root: Path, registry: FakeRegistry | None = None) -> Env:
         files=files,
         new_extractor=DiskExtractor,
         inspect_disk=inspect,
-        credentials=credentials,
-        now_ns=FakeClock().now_ns,
+        clock=FakeClock(),
     )
     service = ImageService(ports, max_virtual_size=MAX_VIRTUAL_SIZE, parallelism=4,
                            in_use=lambda: set(in_use))
@@ -419,9 +418,10 @@ def test_pull_by_digest_records_only_the_digest_ref(env: Env) -> None:
 
 def test_pull_passes_the_credentials_to_every_registry_call(env: Env) -> None:
     publish_cirros(env)
-    auth = object()
+    auth = RegistryAuth(username="u", password="p")
     env.service.pull(CIRROS, auth)
-    assert {call[2] for call in env.registry.calls} == {("credentials", auth, "docker.io")}
+    # Bound to the image's registry, so they never reach another one.
+    assert {call[2] for call in env.registry.calls} == {RegistryAuth("u", "p", server_address="docker.io")}
     assert [call[0] for call in env.registry.calls] == ["resolve", "fetch_config", "fetch_blob", "fetch_blob"]
 
 
@@ -812,7 +812,7 @@ def test_extractor_is_bounded_by_the_largest_virtual_size(env: Env) -> None:
         return DiskExtractor(workdir, image, max_file_bytes=16)
 
     ports = ImagePorts(registry=env.registry, store=env.store, files=env.files, new_extractor=new_extractor,
-                       inspect_disk=env.inspect, credentials=credentials, now_ns=FakeClock().now_ns)
+                       inspect_disk=env.inspect, clock=FakeClock())
     service = ImageService(ports, max_virtual_size=1000)
     env.registry.publish("docker.io/x/big:1", [gzip_layer({"disk/big.img": b"B" * 17})])
     with pytest.raises(FailedPrecondition, match="/disk/big.img in layer .* is 17 bytes, more than the 16"):

@@ -36,7 +36,8 @@ from agent.domain.network.choice import NetworkChoice
 from agent.domain.network.cni import NetworkConfig
 from agent.domain.virt import KvmFacts, VirtChoice
 from agent.services.containers import ContainerService
-from agent.services.images import ImagePorts, ImageService
+from agent.services.images import ImageService
+from agent.services.ports import ImagePorts
 from agent.services.runtime import RuntimeInfoService
 from agent.services.sandboxes import SandboxService
 from agent.services.stats import StatsService
@@ -100,6 +101,11 @@ def _no_containers(sandboxes: SandboxService) -> ContainerService:
     return ContainerService(dataclasses.replace(ContainerFakes().ports, sandboxes=sandboxes))
 
 
+class _ZeroClock:
+    def now_ns(self) -> int:
+        return 0
+
+
 def _no_image_ports(root: Path) -> ImagePorts:
     """An image service that holds no images; pulling is not exercised here."""
     from agent.adapters.image_files import ImageFiles
@@ -114,7 +120,7 @@ def _no_image_ports(root: Path) -> ImagePorts:
 
     return ImagePorts(registry=NoRegistry(), store=Store(root / "db"), files=ImageFiles(root),
                       new_extractor=DiskExtractor, inspect_disk=unreachable,  # type: ignore[arg-type]
-                      credentials=lambda _a, _r: None, now_ns=lambda: 0)
+                      clock=_ZeroClock())
 
 
 @pytest.fixture(autouse=True)

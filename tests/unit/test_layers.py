@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from agent.adapters.layers import DEFAULT_MAX_FILE_BYTES, DiskExtractor, DiskFile, choose_disk, normalise_entry
+from agent.adapters.layers import DEFAULT_MAX_FILE_BYTES, DiskExtractor, choose_disk, normalise_entry
 from agent.domain.errors import FailedPrecondition
+from agent.domain.image import DiskFile
 from agent.domain.oci import Compression, sha256_digest
 
 L1 = "sha256:" + "1" * 64

@@ -1,4 +1,4 @@
-"""Table tests for OCI/Docker media types, manifests, digests and auth challenges."""
+"""Table tests for OCI/Docker media types, manifests, digests and image configs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 from agent.domain import oci
 from agent.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from agent.domain.oci import (
-    AuthChallenge,
     Compression,
     Descriptor,
     ImageIndex,
@@ -380,86 +379,43 @@ def test_select_platform_none_matches() -> None:
     assert "linux/arm64/v8" in message and "windows/amd64" in message
 
 
-# --- WWW-Authenticate ----------------------------------------------------------------
-
-DOCKER_HUB = (
-    'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/cirros:pull"'
-)
-
-CHALLENGE_CASES = [
-    (
-        DOCKER_HUB,
-        [
-            AuthChallenge(
-                "bearer",
-                {
-                    "realm": "https://auth.docker.io/token",
-                    "service": "registry.docker.io",
-                    "scope": "repository:library/cirros:pull",
-                },
-            )
-        ],
-    ),
-    ('Basic realm="Registry Realm"', [AuthChallenge("basic", {"realm": "Registry Realm"})]),
-    ("basic realm=unquoted", [AuthChallenge("basic", {"realm": "unquoted"})]),
-    ("Basic", [AuthChallenge("basic", {})]),
-    (
-        # Commas inside quoted strings; spaces around '='; parameter names folded.
-        'Bearer Realm = "https://a/token" , scope="repository:a:pull,push",error="insufficient_scope"',
-        [
-            AuthChallenge(
-                "bearer",
-                {
-                    "realm": "https://a/token",
-                    "scope": "repository:a:pull,push",
-                    "error": "insufficient_scope",
-                },
-            )
-        ],
-    ),
-    (
-        'Basic realm="a", Bearer realm="https://t",service="s"',
-        [
-            AuthChallenge("basic", {"realm": "a"}),
-            AuthChallenge("bearer", {"realm": "https://t", "service": "s"}),
-        ],
-    ),
-    (
-        'Bearer realm="with \\"escaped\\" quotes\\\\"',
-        [AuthChallenge("bearer", {"realm": 'with "escaped" quotes\\'})],
-    ),
-    (
-        "Negotiate abc+/==, Basic realm=x",
-        [AuthChallenge("negotiate", {}, "abc+/=="), AuthChallenge("basic", {"realm": "x"})],
-    ),
-    ('Bearer realm="unterminated', [AuthChallenge("bearer", {"realm": "unterminated"})]),
-    ("Bearer realm=a,,  , service=b", [AuthChallenge("bearer", {"realm": "a", "service": "b"})]),
-    ('Bearer realm="first", realm="second"', [AuthChallenge("bearer", {"realm": "first"})]),
-    ("", []),
-    ("   ", []),
-    (',"garbage', []),
-]
+# --- image config --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("header,expected", CHALLENGE_CASES)
-def test_parse_www_authenticate(header: str, expected: list[AuthChallenge]) -> None:
-    assert oci.parse_www_authenticate(header) == expected
-
-
-def test_challenge_properties() -> None:
-    (challenge,) = oci.parse_www_authenticate(DOCKER_HUB)
-    assert challenge.realm == "https://auth.docker.io/token"
-    assert challenge.service == "registry.docker.io"
-    assert challenge.scope == "repository:library/cirros:pull"
+def test_image_config_diff_ids_and_user() -> None:
+    data = json.dumps({"config": {"User": "107"}, "rootfs": {"type": "layers", "diff_ids": [D1, D2]}}).encode()
+    assert oci.parse_image_config(data) == oci.ImageConfig(diff_ids=(D1, D2), user="107")
 
 
 @pytest.mark.parametrize(
-    "function,repository,scope",
+    "config,user",
     [
-        (oci.pull_scope, "library/cirros", "repository:library/cirros:pull"),
-        (oci.push_scope, "kubevirt/x", "repository:kubevirt/x:pull,push"),
+        ({}, ""),
+        ({"config": None}, ""),
+        ({"config": {"User": ""}}, ""),
+        ({"config": {"User": 107}}, "107"),
+        ({"config": ["not", "an", "object"]}, ""),
     ],
 )
-def test_scopes(function: Any, repository: str, scope: str) -> None:
-    assert function(repository) == scope
-    assert oci.scopes_for("a/b", ["pull", "delete"]) == "repository:a/b:pull,delete"
+def test_image_config_user_is_informational(config: dict[str, Any], user: str) -> None:
+    data = json.dumps({**config, "rootfs": {"diff_ids": [D1]}}).encode()
+    assert oci.parse_image_config(data).user == user
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"not json",
+        b"\xff\xfe",
+        b"[]",
+        b"{}",
+        json.dumps({"rootfs": {}}).encode(),
+        json.dumps({"rootfs": {"diff_ids": "sha256:x"}}).encode(),
+        json.dumps({"rootfs": {"diff_ids": [1]}}).encode(),
+        json.dumps({"rootfs": None}).encode(),
+    ],
+)
+def test_image_config_without_diff_ids_is_refused(data: bytes) -> None:
+    with pytest.raises(FailedPrecondition) as caught:
+        oci.parse_image_config(data, source="image quay.io/x:1")
+    assert caught.value.message == "image quay.io/x:1: its config has no rootfs.diff_ids list"

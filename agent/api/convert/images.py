@@ -6,6 +6,7 @@ import json
 
 from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.domain.image import Image
+from agent.domain.registry import RegistryAuth
 
 
 def image_filter_from_pb(req: pb.ListImagesRequest) -> str:
@@ -55,4 +56,16 @@ def image_fs_usage_to_pb(mountpoint: str, used_bytes: int, inodes_used: int, at_
         fs_id=pb.FilesystemIdentifier(mountpoint=mountpoint),
         used_bytes=pb.UInt64Value(value=used_bytes),
         inodes_used=pb.UInt64Value(value=inodes_used),
+    )
+
+
+def registry_auth_from_pb(auth: pb.AuthConfig) -> RegistryAuth:
+    """A PullImage's ``AuthConfig`` as the domain's registry credentials."""
+    return RegistryAuth(
+        username=auth.username,
+        password=auth.password,
+        auth=auth.auth,
+        server_address=auth.server_address,
+        identity_token=auth.identity_token,
+        registry_token=auth.registry_token,
     )

@@ -2,7 +2,8 @@
 
 ``podvisorctl image build`` writes one so the image can be inspected, copied
 with any OCI tool (``skopeo copy oci:DIR:TAG ...``) or pushed by Podvisor's own
-registry client.
+registry client. Only the CLI (and tests and benchmarks that build images)
+uses this; the agent never writes layouts or pushes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from agent.adapters.registry import RegistryClient
 from agent.domain import oci
+from agent.domain.imageref import RemoteRepository
 from agent.render import containerdisk
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -38,8 +41,9 @@ def build(disk: Path, layout: Path, tag: str, *, compress: bool = True) -> conta
     (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
     fd, tmp = tempfile.mkstemp(dir=blobs, prefix=".layer-")
     try:
-        with os.fdopen(fd, "wb") as out:
-            layer = containerdisk.write_layer(disk, out, compress=compress)
+        with open(disk, "rb") as src, os.fdopen(fd, "wb") as out:
+            layer = containerdisk.write_layer(src, os.fstat(src.fileno()).st_size, disk.name, out,
+                                              compress=compress)
         os.replace(tmp, _blob_path(layout, layer.digest))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -60,9 +64,10 @@ def build(disk: Path, layout: Path, tag: str, *, compress: bool = True) -> conta
     return containerdisk.BuiltImage(manifest, manifest_digest, config, (layer,))
 
 
-def push(client: object, layout: Path, image: containerdisk.BuiltImage, repo: object, reference: str) -> str:
+def push(client: RegistryClient, layout: Path, image: containerdisk.BuiltImage, repo: RemoteRepository,
+         reference: str) -> str:
     """Push blobs (skipping those the registry has) and then the manifest."""
     for layer in image.layers:
-        client.push_blob(repo, _blob_path(layout, layer.digest), layer.digest)  # type: ignore[attr-defined]
-    client.push_blob(repo, image.config)  # type: ignore[attr-defined]
-    return str(client.push_manifest(repo, reference, image.manifest, oci.OCI_MANIFEST))  # type: ignore[attr-defined]
+        client.push_blob(repo, _blob_path(layout, layer.digest), layer.digest)
+    client.push_blob(repo, image.config)
+    return client.push_manifest(repo, reference, image.manifest, oci.OCI_MANIFEST)
