@@ -32,7 +32,7 @@ import pytest
 
 from agent.domain.vm import DomainSpec
 from agent.render.domain_xml import DISK_CACHE, parse_metadata, render
-from tests.unit.test_domain_xml import CASES, OVMF_CODE, OVMF_VARS, case_spec
+from tests.render.test_domain_xml import CASES, OVMF_CODE, OVMF_VARS, case_spec
 
 URI = "qemu:///system"
 VIRSH_TIMEOUT_S = 60

@@ -1,7 +1,7 @@
 """Tests for the cloud-init seed files (agent.render.cloudinit).
 
 Merged outputs are compared with golden files under golden/cloudinit/;
-regenerate them with ``UPDATE_GOLDEN=1 pytest tests/unit/test_cloudinit.py``
+regenerate them with ``UPDATE_GOLDEN=1 pytest tests/render/test_cloudinit.py``
 and review the diff.
 """
 
