@@ -90,8 +90,6 @@ def _prepare_socket(path: Path) -> None:
     raise StartupError(f"another process is already serving on {path}")
 
 
-
-
 def build_image_service(cfg: AgentConfig, store: Store) -> ImageService:
     """Registry client, image files and store behind the image use cases."""
     reg = cfg.registries
