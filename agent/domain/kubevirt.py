@@ -34,16 +34,52 @@ and preferences, non-pod networks, interface bindings other than
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
-from fractions import Fraction
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from agent.domain import annotations as ann
 from agent.domain.errors import InvalidArgument
-from agent.domain.imageref import ImageRef, parse_image_ref
+from agent.domain.imageref import parse_image_ref
+from agent.domain.kubevirt_values import (
+    MIN_MEMORY_BYTES,
+    CloudInitNoCloudVolume,
+    ContainerDiskVolume,
+    Disk,
+    Interface,
+    VMISpec,
+    parse_quantity,
+    read_count,
+    read_cpus,
+    read_list,
+    read_mapping,
+    read_memory,
+    read_name,
+    read_str,
+    read_text_or_base64,
+)
+
+__all__ = [
+    "API_GROUP",
+    "DEFAULT_FIELD",
+    "DISK_BUSES",
+    "DISK_DEVICES",
+    "INTERFACE_BINDINGS",
+    "INTERFACE_MODELS",
+    "KIND_SPEC",
+    "KIND_VM",
+    "KIND_VMI",
+    "MIN_MEMORY_BYTES",
+    "SUPPORTED_VOLUMES",
+    "CloudInitNoCloudVolume",
+    "ContainerDiskVolume",
+    "Disk",
+    "Interface",
+    "VMISpec",
+    "parse_quantity",
+    "parse_vmi",
+    "vmi_from_document",
+]
 
 DEFAULT_FIELD = "config.annotations['podvisor.io/vm']"
 
@@ -51,9 +87,6 @@ API_GROUP = "kubevirt.io"
 KIND_SPEC = "VirtualMachineInstanceSpec"
 KIND_VM = "VirtualMachine"
 KIND_VMI = "VirtualMachineInstance"
-
-# Below this no guest kernel boots; Podvisor refuses rather than rounding up.
-MIN_MEMORY_BYTES = 16 * 2**20
 
 SUPPORTED_VOLUMES = ("containerDisk", "cloudInitNoCloud")
 # KubeVirt's volume sources (kubevirt.io/api/core/v1 VolumeSource), for a
@@ -70,131 +103,6 @@ _UNSUPPORTED_BINDINGS = ("slirp", "sriov", "macvtap", "passt", "binding")
 # KubeVirt's accepted NIC models (virt-api validation).
 INTERFACE_MODELS = ("virtio", "e1000", "e1000e", "igb", "ne2k_pci", "pcnet", "rtl8139")
 _MAC = re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$")
-
-# Kubernetes resource.Quantity: sign, decimal number, then a binary/decimal SI
-# suffix or a decimal exponent (k8s.io/apimachinery/pkg/api/resource).
-_QUANTITY = re.compile(
-    r"^(?P<num>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
-    r"(?:(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)|[eE](?P<exp>[+-]?[0-9]+))?$"
-)
-_SUFFIXES: dict[str, Fraction] = {
-    "Ki": Fraction(2**10), "Mi": Fraction(2**20), "Gi": Fraction(2**30),
-    "Ti": Fraction(2**40), "Pi": Fraction(2**50), "Ei": Fraction(2**60),
-    "n": Fraction(1, 10**9), "u": Fraction(1, 10**6), "m": Fraction(1, 1000),
-    "k": Fraction(10**3), "M": Fraction(10**6), "G": Fraction(10**9),
-    "T": Fraction(10**12), "P": Fraction(10**15), "E": Fraction(10**18),
-}
-
-
-@dataclass(frozen=True)
-class Disk:
-    """One entry of ``domain.devices.disks``."""
-
-    name: str
-    device: str  # "disk", "cdrom" or "lun"
-    bus: str | None  # as written; None leaves KubeVirt's default (virtio for a disk)
-    boot_order: int | None = None
-    # True for a volume listed without a disk: KubeVirt then adds a plain disk.
-    implicit: bool = False
-    field: str = ""  # the disk's field path (the volume's, for an implicit disk)
-
-
-@dataclass(frozen=True)
-class Interface:
-    """One entry of ``domain.devices.interfaces`` (a pod network NIC)."""
-
-    name: str
-    binding: str  # "bridge" or "masquerade"
-    model: str | None = None  # None: KubeVirt's default (virtio)
-    mac_address: str | None = None
-
-
-@dataclass(frozen=True)
-class ContainerDiskVolume:
-    name: str
-    image: str  # as written in the manifest
-    image_ref: ImageRef  # normalised, to compare with the CRI image
-    path: str | None = None  # the disk file inside the image, when it names one
-    field: str = ""  # the volume's field path
-
-
-@dataclass(frozen=True)
-class CloudInitNoCloudVolume:
-    """A ``cloudInitNoCloud`` volume, decoded (KubeVirt: ``userData`` wins over ``userDataBase64``)."""
-
-    name: str
-    user_data: bytes | None
-    network_data: bytes | None  # verbatim: networkData, else networkDataBase64 decoded
-    field: str  # the volume's field path, for errors found later (network-config checks)
-    user_data_field: str = ""  # the field user_data came from ("" when absent)
-    network_data_field: str = ""
-
-
-@dataclass(frozen=True)
-class VMISpec:
-    """The parts of a VirtualMachineInstanceSpec that Podvisor implements.
-
-    ``None`` means "not stated": the caller falls back to annotations and
-    defaults. Sizes are in bytes and whole vCPUs.
-    """
-
-    kind: str  # KIND_SPEC, KIND_VM or KIND_VMI: the shape the document had
-    field: str  # where the VMI spec sits, e.g. "config.annotations['podvisor.io/vm'].spec.template.spec"
-    name: str | None = None  # metadata.name of a manifest
-    hostname: str | None = None  # spec.hostname
-    vcpus: int | None = None
-    vcpus_field: str = ""
-    max_vcpus: int | None = None  # cores * threads * maxSockets (CPU hotplug)
-    max_vcpus_field: str = ""
-    memory_bytes: int | None = None  # guest memory: memory.guest, else requests, else limits
-    memory_field: str = ""
-    max_memory_bytes: int | None = None  # memory.maxGuest (memory hotplug)
-    max_memory_field: str = ""
-    firmware: str | None = None  # "bios" or "uefi"
-    secure_boot: bool | None = None  # for uefi: KubeVirt's default is True
-    disks: tuple[Disk, ...] = ()
-    interfaces: tuple[Interface, ...] = ()
-    networks: tuple[str, ...] = ()  # names of pod networks (at most one)
-    pod_network: bool = True  # False only when autoattachPodInterface is false and none is listed
-    container_disk: ContainerDiskVolume | None = None
-    cloud_init: CloudInitNoCloudVolume | None = None
-
-    def disk(self, name: str) -> Disk | None:
-        """The disk that attaches volume ``name``."""
-        return next((d for d in self.disks if d.name == name), None)
-
-    @property
-    def container_disk_disk(self) -> Disk | None:
-        """The disk the containerDisk volume is attached as (the boot disk)."""
-        return self.disk(self.container_disk.name) if self.container_disk else None
-
-    @property
-    def interface(self) -> Interface | None:
-        """The pod network's NIC, when one is listed."""
-        return self.interfaces[0] if self.interfaces else None
-
-
-def parse_quantity(value: object) -> Fraction:
-    """A Kubernetes quantity ("64M", "1.5Gi", "1500m", "1e9", 2) → its exact value.
-
-    Raises ValueError for anything else. JSON/YAML numbers are accepted, as
-    Kubernetes accepts them.
-    """
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError("expected a Kubernetes quantity such as 1Gi, 512M or 1500m")
-    text = str(value).strip()
-    m = _QUANTITY.match(text)
-    if not m:
-        raise ValueError(f"{text!r} is not a Kubernetes quantity (such as 1Gi, 512M or 1500m)")
-    number = Fraction(m.group("num"))
-    if m.group("suffix"):
-        number *= _SUFFIXES[m.group("suffix")]
-    elif m.group("exp"):
-        exp = int(m.group("exp"))
-        if abs(exp) > 64:  # keeps "1e999999" from building a huge integer
-            raise ValueError(f"{text!r}: exponent out of range")
-        number *= Fraction(10) ** exp
-    return number
 
 
 def parse_vmi(text: str, field: str = DEFAULT_FIELD) -> VMISpec:
@@ -234,9 +142,9 @@ def _locate_spec(doc: Mapping[str, Any], field: str) -> tuple[str, str | None, M
         raise InvalidArgument(
             f"{field}.apiVersion", f"expected {API_GROUP}/v1 for a KubeVirt manifest, got {api_version!r}"
         )
-    metadata = _mapping(doc.get("metadata"), f"{field}.metadata")
-    name = _opt_str(metadata.get("name"), f"{field}.metadata.name")
-    spec = _mapping(doc.get("spec"), f"{field}.spec", required=True)
+    metadata = read_mapping(doc.get("metadata"), f"{field}.metadata")
+    name = read_str(metadata.get("name"), f"{field}.metadata.name")
+    spec = read_mapping(doc.get("spec"), f"{field}.spec", required=True)
     if kind == KIND_VMI:
         return KIND_VMI, name, spec, f"{field}.spec"
     if kind == KIND_VM:
@@ -249,8 +157,8 @@ def _locate_spec(doc: Mapping[str, Any], field: str) -> tuple[str, str | None, M
                     f"VirtualMachine {key} references are not supported by Podvisor; "
                     "state the sizes in spec.template.spec.domain instead",
                 )
-        template = _mapping(spec.get("template"), f"{field}.spec.template", required=True)
-        inner = _mapping(template.get("spec"), f"{field}.spec.template.spec", required=True)
+        template = read_mapping(spec.get("template"), f"{field}.spec.template", required=True)
+        inner = read_mapping(template.get("spec"), f"{field}.spec.template.spec", required=True)
         return KIND_VM, name, inner, f"{field}.spec.template.spec"
     raise InvalidArgument(
         f"{field}.kind",
@@ -268,16 +176,31 @@ class _VMIParser:
     def at(self, path: str) -> str:
         return f"{self.field}.{path}"
 
+    def _entries(self, value: object, path: str, what: str) -> Iterator[tuple[str, Mapping[str, Any], str]]:
+        """The entries of the list at ``path``: each a mapping with a ``name`` used once.
+
+        Yields ``(field, entry, name)``; ``what`` names an entry in errors.
+        """
+        seen: set[str] = set()
+        for i, raw in enumerate(read_list(value, self.at(path))):
+            where = self.at(f"{path}[{i}]")
+            entry = read_mapping(raw, where, required=True)
+            name = read_name(entry.get("name"), f"{where}.name")
+            if name in seen:
+                raise InvalidArgument(f"{where}.name", f"{what} name {name!r} is used twice")
+            seen.add(name)
+            yield where, entry, name
+
     def parse(self, kind: str, name: str | None) -> VMISpec:
         spec = self.spec
-        domain = _mapping(spec.get("domain"), self.at("domain"), required=True)
+        domain = read_mapping(spec.get("domain"), self.at("domain"), required=True)
         if spec.get("accessCredentials"):
             raise InvalidArgument(
                 self.at("accessCredentials"),
                 "access credentials come from Kubernetes Secrets, which Podvisor cannot read; "
                 "use the podvisor.io/ssh-authorized-keys annotation or cloud-init user-data",
             )
-        devices = _mapping(domain.get("devices"), self.at("domain.devices"))
+        devices = read_mapping(domain.get("devices"), self.at("domain.devices"))
         for key, what in (("gpus", "GPUs"), ("hostDevices", "host devices"), ("filesystems", "filesystems")):
             if devices.get(key):
                 raise InvalidArgument(self.at(f"domain.devices.{key}"), f"{what} are not supported by Podvisor")
@@ -302,7 +225,7 @@ class _VMIParser:
             kind=kind,
             field=self.field,
             name=name,
-            hostname=_opt_str(spec.get("hostname"), self.at("hostname")),
+            hostname=read_str(spec.get("hostname"), self.at("hostname")),
             vcpus=vcpus,
             vcpus_field=vcpus_field,
             max_vcpus=max_vcpus,
@@ -330,21 +253,21 @@ class _VMIParser:
         wins; without one the vCPU count is the CPU limit, else the CPU
         request, rounded up to whole CPUs as resource.Quantity.Value() does.
         """
-        cpu = _mapping(domain.get("cpu"), self.at("domain.cpu"))
-        topo = {k: _opt_count(cpu.get(k), self.at(f"domain.cpu.{k}")) for k in ("cores", "sockets", "threads")}
-        max_sockets = _opt_count(cpu.get("maxSockets"), self.at("domain.cpu.maxSockets"))
+        cpu = read_mapping(domain.get("cpu"), self.at("domain.cpu"))
+        topo = {k: read_count(cpu.get(k), self.at(f"domain.cpu.{k}")) for k in ("cores", "sockets", "threads")}
+        max_sockets = read_count(cpu.get("maxSockets"), self.at("domain.cpu.maxSockets"))
         cores, sockets, threads = (topo[k] or 1 for k in ("cores", "sockets", "threads"))
         vcpus: int | None = None
         vcpus_field = ""
         if any(topo.values()):
             vcpus, vcpus_field = cores * sockets * threads, self.at("domain.cpu")
         else:
-            resources = _mapping(domain.get("resources"), self.at("domain.resources"))
+            resources = read_mapping(domain.get("resources"), self.at("domain.resources"))
             for section in ("limits", "requests"):
                 where = self.at(f"domain.resources.{section}.cpu")
-                value = _mapping(resources.get(section), self.at(f"domain.resources.{section}")).get("cpu")
+                value = read_mapping(resources.get(section), self.at(f"domain.resources.{section}")).get("cpu")
                 if value is not None:
-                    vcpus, vcpus_field = _whole_cpus(value, where), where
+                    vcpus, vcpus_field = read_cpus(value, where), where
                     break
         if vcpus is not None and vcpus > ann.MAX_VCPUS:
             raise InvalidArgument(vcpus_field, f"{vcpus} vCPUs; at most {ann.MAX_VCPUS} are supported")
@@ -367,17 +290,17 @@ class _VMIParser:
         Kubernetes defaults a missing request to the limit, and KubeVirt sizes
         the guest from the request when ``memory.guest`` is unset.
         """
-        resources = _mapping(domain.get("resources"), self.at("domain.resources"))
-        requests = _mapping(resources.get("requests"), self.at("domain.resources.requests"))
-        limits = _mapping(resources.get("limits"), self.at("domain.resources.limits"))
-        memory_cfg = _mapping(domain.get("memory"), self.at("domain.memory"))
+        resources = read_mapping(domain.get("resources"), self.at("domain.resources"))
+        requests = read_mapping(resources.get("requests"), self.at("domain.resources.requests"))
+        limits = read_mapping(resources.get("limits"), self.at("domain.resources.limits"))
+        memory_cfg = read_mapping(domain.get("memory"), self.at("domain.memory"))
         candidates = (
             ("guest", memory_cfg.get("guest"), self.at("domain.memory.guest")),
             ("requests", requests.get("memory"), self.at("domain.resources.requests.memory")),
             ("limits", limits.get("memory"), self.at("domain.resources.limits.memory")),
             ("maxGuest", memory_cfg.get("maxGuest"), self.at("domain.memory.maxGuest")),
         )
-        found = {key: (_memory_bytes(value, where), where) for key, value, where in candidates if value is not None}
+        found = {key: (read_memory(value, where), where) for key, value, where in candidates if value is not None}
         if "requests" in found and "limits" in found and found["requests"][0] > found["limits"][0]:
             raise InvalidArgument(found["requests"][1], "is greater than domain.resources.limits.memory")
         current = found.get("guest") or found.get("requests") or found.get("limits")
@@ -388,18 +311,18 @@ class _VMIParser:
         return memory, memory_field, max_memory, max_field
 
     def _firmware(self, domain: Mapping[str, Any]) -> tuple[str | None, bool | None]:
-        firmware = _mapping(domain.get("firmware"), self.at("domain.firmware"))
+        firmware = read_mapping(domain.get("firmware"), self.at("domain.firmware"))
         if firmware.get("kernelBoot") is not None:
             # Booting a kernel from a container image is another boot path;
             # ignoring it would boot the disk instead.
             raise InvalidArgument(self.at("domain.firmware.kernelBoot"), "kernel boot is not supported by Podvisor")
         where = self.at("domain.firmware.bootloader")
-        bootloader = _mapping(firmware.get("bootloader"), where)
+        bootloader = read_mapping(firmware.get("bootloader"), where)
         has_efi, has_bios = "efi" in bootloader, "bios" in bootloader
         if has_efi and has_bios:
             raise InvalidArgument(where, "names both efi and bios")
         if has_efi:
-            efi = _mapping(bootloader.get("efi"), f"{where}.efi")
+            efi = read_mapping(bootloader.get("efi"), f"{where}.efi")
             secure = efi.get("secureBoot", True)  # KubeVirt's default
             if not isinstance(secure, bool):
                 raise InvalidArgument(f"{where}.efi.secureBoot", "expected true or false")
@@ -412,12 +335,7 @@ class _VMIParser:
 
     def _volumes(self) -> dict[str, ContainerDiskVolume | CloudInitNoCloudVolume]:
         volumes: dict[str, ContainerDiskVolume | CloudInitNoCloudVolume] = {}
-        for i, volume in enumerate(_list(self.spec.get("volumes"), self.at("volumes"))):
-            where = self.at(f"volumes[{i}]")
-            volume = _mapping(volume, where, required=True)
-            name = _name(volume.get("name"), f"{where}.name")
-            if name in volumes:
-                raise InvalidArgument(f"{where}.name", f"volume name {name!r} is used twice")
+        for where, volume, name in self._entries(self.spec.get("volumes"), "volumes", "volume"):
             sources = [k for k in volume if k != "name"]
             if len(sources) != 1:
                 raise InvalidArgument(
@@ -440,12 +358,12 @@ class _VMIParser:
         return volumes
 
     def _container_disk(self, name: str, body: object, where: str) -> ContainerDiskVolume:
-        body = _mapping(body, where)
-        image = _opt_str(body.get("image"), f"{where}.image")
+        body = read_mapping(body, where)
+        image = read_str(body.get("image"), f"{where}.image")
         if not image:
             raise InvalidArgument(f"{where}.image", "is required")
         ref = parse_image_ref(image, f"{where}.image")
-        path = _opt_str(body.get("path"), f"{where}.path")
+        path = read_str(body.get("path"), f"{where}.path")
         if path is not None:
             parts = path.split("/")
             if not path.startswith("/") or path.endswith("/") or any(p in ("", ".", "..") for p in parts[1:]):
@@ -453,7 +371,7 @@ class _VMIParser:
         return ContainerDiskVolume(name=name, image=image, image_ref=ref, path=path, field=where)
 
     def _cloud_init(self, name: str, body: object, where: str) -> CloudInitNoCloudVolume:
-        body = _mapping(body, where)
+        body = read_mapping(body, where)
         for key in ("secretRef", "userDataSecretRef", "networkDataSecretRef"):
             if body.get(key) is not None:
                 raise InvalidArgument(
@@ -461,8 +379,8 @@ class _VMIParser:
                     "Kubernetes Secrets cannot be read by Podvisor; inline the data "
                     "(userData/userDataBase64, networkData/networkDataBase64) instead",
                 )
-        user, user_field = _text_or_base64(body, "userData", where)
-        network, network_field = _text_or_base64(body, "networkData", where)
+        user, user_field = read_text_or_base64(body, "userData", where)
+        network, network_field = read_text_or_base64(body, "networkData", where)
         return CloudInitNoCloudVolume(
             name=name, user_data=user, network_data=network, field=where,
             user_data_field=user_field, network_data_field=network_field,
@@ -472,12 +390,7 @@ class _VMIParser:
         self, devices: Mapping[str, Any], volumes: Mapping[str, ContainerDiskVolume | CloudInitNoCloudVolume]
     ) -> tuple[Disk, ...]:
         disks: list[Disk] = []
-        for i, raw in enumerate(_list(devices.get("disks"), self.at("domain.devices.disks"))):
-            where = self.at(f"domain.devices.disks[{i}]")
-            raw = _mapping(raw, where, required=True)
-            name = _name(raw.get("name"), f"{where}.name")
-            if any(d.name == name for d in disks):
-                raise InvalidArgument(f"{where}.name", f"disk name {name!r} is used twice")
+        for where, raw, name in self._entries(devices.get("disks"), "domain.devices.disks", "disk"):
             if name not in volumes:
                 raise InvalidArgument(f"{where}.name", f"disk {name!r} names no volume in {self.at('volumes')}")
             kinds = [k for k in DISK_DEVICES if k in raw]
@@ -486,15 +399,15 @@ class _VMIParser:
             device = kinds[0] if kinds else "disk"  # KubeVirt's default
             if device == "lun":
                 raise InvalidArgument(f"{where}.lun", "lun disks (SCSI passthrough) are not supported by Podvisor")
-            target = _mapping(raw.get(device), f"{where}.{device}")
-            bus = _opt_str(target.get("bus"), f"{where}.{device}.bus")
+            target = read_mapping(raw.get(device), f"{where}.{device}")
+            bus = read_str(target.get("bus"), f"{where}.{device}.bus")
             if bus is not None and bus not in DISK_BUSES:
                 raise InvalidArgument(
                     f"{where}.{device}.bus", f"bus {bus!r} is not supported (supported: {', '.join(DISK_BUSES)})"
                 )
             if device == "cdrom" and bus == "virtio":
                 raise InvalidArgument(f"{where}.cdrom.bus", "a cdrom cannot use the virtio bus")
-            boot_order = _opt_count(raw.get("bootOrder"), f"{where}.bootOrder")
+            boot_order = read_count(raw.get("bootOrder"), f"{where}.bootOrder")
             disks.append(Disk(name=name, device=device, bus=bus, boot_order=boot_order, field=where))
         # KubeVirt's defaulting webhook gives every volume without a disk a plain disk.
         listed = {d.name for d in disks}
@@ -508,44 +421,36 @@ class _VMIParser:
 
     def _network(self, devices: Mapping[str, Any]) -> tuple[tuple[Interface, ...], tuple[str, ...], bool]:
         networks: list[str] = []
-        for i, raw in enumerate(_list(self.spec.get("networks"), self.at("networks"))):
-            where = self.at(f"networks[{i}]")
-            raw = _mapping(raw, where, required=True)
-            name = _name(raw.get("name"), f"{where}.name")
-            if name in networks:
-                raise InvalidArgument(f"{where}.name", f"network name {name!r} is used twice")
+        for where, raw, name in self._entries(self.spec.get("networks"), "networks", "network"):
             kinds = [k for k in raw if k != "name"]
             if kinds != ["pod"]:
                 raise InvalidArgument(
                     where, f"network {name!r}: only pod networks are supported by Podvisor, found "
                     + (", ".join(kinds) if kinds else "no network source"),
                 )
-            _mapping(raw["pod"], f"{where}.pod")
+            read_mapping(raw["pod"], f"{where}.pod")
             networks.append(name)
         if len(networks) > 1:
             raise InvalidArgument(self.at("networks"), "at most one pod network is allowed")
 
         interfaces: list[Interface] = []
-        for i, raw in enumerate(_list(devices.get("interfaces"), self.at("domain.devices.interfaces"))):
-            where = self.at(f"domain.devices.interfaces[{i}]")
-            raw = _mapping(raw, where, required=True)
-            name = _name(raw.get("name"), f"{where}.name")
+        # _entries refuses a repeated name before the network look-up; the
+        # outcome is the same, as the name's first use found its network.
+        for where, raw, name in self._entries(devices.get("interfaces"), "domain.devices.interfaces", "interface"):
             if name not in networks:
                 raise InvalidArgument(f"{where}.name", f"interface {name!r} names no network in {self.at('networks')}")
-            if any(x.name == name for x in interfaces):
-                raise InvalidArgument(f"{where}.name", f"interface name {name!r} is used twice")
             bindings = [k for k in (*INTERFACE_BINDINGS, *_UNSUPPORTED_BINDINGS) if k in raw]
             if len(bindings) != 1 or bindings[0] not in INTERFACE_BINDINGS:
                 raise InvalidArgument(
                     where, f"interface {name!r}: expected one binding of {', '.join(INTERFACE_BINDINGS)}, found "
                     + (", ".join(bindings) if bindings else "none"),
                 )
-            model = _opt_str(raw.get("model"), f"{where}.model")
+            model = read_str(raw.get("model"), f"{where}.model")
             if model is not None and model not in INTERFACE_MODELS:
                 raise InvalidArgument(
                     f"{where}.model", f"{model!r} is not a NIC model KubeVirt knows ({', '.join(INTERFACE_MODELS)})"
                 )
-            mac = _opt_str(raw.get("macAddress"), f"{where}.macAddress")
+            mac = read_str(raw.get("macAddress"), f"{where}.macAddress")
             if mac is not None and not _MAC.match(mac):
                 raise InvalidArgument(f"{where}.macAddress", f"{mac!r} is not a MAC address")
             interfaces.append(Interface(name=name, binding=bindings[0], model=model, mac_address=mac))
@@ -561,95 +466,3 @@ class _VMIParser:
         if not isinstance(autoattach, bool):
             raise InvalidArgument(self.at("domain.devices.autoattachPodInterface"), "expected true or false")
         return (), (), autoattach
-
-
-# -- small typed readers: each names the field it rejects ----------------------
-
-
-def _mapping(value: object, where: str, *, required: bool = False) -> Mapping[str, Any]:
-    # YAML "pod:" (no value) loads as None; it means the same as "pod: {}".
-    if value is None:
-        if required:
-            raise InvalidArgument(where, "is required")
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidArgument(where, f"expected a mapping, got {type(value).__name__}")
-    return value
-
-
-def _list(value: object, where: str) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise InvalidArgument(where, f"expected a list, got {type(value).__name__}")
-    return value
-
-
-def _opt_str(value: object, where: str) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidArgument(where, f"expected a string, got {type(value).__name__}")
-    return value
-
-
-def _name(value: object, where: str) -> str:
-    name = _opt_str(value, where)
-    if not name:
-        raise InvalidArgument(where, "is required")
-    return name
-
-
-def _opt_count(value: object, where: str) -> int | None:
-    """A non-negative integer; 0 and absent both mean "not set" (Go's zero value)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidArgument(where, "expected a non-negative integer")
-    return value or None
-
-
-def _memory_bytes(value: object, where: str) -> int:
-    try:
-        quantity = parse_quantity(value)
-    except ValueError as exc:
-        raise InvalidArgument(where, str(exc)) from None
-    n = math.ceil(quantity)  # Quantity.Value() rounds up
-    if n < MIN_MEMORY_BYTES:
-        raise InvalidArgument(where, f"{value!r} is below the minimum of 16Mi ({MIN_MEMORY_BYTES} bytes)")
-    return n
-
-
-def _whole_cpus(value: object, where: str) -> int:
-    try:
-        quantity = parse_quantity(value)
-    except ValueError as exc:
-        raise InvalidArgument(where, str(exc)) from None
-    if quantity <= 0:
-        raise InvalidArgument(where, f"{value!r}: must be more than 0")
-    return math.ceil(quantity)
-
-
-def _text_or_base64(body: Mapping[str, Any], key: str, where: str) -> tuple[bytes | None, str]:
-    """``key`` verbatim, else ``key + 'Base64'`` decoded (KubeVirt: the plain field wins).
-
-    Both are checked when both are given: a malformed value is an error even
-    when it would lose.
-    """
-    text = _opt_str(body.get(key), f"{where}.{key}")
-    b64 = _opt_str(body.get(key + "Base64"), f"{where}.{key}Base64")
-    decoded: bytes | None = None
-    if b64 is not None:
-        # Go's base64.StdEncoding (KubeVirt) skips line breaks; so do we.
-        try:
-            decoded = ann.decode_base64(b64.replace("\r", "").replace("\n", ""))
-        except ValueError as exc:
-            raise InvalidArgument(f"{where}.{key}Base64", str(exc)) from None
-    if text is not None:
-        data = text.encode("utf-8")
-        if len(data) > ann.MAX_USER_DATA_BYTES:
-            raise InvalidArgument(f"{where}.{key}", f"larger than {ann.MAX_USER_DATA_BYTES} bytes")
-        return data, f"{where}.{key}"
-    if decoded is not None:
-        return decoded, f"{where}.{key}Base64"
-    return None, ""

@@ -34,6 +34,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import ClassVar
 
 VERSION = 3
 FLAG_FIN = 0x01
@@ -179,13 +180,21 @@ class SynStream:
 
 
 @dataclass(frozen=True)
-class SynReply:
+class _HeaderBlockFrame:
+    """A stream id and a header block: the layout SYN_REPLY and HEADERS share."""
+
+    frame_type: ClassVar[FrameType]
     stream_id: int
     headers: HeaderList = ()
     fin: bool = False
 
     def __post_init__(self) -> None:
         _check_stream_id(self.stream_id)
+
+
+@dataclass(frozen=True)
+class SynReply(_HeaderBlockFrame):
+    frame_type: ClassVar[FrameType] = FrameType.SYN_REPLY
 
 
 @dataclass(frozen=True)
@@ -237,13 +246,8 @@ class GoAway:
 
 
 @dataclass(frozen=True)
-class Headers:
-    stream_id: int
-    headers: HeaderList = ()
-    fin: bool = False
-
-    def __post_init__(self) -> None:
-        _check_stream_id(self.stream_id)
+class Headers(_HeaderBlockFrame):
+    frame_type: ClassVar[FrameType] = FrameType.HEADERS
 
 
 @dataclass(frozen=True)
@@ -367,12 +371,9 @@ class Encoder:
                 flags = (FLAG_FIN if frame.fin else 0) | (FLAG_UNIDIRECTIONAL if frame.unidirectional else 0)
                 fixed = struct.pack(">IIBB", frame.stream_id, frame.associated_to, frame.priority << 5, frame.slot)
                 return _control(FrameType.SYN_STREAM, flags, fixed + self._headers.compress(frame.headers))
-            case SynReply(stream_id, headers, fin):
+            case _HeaderBlockFrame(stream_id, headers, fin):  # SynReply, Headers
                 block = struct.pack(">I", stream_id) + self._headers.compress(headers)
-                return _control(FrameType.SYN_REPLY, FLAG_FIN if fin else 0, block)
-            case Headers(stream_id, headers, fin):
-                block = struct.pack(">I", stream_id) + self._headers.compress(headers)
-                return _control(FrameType.HEADERS, FLAG_FIN if fin else 0, block)
+                return _control(frame.frame_type, FLAG_FIN if fin else 0, block)
             case RstStream(stream_id, status):
                 return _control(FrameType.RST_STREAM, 0, struct.pack(">II", stream_id, status))
             case Settings(entries, clear):
