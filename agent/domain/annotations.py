@@ -1,7 +1,7 @@
 """`podvisor.io/` annotations: the closed set of keys and their value checks.
 
 Unknown keys under the prefix and malformed values are rejected with the key
-named, never replaced by a silent default (DESIGN.md, Annotations).
+named, never replaced by a silent default (docs/annotations.md).
 """
 
 from __future__ import annotations

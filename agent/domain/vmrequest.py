@@ -4,7 +4,7 @@ The caller (the containers service) copies the few CRI values it needs into
 plain values (``CRIResources``, env pairs, command, args), so this module
 stays free of protobuf.
 
-Precedence, most specific first (DESIGN.md, "CRI → VM mapping" and "Annotations"):
+Precedence, most specific first (docs/vms.md and docs/annotations.md):
 
 * Pod and container annotations are merged key by key; the container's value
   wins. ``podvisor.io/user-data`` and ``podvisor.io/user-data-base64`` are two
