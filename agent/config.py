@@ -34,9 +34,23 @@ class ServerConfig:
     socket: Path = DEFAULT_SOCKET
     # Group that owns the socket (mode 0660); empty keeps root's group.
     socket_group: str = ""
-    workers: int = 32
+    # Threads serving calls; every call the server accepts gets one at once.
+    workers: int = 64
+    # Calls in progress at most (0: as many as workers); beyond, RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 0
+    # GetContainerEvents streams open at most (each holds a thread); beyond, RESOURCE_EXHAUSTED.
+    max_event_streams: int = 16
+    # StopContainer calls in progress at most (each may wait for a guest); beyond, RESOURCE_EXHAUSTED.
+    max_concurrent_stops: int = 16
+    # Longest a StopContainer waits for the guest's ACPI shutdown before the hard stop.
+    max_stop_timeout_seconds: int = 300
     # SIGTERM waits this long for in-flight calls before cancelling them.
     shutdown_grace_seconds: float = 10.0
+
+    @property
+    def rpc_limit(self) -> int:
+        """The effective ``max_concurrent_rpcs``."""
+        return self.max_concurrent_rpcs or self.workers
 
 
 @dataclass(frozen=True)
@@ -283,8 +297,28 @@ def override(
     return cfg
 
 
+# Calls always left free for kubelet's quick ones (Version, List*, Status)
+# when every event stream and every stop is held.
+RPC_HEADROOM = 8
+
+
+def _validate_server(server: ServerConfig) -> None:
+    long_held = server.max_event_streams + server.max_concurrent_stops
+    if server.rpc_limit < long_held + RPC_HEADROOM:
+        key = "max_concurrent_rpcs" if server.max_concurrent_rpcs else "workers"
+        raise ConfigError(
+            f"[server] {key}: {server.rpc_limit} calls at once must be at least max_event_streams + "
+            f"max_concurrent_stops + {RPC_HEADROOM} = {long_held + RPC_HEADROOM}, so streams and stops "
+            "cannot hold every thread")
+    if server.rpc_limit > server.workers:
+        raise ConfigError(
+            f"[server] max_concurrent_rpcs: {server.rpc_limit} exceeds workers ({server.workers}); "
+            "calls beyond the threads would wait in line behind held ones")
+
+
 def validate(cfg: AgentConfig) -> None:
     """Cross-field and enumerated-value checks."""
+    _validate_server(cfg.server)
     for name, path in (("state_dir", cfg.state_dir), ("[server] socket", cfg.server.socket)):
         if not path.is_absolute():
             raise ConfigError(f"{name}: {str(path)!r} must be an absolute path")

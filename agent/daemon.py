@@ -23,7 +23,7 @@ from types import FrameType
 import structlog
 
 from agent import __version__
-from agent.adapters import kvm, qemu_img, systemd
+from agent.adapters import kvm, qemu_access, qemu_img, systemd
 from agent.adapters.console_log import ConsoleLogs
 from agent.adapters.files import SandboxFiles
 from agent.adapters.host import Host
@@ -123,7 +123,7 @@ def build_container_service(cfg: AgentConfig, store: Store, libvirt: Libvirt, co
     return ContainerService(ContainerPorts(
         store=store, hypervisor=libvirt, files=vm_files, console=console, sandboxes=sandboxes, images=images,
         vm=builder, clock=SystemClock(),
-    ))
+    ), max_stop_timeout=cfg.server.max_stop_timeout_seconds)
 
 
 class Daemon:
@@ -139,6 +139,11 @@ class Daemon:
     def run(self) -> int:
         cfg = self.cfg
         lock_fd = _lock_state_dir(cfg.state_dir)
+        if qemu_access.local_system_qemu(cfg.libvirt.uri):
+            problem = qemu_access.traversal_problem({"state_dir": cfg.state_dir, "runtime_dir": cfg.runtime_dir})
+            if problem is not None:
+                os.close(lock_fd)
+                raise StartupError(problem)
         store = Store(cfg.db_path)
         files = SandboxFiles(cfg.sandboxes_dir)
         network = None
@@ -182,6 +187,9 @@ class Daemon:
             ImageServicer(images, str(cfg.images_dir)),
             HostServicer(runtime),
             cfg.server.workers,
+            max_concurrent_rpcs=cfg.server.rpc_limit,
+            max_event_streams=cfg.server.max_event_streams,
+            max_concurrent_stops=cfg.server.max_concurrent_stops,
         )
         sock = cfg.server.socket
         _prepare_socket(sock)

@@ -8,6 +8,7 @@ other module ever sees a libvirt type.
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 import libvirt
 import structlog
 
-from agent.domain.errors import Internal, NotFound, Unavailable
+from agent.domain.errors import FailedPrecondition, Internal, NotFound, Unavailable
 from agent.domain.hypervisor import DomainState, DomainStats, HypervisorVersions, LifecycleEvent
 
 log = structlog.get_logger(__name__)
@@ -26,15 +27,43 @@ _event_loop_lock = threading.Lock()
 _event_loop_started = False
 
 # libvirt error codes that mean "the connection is gone", not "the call was wrong".
-_CONNECTION_ERRORS = {
-    libvirt.VIR_ERR_SYSTEM_ERROR,
+# VIR_ERR_SYSTEM_ERROR is not among them: libvirtd reports every failed system
+# call with it (a storage file it cannot open, say); only when it comes from the
+# RPC layer, or the connection is dead, is it the connection's.
+_CONNECTION_ERRORS = frozenset({
     libvirt.VIR_ERR_NO_CONNECT,
     libvirt.VIR_ERR_INVALID_CONN,
     libvirt.VIR_ERR_RPC,
     libvirt.VIR_ERR_AUTH_FAILED,
-    libvirt.VIR_ERR_OPERATION_TIMEOUT,
-}
-_CONNECTION_DOMAINS = {libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE}
+})
+_CONNECTION_DOMAINS = frozenset({libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE})
+_ACCESS_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
+
+
+def classify_error(code: int, domain: int, sys_errno: int, alive: bool) -> str:
+    """What a libvirt error means for the caller, from its code, domain and errno.
+
+    ``lost``: the connection dropped (reconnect; UNAVAILABLE). ``busy``: libvirtd
+    timed out on a lock or a job, the connection is fine (UNAVAILABLE, no
+    reconnect). ``access``: a system call failed with EACCES/EPERM on a file
+    (FAILED_PRECONDITION). ``not_found``: no such domain or network. ``other``.
+    """
+    if not alive or code in _CONNECTION_ERRORS or domain in _CONNECTION_DOMAINS:
+        return "lost"
+    if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
+        return "busy"
+    if code == libvirt.VIR_ERR_SYSTEM_ERROR and sys_errno in _ACCESS_ERRNOS:
+        return "access"
+    if code in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_NO_NETWORK):
+        return "not_found"
+    return "other"
+
+
+def _alive(conn: Any) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
 
 
 def _ignore_errors(_ctx: object, _err: object) -> None:
@@ -219,15 +248,21 @@ class Libvirt:
         try:
             return fn(conn)
         except libvirt.libvirtError as exc:
-            raise self._translate(exc) from None
+            raise self._translate(exc, conn) from None
 
-    def _translate(self, exc: Any) -> Exception:
-        code = exc.get_error_code()
+    def _translate(self, exc: Any, conn: Any) -> Exception:
         message = exc.get_error_message() or str(exc)
-        if code in _CONNECTION_ERRORS or exc.get_error_domain() in _CONNECTION_DOMAINS:
+        kind = classify_error(exc.get_error_code(), exc.get_error_domain(), exc.get_int1() or 0, _alive(conn))
+        if kind == "lost":
             self._mark_lost(message)
             return Unavailable(f"libvirt unavailable: {message}")
-        if code in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_NO_NETWORK):
+        if kind == "busy":
+            return Unavailable(f"libvirt busy: {message}")
+        if kind == "access":
+            # e.g. "Cannot access storage file '<path>' (as uid:64055, gid:64055): Permission denied"
+            return FailedPrecondition(
+                f"libvirt: {message}; QEMU's user needs search (x) permission on every directory above that path")
+        if kind == "not_found":
             return NotFound(f"libvirt: {message}")
         return Internal(f"libvirt error: {message}")
 

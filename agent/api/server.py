@@ -16,6 +16,7 @@ from agent.api.gen.runtime.v1 import api_pb2
 from agent.api.host import HostServicer
 from agent.api.images import ImageServicer
 from agent.api.interceptor import ApiInterceptor
+from agent.api.limits import CallLimiter
 from agent.api.runtime_service import RuntimeServicer
 
 # kubelet sends and accepts messages up to 16 MiB.
@@ -63,10 +64,27 @@ def build(
     images: ImageServicer,
     host: HostServicer,
     workers: int,
+    *,
+    max_concurrent_rpcs: int | None = None,
+    max_event_streams: int = 16,
+    max_concurrent_stops: int = 16,
 ) -> tuple[grpc.Server, health.HealthServicer]:
+    """The server, not started.
+
+    Every accepted call gets a thread at once (``max_concurrent_rpcs`` ≤
+    ``workers``; beyond it gRPC answers RESOURCE_EXHAUSTED rather than queueing
+    a call behind held threads), and the calls that may run for long have
+    their own smaller budgets (``CallLimiter``), so quick calls always find
+    one free.
+    """
+    limit = max_concurrent_rpcs or workers
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-        interceptors=[ApiInterceptor()],
+        interceptors=[ApiInterceptor(), CallLimiter({
+            "GetContainerEvents": (max_event_streams, "max_event_streams"),
+            "StopContainer": (max_concurrent_stops, "max_concurrent_stops"),
+        })],
+        maximum_concurrent_rpcs=limit,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

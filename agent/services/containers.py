@@ -67,9 +67,17 @@ class ContainerStats:
     writable_bytes: int
 
 
+# The longest StopContainer waits for a guest's ACPI shutdown by default.
+# kubelet passes the pod's terminationGracePeriodSeconds (30 s by default,
+# KubeVirt's VMIs 180 s), a number the pod author chooses: uncapped, one call
+# could hold a server thread for years.
+MAX_STOP_TIMEOUT = 300
+
+
 class ContainerService:
-    def __init__(self, ports: ContainerPorts) -> None:
+    def __init__(self, ports: ContainerPorts, max_stop_timeout: int = MAX_STOP_TIMEOUT) -> None:
         self._p = ports
+        self._max_stop_timeout = max_stop_timeout
         self._lock = threading.RLock()
         self._by_id: dict[str, Container] = {}
         self._op_locks: dict[str, threading.Lock] = {}
@@ -225,8 +233,13 @@ class ContainerService:
     def stop(self, container_id: str, timeout: int) -> None:
         """ACPI shutdown, then a hard stop once ``timeout`` seconds pass.
 
-        CRI: stopping a stopped (or unknown) container is not an error.
+        ``timeout`` is capped at ``max_stop_timeout``. CRI: stopping a
+        stopped (or unknown) container is not an error.
         """
+        if timeout > self._max_stop_timeout:
+            log.info("stop timeout capped", container_id=container_id, requested=timeout,
+                     cap=self._max_stop_timeout)
+            timeout = self._max_stop_timeout
         c = self._find(container_id)
         if c is None:
             return

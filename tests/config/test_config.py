@@ -29,7 +29,10 @@ def test_no_file_gives_builtin_defaults() -> None:
     assert cfg.state_dir == Path("/var/lib/podvisor")
     assert cfg.server.socket == Path("/run/podvisor/podvisor.sock")
     assert cfg.server.socket_group == ""
-    assert cfg.server.workers == 32
+    assert cfg.server.workers == 64
+    assert cfg.server.rpc_limit == 64
+    assert (cfg.server.max_event_streams, cfg.server.max_concurrent_stops) == (16, 16)
+    assert cfg.server.max_stop_timeout_seconds == 300
     assert cfg.server.shutdown_grace_seconds == 10.0
     assert cfg.libvirt.uri == "qemu:///system"
     assert cfg.libvirt.virt_type == "auto"
@@ -66,7 +69,11 @@ state_dir = "/srv/podvisor"
 [server]
 socket = "/run/pv/agent.sock"
 socket_group = "root"
-workers = 8
+workers = 20
+max_concurrent_rpcs = 18
+max_event_streams = 4
+max_concurrent_stops = 6
+max_stop_timeout_seconds = 60
 shutdown_grace_seconds = 3
 
 [libvirt]
@@ -86,7 +93,10 @@ level = "debug"
     assert cfg.state_dir == Path("/srv/podvisor")
     assert cfg.server.socket == Path("/run/pv/agent.sock")
     assert cfg.server.socket_group == "root"
-    assert cfg.server.workers == 8
+    assert cfg.server.workers == 20
+    assert cfg.server.rpc_limit == 18
+    assert (cfg.server.max_event_streams, cfg.server.max_concurrent_stops) == (4, 6)
+    assert cfg.server.max_stop_timeout_seconds == 60
     # An integer where a number of seconds is expected becomes a float.
     assert cfg.server.shutdown_grace_seconds == 3.0
     assert isinstance(cfg.server.shutdown_grace_seconds, float)
@@ -145,6 +155,15 @@ def test_every_virt_type_is_accepted(tmp_path: Path, virt_type: str) -> None:
         ('[server]\nworkers = "8"\n', "[server] workers"),
         ("[server]\nworkers = true\n", "[server] workers"),
         ("[server]\nshutdown_grace_seconds = -1\n", "[server] shutdown_grace_seconds"),
+        # Streams and stops must leave threads for every other call (#10 item 12).
+        ("[server]\nworkers = 39\n", "[server] workers"),
+        ("[server]\nmax_event_streams = 50\n", "[server] workers"),
+        ("[server]\nmax_concurrent_rpcs = 39\n", "[server] max_concurrent_rpcs"),
+        ("[server]\nmax_concurrent_rpcs = 65\n", "[server] max_concurrent_rpcs"),
+        ("[server]\nmax_event_streams = 0\n", "[server] max_event_streams"),
+        ("[server]\nmax_concurrent_stops = -1\n", "[server] max_concurrent_stops"),
+        ("[server]\nmax_stop_timeout_seconds = 0\n", "[server] max_stop_timeout_seconds"),
+        ("[server]\nmax_stop_timeout_seconds = 1.5\n", "[server] max_stop_timeout_seconds"),
         ('[server]\nshutdown_grace_seconds = "10s"\n', "[server] shutdown_grace_seconds"),
         ("[server]\nshutdown_grace_seconds = true\n", "[server] shutdown_grace_seconds"),
         # [libvirt]
@@ -282,3 +301,11 @@ def test_bad_override_flags_name_the_key(flags: dict[str, object], key: str) -> 
     with pytest.raises(ConfigError) as exc_info:
         config.override(AgentConfig(), **flags)  # type: ignore[arg-type]
     assert str(exc_info.value).startswith(f"{key}:"), str(exc_info.value)
+
+
+def test_rpc_budgets_at_their_smallest_legal_sizes(tmp_path: Path) -> None:
+    # 16 streams + 16 stops + 8 free calls: the least that keeps quick calls answered.
+    cfg = _load_text(tmp_path, "[server]\nworkers = 40\n")
+    assert cfg.server.rpc_limit == 40
+    cfg = _load_text(tmp_path, "[server]\nworkers = 12\nmax_event_streams = 2\nmax_concurrent_stops = 2\n")
+    assert cfg.server.rpc_limit == 12

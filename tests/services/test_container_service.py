@@ -341,6 +341,22 @@ def test_stop_when_the_guest_ignores_acpi_kills(fakes: ContainerFakes, service: 
     assert fakes.libvirt.states[c.domain_name] == DomainState("shutoff", "destroyed")
 
 
+def test_a_huge_stop_timeout_is_capped(fakes: ContainerFakes) -> None:
+    # #10 item 12: the CRI's timeout is the pod author's grace period; uncapped,
+    # one StopContainer of a guest that ignores ACPI holds a thread for ever.
+    service = ContainerService(fakes.ports, max_stop_timeout=1)
+    c = _running(service, fakes)
+    fakes.libvirt.acpi_powers_off = False
+    t = threading.Thread(target=service.stop, args=(c.id, 10**15), daemon=True)
+    t.start()
+    t.join(60)  # a liveness guard, not a timing target
+    assert not t.is_alive()
+    got = service.get(c.id)
+    assert (got.exit_code, got.reason) == (137, "Killed")
+    assert "within 1s" in got.message
+    assert fakes.journal.of("libvirt.destroy_domain") == [("libvirt.destroy_domain", c.domain_name)]
+
+
 def test_stop_with_zero_timeout_kills_without_acpi(fakes: ContainerFakes, service: ContainerService) -> None:
     c = _running(service, fakes)
     service.stop(c.id, 0)
