@@ -25,7 +25,7 @@ from agent.adapters.qemu_access import (
 
 QEMU = QemuIdentity(name="libvirt-qemu", uid=64055, gids=frozenset({64055, 108}))
 OTHER_UID, OTHER_GID = 1000, 1000
-UO, U, GO, G, M, O = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+UO, U, GO, G, M, OTH = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -72,14 +72,14 @@ def _acl(*entries: tuple[int, int, int]) -> bytes:
 
 @pytest.mark.parametrize(("entries", "allowed"), [
     # named user entry grants x despite other having none (setfacl -m u:libvirt-qemu:x)
-    (((UO, 7, 0xFFFFFFFF), (U, 1, 64055), (GO, 0, 0xFFFFFFFF), (M, 1, 0xFFFFFFFF), (O, 0, 0xFFFFFFFF)), True),
+    (((UO, 7, 0xFFFFFFFF), (U, 1, 64055), (GO, 0, 0xFFFFFFFF), (M, 1, 0xFFFFFFFF), (OTH, 0, 0xFFFFFFFF)), True),
     # ... but the mask can take it away
-    (((UO, 7, 0xFFFFFFFF), (U, 1, 64055), (GO, 0, 0xFFFFFFFF), (M, 0, 0xFFFFFFFF), (O, 1, 0xFFFFFFFF)), False),
+    (((UO, 7, 0xFFFFFFFF), (U, 1, 64055), (GO, 0, 0xFFFFFFFF), (M, 0, 0xFFFFFFFF), (OTH, 1, 0xFFFFFFFF)), False),
     # named group entry for kvm
-    (((UO, 7, 0xFFFFFFFF), (GO, 0, 0xFFFFFFFF), (G, 1, 108), (M, 1, 0xFFFFFFFF), (O, 0, 0xFFFFFFFF)), True),
+    (((UO, 7, 0xFFFFFFFF), (GO, 0, 0xFFFFFFFF), (G, 1, 108), (M, 1, 0xFFFFFFFF), (OTH, 0, 0xFFFFFFFF)), True),
     # named entries for others only: the other entry decides
-    (((UO, 7, 0xFFFFFFFF), (U, 1, 4242), (GO, 0, 0xFFFFFFFF), (M, 7, 0xFFFFFFFF), (O, 0, 0xFFFFFFFF)), False),
-    (((UO, 7, 0xFFFFFFFF), (U, 0, 4242), (GO, 0, 0xFFFFFFFF), (M, 7, 0xFFFFFFFF), (O, 1, 0xFFFFFFFF)), True),
+    (((UO, 7, 0xFFFFFFFF), (U, 1, 4242), (GO, 0, 0xFFFFFFFF), (M, 7, 0xFFFFFFFF), (OTH, 0, 0xFFFFFFFF)), False),
+    (((UO, 7, 0xFFFFFFFF), (U, 0, 4242), (GO, 0, 0xFFFFFFFF), (M, 7, 0xFFFFFFFF), (OTH, 1, 0xFFFFFFFF)), True),
 ])
 def test_acls(entries: tuple[tuple[int, int, int], ...], allowed: bool) -> None:
     acl = parse_acl(_acl(*entries))
@@ -90,8 +90,8 @@ def test_acls(entries: tuple[tuple[int, int, int], ...], allowed: bool) -> None:
 def test_parse_acl_refuses_malformed_values() -> None:
     assert parse_acl(b"") == ()
     assert parse_acl(struct.pack("<I", 1) + struct.pack("<HHI", O, 1, 0)) == ()  # unknown version
-    assert parse_acl(_acl((O, 1, 0))[:-1]) == ()  # truncated
-    assert parse_acl(_acl((O, 1, 0))) == (AclEntry(O, 1, 0),)
+    assert parse_acl(_acl((OTH, 1, 0))[:-1]) == ()  # truncated
+    assert parse_acl(_acl((OTH, 1, 0))) == (AclEntry(OTH, 1, 0),)
 
 
 def test_root_passes_everywhere() -> None:
