@@ -89,7 +89,7 @@ def test_acls(entries: tuple[tuple[int, int, int], ...], allowed: bool) -> None:
 
 def test_parse_acl_refuses_malformed_values() -> None:
     assert parse_acl(b"") == ()
-    assert parse_acl(struct.pack("<I", 1) + struct.pack("<HHI", O, 1, 0)) == ()  # unknown version
+    assert parse_acl(struct.pack("<I", 1) + struct.pack("<HHI", OTH, 1, 0)) == ()  # unknown version
     assert parse_acl(_acl((OTH, 1, 0))[:-1]) == ()  # truncated
     assert parse_acl(_acl((OTH, 1, 0))) == (AclEntry(OTH, 1, 0),)
 
