@@ -20,6 +20,8 @@ def start_agent(workdir: Path, *, virt_type: str = "auto",
                 cni_conf_dir: Path | None = None) -> tuple[subprocess.Popen[bytes], Path]:
     """Start podvisor-agent under ``workdir``; pod networking only with ``cni_conf_dir``."""
     workdir.mkdir(parents=True, exist_ok=True)
+    # QEMU's user must traverse to the state (the agent checks it at start).
+    workdir.chmod(0o711)
     sock = workdir / "a.sock"
     cni = (f'[cni]\nenabled = true\nconf_dirs = ["{cni_conf_dir}"]\n' if cni_conf_dir is not None
            else "[cni]\nenabled = false\n")

@@ -89,6 +89,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=20)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pv-bench-net-", dir="/var/tmp"))
+    work.chmod(0o711)  # QEMU's user traverses it (checked at start)
     suffix = secrets.token_hex(3)
     bridge = f"pvbn{suffix}"
     conflist = {

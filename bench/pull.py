@@ -54,6 +54,7 @@ def main() -> int:
     args = ap.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="pv-bench-pull-", dir="/var/tmp"))
+    workdir.chmod(0o711)  # QEMU's user traverses it (checked at start)
     proc = None
     try:
         with run_registry(workdir / "registry") as registry:

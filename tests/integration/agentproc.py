@@ -36,8 +36,17 @@ class AgentProcess:
         self.command = command or AGENT  # another installation's podvisor-agent, say
         # Unix socket paths are limited to 107 bytes: keep it short.
         self.socket_dir = Path(tempfile.mkdtemp(prefix="pv-", dir="/tmp"))
+        # It is also the runtime_dir, and QEMU's user must traverse both it and
+        # the state directory (the agent checks at start): pytest's tmp tree
+        # is private (0700), so a default state lives in a 0711 directory.
+        self.socket_dir.chmod(0o711)
         self.socket = self.socket_dir / "agent.sock"
-        self.state_dir = state_dir or workdir / "state"
+        self._own_state: Path | None = None
+        if state_dir is None:
+            self._own_state = Path(tempfile.mkdtemp(prefix="pv-state-", dir="/var/tmp"))
+            self._own_state.chmod(0o711)
+            state_dir = self._own_state / "state"
+        self.state_dir = state_dir
         self.cni_conf_dir = cni_conf_dir or workdir / "cni"
         self.cni_conf_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / f"agent-{int(time.time() * 1000)}.log"
@@ -150,6 +159,8 @@ class AgentProcess:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.socket_dir, ignore_errors=True)
+        if self._own_state is not None:
+            shutil.rmtree(self._own_state, ignore_errors=True)
 
 
 @pytest.fixture

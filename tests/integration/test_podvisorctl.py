@@ -49,12 +49,15 @@ class Agent:
 def running_agent(tmp_path: Path) -> Iterator[Agent]:
     # A unix socket path must stay under 108 bytes: keep it out of tmp_path.
     sock_dir = Path(tempfile.mkdtemp(prefix="pvctl-", dir="/tmp"))
+    # QEMU's user must traverse the state and runtime directories (checked at
+    # start); pytest's tmp tree is private, so both live in sock_dir.
+    sock_dir.chmod(0o711)
     sock = sock_dir / "agent.sock"
     cni_dir = tmp_path / "cni"  # empty: the test touches no host network config
     cni_dir.mkdir()
     config = tmp_path / "agent.toml"
     config.write_text(
-        f'state_dir = "{tmp_path / "state"}"\n'
+        f'state_dir = "{sock_dir / "state"}"\n'
         f'runtime_dir = "{sock_dir}"\n'
         f'[server]\nsocket = "{sock}"\nshutdown_grace_seconds = 2.0\n'
         # No pod networking: with none configured the agent would use its
