@@ -204,7 +204,8 @@ def test_a_reserve_larger_than_the_free_space_stops_extraction(tmp_path: Path) -
     with pytest.raises(ResourceExhausted) as caught:
         add(extractor, [file("disk/a.raw", b"\x01" * MiB)], L1)
     assert caught.value.message.startswith(f"image {IMAGE}: unpacking layer {L1} stopped: the images filesystem has ")
-    assert caught.value.message.endswith(f"bytes free, less than the {1 << 62} kept in reserve ([images] min_free_bytes)")
+    assert caught.value.message.endswith(
+        f"bytes free, less than the {1 << 62} kept in reserve ([images] min_free_bytes)")
     assert temp_files(tmp_path) == []
 
 
