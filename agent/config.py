@@ -82,6 +82,12 @@ class ImagesConfig:
     pull_parallelism: int = 4
     # Per-request timeout towards registries.
     registry_timeout_seconds: float = 60.0
+    # Bytes one pull may unpack from its layers; 0: max_virtual_size_bytes
+    # plus 64 MiB (one disk of the largest size allowed).
+    max_pull_bytes: int = 0
+    # Free space kept on the filesystem of <state_dir>/images (which also
+    # holds the state database): a pull that would eat into it fails.
+    min_free_bytes: int = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -178,9 +184,10 @@ def _coerce(where: str, default: Any, value: Any) -> Any:
             raise ConfigError(f"{where}: expected a non-negative number")
         return float(value)
     if isinstance(default, int):
-        # A default of 0 means "0 allowed" (e.g. no headroom).
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if default == 0 else 1):
-            raise ConfigError(f"{where}: expected a {'non-negative' if default == 0 else 'positive'} integer")
+        # A default of 0 means "0 allowed" (e.g. no headroom); so does a reserve.
+        zero_ok = default == 0 or where.endswith("min_free_bytes")
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
+            raise ConfigError(f"{where}: expected a {'non-negative' if zero_ok else 'positive'} integer")
         return value
     if isinstance(default, str):
         if not isinstance(value, str):

@@ -106,11 +106,13 @@ def build_image_service(cfg: AgentConfig, store: Store) -> ImageService:
         store=store,
         files=ImageFiles(cfg.images_dir),
         new_extractor=DiskExtractor,
-        inspect_disk=lambda path, source, limit: qemu_img.info(path, source=source, max_virtual_size=limit),
+        inspect_disk=lambda path, source, limit, fmt: qemu_img.info(
+            path, source=source, max_virtual_size=limit, declared_format=fmt),
         clock=SystemClock(),
     )
     return ImageService(ports, max_virtual_size=cfg.images.max_virtual_size_bytes,
-                        parallelism=cfg.images.pull_parallelism)
+                        parallelism=cfg.images.pull_parallelism, max_pull_bytes=cfg.images.max_pull_bytes,
+                        min_free_bytes=cfg.images.min_free_bytes)
 
 
 def build_container_service(cfg: AgentConfig, store: Store, libvirt: Libvirt, console: ConsoleLogs,
@@ -157,6 +159,9 @@ class Daemon:
         members = LateMembers()
         sandboxes = SandboxService(ports, members)
         images = build_image_service(cfg, store)
+        qemu_img_problem = qemu_img.version_warning()
+        if qemu_img_problem:
+            log.warning("qemu-img is not safe for untrusted images", problem=qemu_img_problem)
 
         libvirt = Libvirt(cfg.libvirt.uri, cfg.libvirt.reconnect_interval_seconds)
         libvirt.start()

@@ -129,6 +129,11 @@ class ImageFiles:
 
     # Usage ----------------------------------------------------------------
 
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged writer could still use on the images filesystem."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
     def usage(self) -> tuple[int, int]:
         """(bytes allocated on disk, inodes) under the images directory."""
         used = inodes = 0

@@ -25,12 +25,14 @@ import posixpath
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import zstandard
 
-from agent.domain.errors import FailedPrecondition
+from agent.adapters.tar_guard import HeaderRefused, entries, open_guarded
+from agent.domain.errors import FailedPrecondition, ResourceExhausted
 from agent.domain.image import DiskFile
 from agent.domain.oci import Compression
 
@@ -43,6 +45,8 @@ _WRITEBACK_STEP = 32 << 20
 # Default bound on one extracted file: [images] max_virtual_size_bytes' default
 # (1 TiB) plus room for qcow2 metadata. The image service passes its own.
 DEFAULT_MAX_FILE_BYTES = (1 << 40) + (64 << 20)
+# Free space is checked this often while a file is written (and before each).
+_SPACE_CHECK_STEP = 32 << 20
 
 
 def normalise_entry(name: str, layer: str) -> str:
@@ -171,10 +175,17 @@ def open_layer(stream: BinaryIO, compression: Compression) -> Any:
 class DiskExtractor:
     """Feed layers bottom to top; then ask which disk files the image holds."""
 
-    def __init__(self, workdir: Path, image: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
+    def __init__(self, workdir: Path, image: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                 max_total_bytes: int | None = None, min_free_bytes: int = 0, *, one_disk: bool = True) -> None:
         self.workdir = workdir
         self.image = image
         self.max_file_bytes = max_file_bytes
+        self.max_total_bytes = max_file_bytes if max_total_bytes is None else max_total_bytes
+        self.min_free_bytes = min_free_bytes
+        # KubeVirt's rule: one entry under /disk/ (False only to test the
+        # layering rules on images with several).
+        self.one_disk = one_disk
+        self.written = 0  # bytes of every file extracted so far (later removed ones too)
         self.files: dict[str, DiskFile] = {}
 
     def add_layer(self, stream: BinaryIO, compression: Compression, digest: str) -> str:
@@ -184,21 +195,31 @@ class DiskExtractor:
         try:
             with open_layer(stream, compression) as decompressed:
                 plain = _HashingReader(decompressed)
-                with tarfile.open(fileobj=plain, mode="r|", bufsize=_CHUNK) as tar:
-                    self._apply(tar, lower, added, digest)
+                tar, guard = open_guarded(plain, _CHUNK)
+                with tar:
+                    self._apply(entries(tar, guard), tar, lower, added, digest)
                 # Read to the end: the compressor's own check (gzip CRC and
                 # length) is only verified there, trailing junk is refused, and
                 # the diff_id covers the whole stream (tar padding included).
                 while plain.read(_CHUNK):
                     pass
                 diff_id = plain.digest()
-        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-            for f in added.values():
-                self._drop(f)
+            self._one_disk_entry({**lower, **added}, digest)
+        except HeaderRefused as exc:
+            self._drop_all(added)
+            raise FailedPrecondition(f"image {self.image}: layer {digest} is refused: {exc}") from None
+        except (tarfile.TarError, OSError, EOFError, ValueError, RecursionError) as exc:
+            self._drop_all(added)
             raise FailedPrecondition(f"image {self.image}: layer {digest} is not a valid tar stream: {exc}") from None
+        except MemoryError:
+            # Bounded above; should a layer still find a way, it is the
+            # layer's fault, never an INTERNAL error of the agent.
+            self._drop_all(added)
+            raise ResourceExhausted(
+                f"image {self.image}: layer {digest} needs more memory to unpack than the agent has"
+            ) from None
         except BaseException:
-            for f in added.values():
-                self._drop(f)
+            self._drop_all(added)
             raise
         for path, f in added.items():
             if path in lower:
@@ -207,10 +228,10 @@ class DiskExtractor:
         self.files = lower
         return diff_id
 
-    def _apply(self, tar: tarfile.TarFile, lower: dict[str, DiskFile], added: dict[str, DiskFile],
-               digest: str) -> None:
+    def _apply(self, members: Iterator[tarfile.TarInfo], tar: tarfile.TarFile, lower: dict[str, DiskFile],
+               added: dict[str, DiskFile], digest: str) -> None:
         """Apply a layer's entries: whiteouts and hiding change ``lower``, files go to ``added``."""
-        for member in tar:
+        for member in members:
             path = normalise_entry(member.name, digest)
             if member.issym() or member.islnk():
                 self._check_link(member, path, digest)
@@ -239,10 +260,34 @@ class DiskExtractor:
                 continue
             if path in added:
                 self._drop(added.pop(path))
+            # A second entry of this layer under disk/ is refused before a
+            # byte of it is written (whiteouts of this layer cannot make room
+            # for it: they only remove lower layers' entries).
+            self._one_disk_entry({**added, path: DiskFile(path, digest, None)}, digest)
             if member.isreg():
                 added[path] = self._extract(tar, member, path, digest)
             else:
                 added[path] = DiskFile(path, digest, None, _kind(member))
+
+    def _one_disk_entry(self, found: dict[str, DiskFile], digest: str) -> None:
+        """KubeVirt's rule, enforced while unpacking: at most one entry under /disk/."""
+        if self.one_disk and len(found) > 1:
+            names = ", ".join("/" + p for p in sorted(found))
+            raise FailedPrecondition(
+                f"image {self.image}: layer {digest} makes a second entry under /disk/ ({names}); "
+                "a containerDisk holds exactly one disk file"
+            )
+
+    def _check_space(self, digest: str) -> None:
+        if self.min_free_bytes <= 0:
+            return
+        st = os.statvfs(self.workdir)
+        free = st.f_bavail * st.f_frsize
+        if free < self.min_free_bytes:
+            raise ResourceExhausted(
+                f"image {self.image}: unpacking layer {digest} stopped: the images filesystem has "
+                f"{free} bytes free, less than the {self.min_free_bytes} kept in reserve ([images] min_free_bytes)"
+            )
 
     @staticmethod
     def _check_link(member: tarfile.TarInfo, path: str, digest: str) -> None:
@@ -266,10 +311,22 @@ class DiskExtractor:
                 f"image {self.image}: /{path} in layer {digest} is {member.size} bytes, "
                 f"more than the {self.max_file_bytes} a disk file may have"
             )
+        if self.written + member.size > self.max_total_bytes:
+            raise ResourceExhausted(
+                f"image {self.image}: /{path} in layer {digest} would bring what this pull unpacks to "
+                f"{self.written + member.size} bytes, more than the {self.max_total_bytes} allowed "
+                "([images] max_pull_bytes)"
+            )
+        self._check_space(digest)
         src = tar.extractfile(member)
         assert src is not None
         fd, name = tempfile.mkstemp(prefix="disk-", dir=self.workdir)
-        written = flushed = 0
+        # Readable by others, so that qemu-img can judge it as an unprivileged
+        # user (agent.adapters.qemu_img); the scratch directory (0700) keeps
+        # everyone else out.
+        os.fchmod(fd, 0o644)
+        self.written += member.size
+        written = flushed = checked = 0
         try:
             with os.fdopen(fd, "wb") as out:
                 while True:
@@ -288,6 +345,9 @@ class DiskExtractor:
                         out.flush()
                         os.posix_fadvise(out.fileno(), flushed, written - flushed, os.POSIX_FADV_DONTNEED)
                         flushed = written
+                    if written - checked >= _SPACE_CHECK_STEP:
+                        self._check_space(digest)
+                        checked = written
                 out.truncate(written)
         except BaseException:
             os.unlink(name)
@@ -298,6 +358,10 @@ class DiskExtractor:
     def _drop(f: DiskFile) -> None:
         if f.temp is not None:
             f.temp.unlink(missing_ok=True)
+
+    def _drop_all(self, files: dict[str, DiskFile]) -> None:
+        for f in files.values():
+            self._drop(f)
 
     def discard(self) -> None:
         """Delete every extracted file (on failure, or after they were moved)."""

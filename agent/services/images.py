@@ -143,12 +143,14 @@ class ImageService:
     """The CRI image verbs over the catalogue, the pull pipeline and the image files."""
 
     def __init__(self, ports: ImagePorts, *, max_virtual_size: int, parallelism: int = 4,
+                 max_pull_bytes: int = 0, min_free_bytes: int = 0,
                  in_use: Callable[[], set[str]] = set) -> None:
         self._ports = ports
         self._in_use = in_use
         self._catalogue = ImageCatalogue(ports.store, ports.files)
         self._puller = ImagePull(ports, self._catalogue, max_virtual_size=max_virtual_size,
-                                 parallelism=parallelism)
+                                 parallelism=parallelism, max_pull_bytes=max_pull_bytes,
+                                 min_free_bytes=min_free_bytes)
         self._pulls: SingleFlight[Image] = SingleFlight()
         # Pulls decide to reuse blobs already on disk; garbage collection must
         # not delete one under them. GC runs only when no pull is active.
@@ -216,11 +218,23 @@ class ImageService:
             self._active_pulls += 1
         try:
             img, _ = self._pulls.do(str(ref), lambda: self._puller.pull(ref, auth))
-        finally:
-            with self._activity:
-                self._active_pulls -= 1
-                self._activity.notify_all()
+        except BaseException:
+            self._pull_ended()
+            # What the failed pull stored (manifest, config, layers) belongs to
+            # no image: gone now, unless another pull runs (then at the next
+            # removal or start).
+            try:
+                self.collect_garbage()
+            except OSError as exc:
+                log.warning("image garbage collection failed", error=str(exc))
+            raise
+        self._pull_ended()
         return img
+
+    def _pull_ended(self) -> None:
+        with self._activity:
+            self._active_pulls -= 1
+            self._activity.notify_all()
 
     # Remove and garbage collection -----------------------------------------
 

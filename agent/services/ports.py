@@ -276,6 +276,7 @@ class ImageFilesPort(Protocol):
     def disk_image_ids(self) -> list[str]: ...
     def remove_disks(self, image_id: str) -> None: ...
     def usage(self) -> tuple[int, int]: ...
+    def free_bytes(self) -> int: ...
 
 
 class DiskExtractorPort(Protocol):
@@ -287,14 +288,16 @@ class DiskExtractorPort(Protocol):
 
 
 class ExtractorFactory(Protocol):
-    """(workdir, image name, largest file it may extract) → extractor."""
+    """(workdir, image name, largest file, largest total it may extract,
+    free space it must leave on the filesystem) → extractor."""
 
-    def __call__(self, workdir: Path, image: str, max_file_bytes: int = ...) -> DiskExtractorPort: ...
+    def __call__(self, workdir: Path, image: str, max_file_bytes: int = ..., max_total_bytes: int | None = ...,
+                 min_free_bytes: int = ...) -> DiskExtractorPort: ...
 
 
-# (path, source named in errors, largest virtual size) → the checked disk
-# (agent.adapters.qemu_img.info).
-DiskInspector = Callable[[Path, str, int], DiskInfo]
+# (path, source named in errors, largest virtual size, format its name
+# declares or None) → the checked disk (agent.adapters.qemu_img.info).
+DiskInspector = Callable[[Path, str, int, str | None], DiskInfo]
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,9 @@ from typing import Protocol
 import structlog
 
 from agent.concurrency import BlobProgress, FollowReader, KeyedLock, Restarted, SingleFlight
+from agent.domain import disk as disk_model
 from agent.domain import image as image_model
-from agent.domain.errors import FailedPrecondition
+from agent.domain.errors import FailedPrecondition, ResourceExhausted
 from agent.domain.image import BaseDisk, DiskFile, Image
 from agent.domain.imageref import ImageRef, RemoteRepository
 from agent.domain.oci import Descriptor, layer_compression, parse_image_config
@@ -56,11 +57,16 @@ class ImagePull:
     """Pulls images into the records: download, extract, check, install, record."""
 
     def __init__(self, ports: ImagePorts, records: ImageRecords, *, max_virtual_size: int,
-                 parallelism: int = 4) -> None:
+                 parallelism: int = 4, max_pull_bytes: int = 0, min_free_bytes: int = 0) -> None:
         self._ports = ports
         self._records = records
         self._max_virtual_size = max_virtual_size
         self._parallelism = parallelism
+        # What one pull may unpack (0: one disk of the largest size allowed).
+        self._max_pull_bytes = max_pull_bytes or max_virtual_size + DISK_FILE_SLACK
+        # Free space no pull may eat into on the images filesystem, which
+        # also holds the state database.
+        self._min_free_bytes = min_free_bytes
         # Serialises the pulls of one image id (other references to it).
         self._image_locks = KeyedLock()
         self._blobs: SingleFlight[int] = SingleFlight()
@@ -89,6 +95,9 @@ class ImagePull:
 
         name = str(ref)
         files = self._ports.files
+        missing = {layer.digest: layer.size for layer in layers if not files.has_blob(layer.digest)}
+        self._check_reserve(name, len(resolved.manifest_bytes) + manifest.config.size + sum(missing.values()),
+                            "download")
         files.write_blob(resolved.digest, resolved.manifest_bytes)
         config_bytes = registry.fetch_config(resolved.repository, manifest.config, auth=auth)
         files.write_blob(image_id, config_bytes)
@@ -112,7 +121,8 @@ class ImagePull:
             existing = self._records.stored(image_id)
             workdir = files.new_workdir()
             extractor = self._ports.new_extractor(
-                workdir, name, max_file_bytes=self._max_virtual_size + DISK_FILE_SLACK)
+                workdir, name, max_file_bytes=self._max_virtual_size + DISK_FILE_SLACK,
+                max_total_bytes=self._max_pull_bytes, min_free_bytes=self._min_free_bytes)
             try:
                 # Downloads run in parallel; extraction follows each layer's file
                 # while it is written, so unpacking overlaps the network.
@@ -132,6 +142,7 @@ class ImagePull:
                         d.result()  # a digest mismatch anywhere fails the pull
                 downloaded = time.perf_counter()
                 disks, staged, problem = self._validate_disks(extractor.disks(), name)
+                self._check_reserve(name, 0, "install its disks")
                 files.install_disks(image_id, staged)
                 log.info("image pulled", image=name, id=image_id,
                          resolve_s=round(resolved_at - started, 3), extract_s=round(extracted - resolved_at, 3),
@@ -158,6 +169,17 @@ class ImagePull:
             finally:
                 extractor.discard()
                 shutil.rmtree(workdir, ignore_errors=True)
+
+    def _check_reserve(self, name: str, needed: int, step: str) -> None:
+        """ResourceExhausted when ``needed`` more bytes would leave less than the reserve free."""
+        if self._min_free_bytes <= 0:
+            return
+        free = self._ports.files.free_bytes()
+        if free - needed < self._min_free_bytes:
+            raise ResourceExhausted(
+                f"image {name}: not enough space to {step}: {needed} bytes needed, {free} free on the "
+                f"images filesystem, of which {self._min_free_bytes} are kept in reserve ([images] min_free_bytes)"
+            )
 
     def _fetch_blob(self, repo: RemoteRepository, digest: str, size: int, auth: RegistryAuth | None,
                     progress: BlobProgress | None) -> None:
@@ -220,7 +242,8 @@ class ImagePull:
             if f.temp is None:
                 problems.append(f"{path} is a {f.kind}, not a regular file")
                 continue
-            info = self._ports.inspect_disk(f.temp, f"image {name}: {path}", self._max_virtual_size)
+            info = self._ports.inspect_disk(f.temp, f"image {name}: {path}", self._max_virtual_size,
+                                            disk_model.declared_format(path))
             file = f"disk{i}.{info.format}"
             staged[file] = f.temp
             disks.append(BaseDisk(path_in_image=path, file=file, format=info.format,

@@ -112,7 +112,9 @@ def workdir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def extractor(workdir: Path) -> DiskExtractor:
-    return DiskExtractor(workdir, IMAGE)
+    # The layering rules (whiteouts, hiding) are tested on images with several
+    # files under disk/; the one-disk rule that pulls apply has its own tests.
+    return DiskExtractor(workdir, IMAGE, one_disk=False)
 
 
 def add(extractor: DiskExtractor, entries: Sequence[Entry], digest: str,
@@ -330,7 +332,7 @@ def test_diff_id_of_a_layer_without_disks_covers_it_all(extractor: DiskExtractor
 
 
 def test_file_over_the_size_limit_is_refused_before_it_is_written(workdir: Path) -> None:
-    extractor = DiskExtractor(workdir, IMAGE, max_file_bytes=1000)
+    extractor = DiskExtractor(workdir, IMAGE, max_file_bytes=1000, max_total_bytes=10_000, one_disk=False)
     add(extractor, [file("disk/keep.img", b"K" * 1000)], L1)  # at the limit: fine
     with pytest.raises(FailedPrecondition) as caught:
         add(extractor, [file("disk/a.img", b"a"), file("disk/big.img", b"B" * 1001)], L2)

@@ -134,8 +134,8 @@ def test_images_dir_follows_state_dir(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("[images]\nmax_size = 1\n",
-         "[images] max_size: unknown setting (known: max_virtual_size_bytes, pull_parallelism, "
-         "registry_timeout_seconds)"),
+         "[images] max_size: unknown setting (known: max_pull_bytes, max_virtual_size_bytes, "
+         "min_free_bytes, pull_parallelism, registry_timeout_seconds)"),
         ("[registries]\nmirrors = []\n", "[registries] mirrors: unknown setting (known: hosts, rewrite)"),
         ("[registries.host.\"docker.io\"]\n", "[registries] host: unknown setting (known: hosts, rewrite)"),
         ("[[registries.rewrites]]\nprefix = \"a.io/x\"\nreplacement = \"b.io/x\"\n",

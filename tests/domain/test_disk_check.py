@@ -9,7 +9,7 @@ output shows here first.
 from __future__ import annotations
 
 import json
-import stat
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -381,67 +381,25 @@ def test_info_refuses_vmdk_descriptor_whose_extent_is_a_host_file(tmp_path: Path
     assert caught.value.message == f"{SRC}: disk format 'vmdk' is not allowed (only qcow2 or raw)"
 
 
-def test_info_on_a_missing_file_fails_naming_qemu_img(tmp_path: Path) -> None:
+def test_info_on_a_missing_file_names_it(tmp_path: Path) -> None:
     with pytest.raises(FailedPrecondition) as caught:
         qemu_img.info(tmp_path / "absent.qcow2", source=SRC, max_virtual_size=GiB)
-    assert caught.value.message.startswith("qemu-img info failed: ")
-    assert "absent.qcow2" in caught.value.message
+    assert caught.value.message == (
+        f"{SRC}: cannot open {tmp_path / 'absent.qcow2'} to inspect it: No such file or directory"
+    )
+
+
+def test_info_of_a_fifo_is_refused_without_hanging(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "f.img")
+    with pytest.raises(FailedPrecondition) as caught:
+        qemu_img.info(tmp_path / "f.img", source=SRC, max_virtual_size=GiB)
+    assert caught.value.message == f"{SRC}: {tmp_path / 'f.img'} is not a regular file"
 
 
 def test_info_of_a_file_named_like_an_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     Path("--help").write_bytes(b"\x00" * 512)
     assert qemu_img.info(Path("--help"), source=SRC, max_virtual_size=GiB).format == "raw"
-
-
-def _fake_qemu_img(tmp_path: Path, body: str) -> Path:
-    script = tmp_path / "qemu-img"
-    script.write_text("#!/bin/sh\n" + body)
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    return script
-
-
-def test_info_runs_under_cpu_and_memory_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    script = _fake_qemu_img(tmp_path, 'echo "cpu=$(ulimit -t) as=$(ulimit -v) args=$*" >&2\nexit 1\n')
-    monkeypatch.setattr(qemu_img, "QEMU_IMG", str(script))
-    with pytest.raises(FailedPrecondition) as caught:
-        qemu_img.info(tmp_path / "x.img", source=SRC, max_virtual_size=GiB)
-    assert caught.value.message == (
-        f"qemu-img info failed: cpu={qemu_img.INFO_CPU_SECONDS} as={qemu_img.INFO_ADDRESS_SPACE // 1024} "
-        f"args=info --output=json -- {tmp_path / 'x.img'}"
-    )
-
-
-def test_info_that_hangs_is_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    script = _fake_qemu_img(tmp_path, "exec sleep 30\n")
-    monkeypatch.setattr(qemu_img, "QEMU_IMG", str(script))
-    monkeypatch.setattr(qemu_img, "INFO_TIMEOUT", 1.0)
-    with pytest.raises(FailedPrecondition) as caught:
-        qemu_img.info(tmp_path / "x.img", source=SRC, max_virtual_size=GiB)
-    assert caught.value.message == "qemu-img info took longer than 1s"
-
-
-def test_info_with_unreadable_answer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    script = _fake_qemu_img(tmp_path, "echo 'qemu-img: warning: not json'\n")
-    monkeypatch.setattr(qemu_img, "QEMU_IMG", str(script))
-    with pytest.raises(FailedPrecondition) as caught:
-        qemu_img.info(tmp_path / "x.img", source=SRC, max_virtual_size=GiB)
-    assert caught.value.message == f"{SRC}: qemu-img info gave no readable answer"
-
-
-def test_info_without_qemu_img_installed_is_internal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(qemu_img, "QEMU_IMG", str(tmp_path / "no-such-qemu-img"))
-    with pytest.raises(Internal, match="qemu-img is not installed"):
-        qemu_img.info(tmp_path / "x.img", source=SRC, max_virtual_size=GiB)
-
-
-def test_info_without_prlimit_installed_is_internal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    script = _fake_qemu_img(tmp_path, "exit 0\n")
-    monkeypatch.setattr(qemu_img, "QEMU_IMG", str(script))
-    monkeypatch.setenv("PATH", str(tmp_path))  # qemu-img is found by its path; prlimit is not found
-    with pytest.raises(Internal) as caught:
-        qemu_img.info(tmp_path / "x.img", source=SRC, max_virtual_size=GiB)
-    assert caught.value.message == "prlimit is not installed (Debian package util-linux)"
 
 
 def test_create_overlay_without_qemu_img_installed_is_internal(tmp_path: Path,

@@ -264,13 +264,15 @@ class FakeInspector:
 
     def __init__(self) -> None:
         self.calls: list[tuple[bytes, str, int]] = []
+        self.declared: list[str | None] = []  # the format each disk's name declared
         self.fail: BaseException | None = None
         self._lock = threading.Lock()
 
-    def __call__(self, path: Path, source: str, limit: int) -> DiskInfo:
+    def __call__(self, path: Path, source: str, limit: int, declared: str | None) -> DiskInfo:
         data = path.read_bytes()
         with self._lock:
             self.calls.append((data, source, limit))
+            self.declared.append(declared)
         if self.fail is not None:
             raise self.fail
         fmt = "qcow2" if data.startswith(QCOW2_MAGIC) else "raw"
@@ -525,9 +527,9 @@ def test_concurrent_pulls_of_two_tags_of_one_image_keep_both_tags(env: Env) -> N
 
 def test_layers_are_applied_in_order(env: Env) -> None:
     pub = env.registry.publish("docker.io/kubevirt/layered:1", [
-        gzip_layer({"disk/old.img": b"old", "disk/keep.img": b"overwritten"}),
-        plain_layer({"disk/.wh.old.img": b"", "disk/keep.img": qcow2_bytes(b"kept")}),
-        zstd_layer({"etc/hostname": b"vm\n"}),
+        gzip_layer({"disk/old.img": b"old"}),
+        plain_layer({"disk/.wh.old.img": b"", "disk/keep.img": b"overwritten"}),
+        zstd_layer({"disk/keep.img": qcow2_bytes(b"kept"), "etc/hostname": b"vm\n"}),
     ])
     img = env.service.pull("docker.io/kubevirt/layered:1")
     assert img.layers == pub.layer_digests
@@ -539,14 +541,9 @@ def test_layers_are_applied_in_order(env: Env) -> None:
     ("files", "disks", "problem"),
     [
         ({"etc/motd": b"no disk"}, [], "no file under /disk/"),
-        ({"disk/a.img": b"A", "disk/b.qcow2": qcow2_bytes(b"B")},
-         [("/disk/a.img", "disk0.raw", "raw"), ("/disk/b.qcow2", "disk1.qcow2", "qcow2")],
-         "2 files under /disk/; a containerDisk path must name one"),
         ({"disk/a.img": None}, [], "/disk/a.img is a symlink, not a regular file"),
-        ({"disk/a.img": b"A", "disk/b.img": None}, [("/disk/a.img", "disk0.raw", "raw")],
-         "/disk/b.img is a symlink, not a regular file; 2 files under /disk/; a containerDisk path must name one"),
     ],
-    ids=["no-disk", "two-disks", "symlink", "disk-and-symlink"],
+    ids=["no-disk", "symlink"],
 )
 def test_images_that_cannot_back_a_vm_are_still_recorded(env: Env, files: dict[str, bytes | None],
                                                          disks: list[tuple[str, str, str]], problem: str) -> None:
@@ -560,10 +557,34 @@ def test_images_that_cannot_back_a_vm_are_still_recorded(env: Env, files: dict[s
         img.disk_for(None)
 
 
-def test_two_disk_image_serves_the_named_one(env: Env) -> None:
-    env.registry.publish("docker.io/x/two:1", [gzip_layer({"disk/a.img": b"A", "disk/b.img": b"B"})])
-    img = env.service.pull("docker.io/x/two:1")
-    assert env.service.base_disk_path(img, img.disk_for("b.img")).read_bytes() == b"B"
+@pytest.mark.parametrize(
+    ("layers", "names"),
+    [
+        ([{"disk/a.img": b"A", "disk/b.qcow2": qcow2_bytes(b"B")}], "/disk/a.img, /disk/b.qcow2"),
+        ([{"disk/a.img": b"A", "disk/b.img": None}], "/disk/a.img, /disk/b.img"),
+        ([{"disk/a.img": b"A"}, {"disk/sub/b.img": b"B"}], "/disk/a.img, /disk/sub/b.img"),
+    ],
+    ids=["two-files", "file-and-symlink", "second-in-an-upper-layer"],
+)
+def test_a_second_entry_under_disk_is_refused(env: Env, layers: list[dict[str, bytes | None]],
+                                              names: str) -> None:
+    pub = env.registry.publish("docker.io/x/two:1", [gzip_layer(files) for files in layers])
+    with pytest.raises(FailedPrecondition) as caught:
+        env.service.pull("docker.io/x/two:1")
+    assert caught.value.message == (
+        f"image docker.io/x/two:1: layer {pub.layer_digests[-1]} makes a second entry under /disk/ "
+        f"({names}); a containerDisk holds exactly one disk file"
+    )
+    assert env.inspect.calls == []
+    _assert_nothing_left(env, pub.id)
+
+
+def test_each_disk_is_inspected_as_the_format_its_name_declares(env: Env) -> None:
+    for i, (name, declared) in enumerate((("disk/a.qcow2", "qcow2"), ("disk/a.RAW", "raw"),
+                                          ("disk/a.img", None), ("disk/qcow2", None))):
+        env.registry.publish(f"docker.io/x/fmt:{i}", [gzip_layer({name: qcow2_bytes(b"x%d" % i)})])
+        env.service.pull(f"docker.io/x/fmt:{i}")
+        assert env.inspect.declared[-1] == declared
 
 
 def _assert_nothing_left(env: Env, image_id: str) -> None:
@@ -573,6 +594,7 @@ def _assert_nothing_left(env: Env, image_id: str) -> None:
     assert env.disk_dirs() == []
     assert env.tmp_entries() == []
     assert env.partial_blobs() == []
+    assert env.files.blob_digests() == []  # not even the manifest, config or verified layers
 
 
 def test_pull_failing_in_inspect_disk_leaves_nothing(env: Env) -> None:
@@ -586,7 +608,8 @@ def test_pull_failing_in_inspect_disk_leaves_nothing(env: Env) -> None:
     env.inspect.fail = None
     img = env.service.pull(CIRROS)
     assert env.disk_bytes(img) == qcow2_bytes(b"cirros")
-    assert env.registry.count("fetch_blob") == 2  # verified blobs are kept and reused
+    # The failed pull's blobs were collected at once: the retry fetches them again.
+    assert env.registry.count("fetch_blob") == 4
 
 
 def _big_disk_image(env: Env, reference: str = "docker.io/x/big:1") -> Published:
@@ -805,10 +828,11 @@ def test_record_of_the_same_config_with_other_layers_is_not_reused(env: Env) -> 
 
 
 def test_extractor_is_bounded_by_the_largest_virtual_size(env: Env) -> None:
-    limits: list[int] = []
+    limits: list[tuple[int, int | None, int]] = []
 
-    def new_extractor(workdir: Path, image: str, max_file_bytes: int = 0) -> DiskExtractor:
-        limits.append(max_file_bytes)
+    def new_extractor(workdir: Path, image: str, max_file_bytes: int = 0, max_total_bytes: int | None = None,
+                      min_free_bytes: int = 0) -> DiskExtractor:
+        limits.append((max_file_bytes, max_total_bytes, min_free_bytes))
         return DiskExtractor(workdir, image, max_file_bytes=16)
 
     ports = ImagePorts(registry=env.registry, store=env.store, files=env.files, new_extractor=new_extractor,
@@ -817,7 +841,8 @@ def test_extractor_is_bounded_by_the_largest_virtual_size(env: Env) -> None:
     env.registry.publish("docker.io/x/big:1", [gzip_layer({"disk/big.img": b"B" * 17})])
     with pytest.raises(FailedPrecondition, match="/disk/big.img in layer .* is 17 bytes, more than the 16"):
         service.pull("docker.io/x/big:1")
-    assert limits == [1000 + DISK_FILE_SLACK]
+    # Without a per-pull cap configured, a pull may unpack one disk of the largest size.
+    assert limits == [(1000 + DISK_FILE_SLACK, 1000 + DISK_FILE_SLACK, 0)]
     assert DISK_FILE_SLACK == 64 << 20
     assert env.tmp_entries() == []
     assert env.disk_dirs() == []
