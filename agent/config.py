@@ -68,6 +68,9 @@ class ImagesConfig:
     pull_parallelism: int = 4
     # Per-request timeout towards registries.
     registry_timeout_seconds: float = 60.0
+    # Slowest transfer a registry request may make: each request must finish within
+    # registry_timeout_seconds + its bytes / this rate (slow-loris bound).
+    registry_min_bytes_per_second: int = 65536
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class RegistryHost:
     insecure: bool = False
     ca_file: str = ""
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)  # a secret: never in a log line
 
 
 @dataclass(frozen=True)

@@ -214,12 +214,19 @@ class ImageService:
         with self._activity:
             self._activity.wait_for(lambda: not self._collecting)
             self._active_pulls += 1
+        failed = True
         try:
             img, _ = self._pulls.do(str(ref), lambda: self._puller.pull(ref, auth))
+            failed = False
         finally:
             with self._activity:
                 self._active_pulls -= 1
                 self._activity.notify_all()
+            if failed:
+                # A refused or broken pull leaves nothing in the store: what it
+                # downloaded is collected (unless another pull is running, then
+                # by the next removal or start).
+                self.collect_garbage()
         return img
 
     # Remove and garbage collection -----------------------------------------

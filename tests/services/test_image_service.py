@@ -398,6 +398,7 @@ def test_pull_records_the_image_with_tag_and_digest_refs(env: Env) -> None:
     assert env.inspect.calls == [(disk, f"image {CIRROS}: /disk/cirros.qcow2", MAX_VIRTUAL_SIZE)]
     assert env.tmp_entries() == []
     assert env.partial_blobs() == []
+    assert env.files.blob_digests() == []  # a failed pull's downloads are collected
 
 
 def test_pull_by_short_name_is_normalised(env: Env) -> None:
@@ -586,7 +587,7 @@ def test_pull_failing_in_inspect_disk_leaves_nothing(env: Env) -> None:
     env.inspect.fail = None
     img = env.service.pull(CIRROS)
     assert env.disk_bytes(img) == qcow2_bytes(b"cirros")
-    assert env.registry.count("fetch_blob") == 2  # verified blobs are kept and reused
+    assert env.registry.count("fetch_blob") == 4  # the failed pull's blobs were collected
 
 
 def _big_disk_image(env: Env, reference: str = "docker.io/x/big:1") -> Published:
