@@ -14,26 +14,37 @@ from __future__ import annotations
 import threading
 import time
 import typing
+from collections.abc import Callable
+from typing import TypeVar
 
 import httpcore
 import httpx
 
 _local = threading.local()
+_T = TypeVar("_T")
 
 
 def set_deadline(seconds: float) -> None:
     """Requests of this thread must be done within ``seconds`` from now."""
     _local.at = time.monotonic() + seconds
+    _local.seconds = seconds
 
 
-def _remaining(timeout: float | None, error: type[Exception]) -> float | None:
+def _bounded(operation: Callable[[float | None], _T], timeout: float | None, error: type[Exception]) -> _T:
+    """``operation(timeout)`` with the timeout cut to what is left of the deadline."""
     at: float | None = getattr(_local, "at", None)
     if at is None:
-        return timeout
+        return operation(timeout)
     left = at - time.monotonic()
+    message = f"the registry request took longer than its total deadline of {_local.seconds:.1f} s"
     if left <= 0:
-        raise error("the registry request took longer than its total deadline")
-    return left if timeout is None else min(timeout, left)
+        raise error(message)
+    if timeout is not None and timeout <= left:
+        return operation(timeout)
+    try:
+        return operation(left)
+    except error:
+        raise error(message) from None
 
 
 class _DeadlineStream(httpcore.NetworkStream):
@@ -41,14 +52,17 @@ class _DeadlineStream(httpcore.NetworkStream):
         self._inner = inner
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, _remaining(timeout, httpcore.ReadTimeout))
+        return _bounded(lambda t: self._inner.read(max_bytes, t), timeout, httpcore.ReadTimeout)
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         # Big uploads are written in one call: bound each piece, not the whole.
-        view = memoryview(buffer)
-        while view:
-            piece, view = view[:65536], view[65536:]
-            self._inner.write(piece.tobytes(), _remaining(timeout, httpcore.WriteTimeout))
+        for start in range(0, len(buffer), 65536):
+            piece = buffer[start:start + 65536]
+
+            def write(t: float | None, piece: bytes = piece) -> None:
+                self._inner.write(piece, t)
+
+            _bounded(write, timeout, httpcore.WriteTimeout)
 
     def close(self) -> None:
         self._inner.close()
@@ -59,7 +73,8 @@ class _DeadlineStream(httpcore.NetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.NetworkStream:
-        inner = self._inner.start_tls(ssl_context, server_hostname, _remaining(timeout, httpcore.ConnectTimeout))
+        inner = _bounded(lambda t: self._inner.start_tls(ssl_context, server_hostname, t), timeout,
+                         httpcore.ConnectTimeout)
         return _DeadlineStream(inner)
 
     def get_extra_info(self, info: str) -> typing.Any:
@@ -80,9 +95,8 @@ class DeadlineBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: typing.Iterable[typing.Any] | None = None,
     ) -> httpcore.NetworkStream:
-        stream = self._inner.connect_tcp(
-            host, port, _remaining(timeout, httpcore.ConnectTimeout), local_address, socket_options
-        )
+        stream = _bounded(lambda t: self._inner.connect_tcp(host, port, t, local_address, socket_options),
+                          timeout, httpcore.ConnectTimeout)
         return _DeadlineStream(stream)
 
     def connect_unix_socket(
@@ -91,7 +105,8 @@ class DeadlineBackend(httpcore.NetworkBackend):
         timeout: float | None = None,
         socket_options: typing.Iterable[typing.Any] | None = None,
     ) -> httpcore.NetworkStream:  # pragma: no cover - registries are reached over TCP
-        stream = self._inner.connect_unix_socket(path, _remaining(timeout, httpcore.ConnectTimeout), socket_options)
+        stream = _bounded(lambda t: self._inner.connect_unix_socket(path, t, socket_options), timeout,
+                          httpcore.ConnectTimeout)
         return _DeadlineStream(stream)
 
     def sleep(self, seconds: float) -> None:  # pragma: no cover - used by httpcore's connect retries only
