@@ -398,7 +398,6 @@ def test_pull_records_the_image_with_tag_and_digest_refs(env: Env) -> None:
     assert env.inspect.calls == [(disk, f"image {CIRROS}: /disk/cirros.qcow2", MAX_VIRTUAL_SIZE)]
     assert env.tmp_entries() == []
     assert env.partial_blobs() == []
-    assert env.files.blob_digests() == []  # a failed pull's downloads are collected
 
 
 def test_pull_by_short_name_is_normalised(env: Env) -> None:
@@ -574,6 +573,7 @@ def _assert_nothing_left(env: Env, image_id: str) -> None:
     assert env.disk_dirs() == []
     assert env.tmp_entries() == []
     assert env.partial_blobs() == []
+    assert env.files.blob_digests() == []  # a failed pull's downloads are collected
 
 
 def test_pull_failing_in_inspect_disk_leaves_nothing(env: Env) -> None:
