@@ -88,6 +88,9 @@ class ImagesConfig:
     # Free space kept on the filesystem of <state_dir>/images (which also
     # holds the state database): a pull that would eat into it fails.
     min_free_bytes: int = 1 << 30
+    # Slowest transfer a registry request may make: each request must finish within
+    # registry_timeout_seconds + its bytes / this rate (slow-loris bound).
+    registry_min_bytes_per_second: int = 65536
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ class RegistryHost:
     insecure: bool = False
     ca_file: str = ""
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)  # a secret: never in a log line
 
 
 @dataclass(frozen=True)

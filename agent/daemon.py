@@ -100,6 +100,7 @@ def build_image_service(cfg: AgentConfig, store: Store) -> ImageService:
         rewrites=[imageref.RewriteRule(r.prefix, r.replacement) for r in reg.rewrites],
         mirrors=[imageref.Mirror(name, h.mirrors) for name, h in reg.hosts if h.mirrors],
         timeout=cfg.images.registry_timeout_seconds,
+        min_rate=cfg.images.registry_min_bytes_per_second,
     )
     ports = ImagePorts(
         registry=client,

@@ -1,4 +1,9 @@
-"""structlog set-up: human-readable on a terminal, JSON lines otherwise."""
+"""structlog set-up: human-readable on a terminal, JSON lines otherwise.
+
+Tracebacks never show frame locals, in either format: frames of a pull hold
+the pull's credentials (CRI's ``AuthConfig``), and no secret may reach a log
+line.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,17 @@ import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
+
+
+def exception_processor() -> structlog.types.Processor:
+    """``exc_info`` → a structured traceback without locals (JSON logs)."""
+    return structlog.processors.ExceptionRenderer(
+        structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
+
+
+def console_renderer() -> structlog.dev.ConsoleRenderer:
+    """The terminal renderer, with plain tracebacks (rich's would show locals)."""
+    return structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
 
 
 def configure(fmt: str = "auto", level: str = "info") -> None:
@@ -24,9 +40,9 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
     ]
     renderer: structlog.types.Processor
     if use_console:
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        renderer = console_renderer()
     else:
-        shared.append(structlog.processors.dict_tracebacks)
+        shared.append(exception_processor())
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
     structlog.configure(
         processors=[*shared, renderer],

@@ -220,8 +220,9 @@ class ImageService:
             img, _ = self._pulls.do(str(ref), lambda: self._puller.pull(ref, auth))
         except BaseException:
             self._pull_ended()
-            # What the failed pull stored (manifest, config, layers) belongs to
-            # no image: gone now, unless another pull runs (then at the next
+            # A refused or broken pull leaves nothing in the store: what it
+            # downloaded (manifest, config, layers) belongs to no image and is
+            # collected now, unless another pull runs (then at the next
             # removal or start).
             try:
                 self.collect_garbage()

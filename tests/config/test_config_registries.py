@@ -17,6 +17,7 @@ FULL = """
 max_virtual_size_bytes = 21474836480
 pull_parallelism = 2
 registry_timeout_seconds = 12.5
+registry_min_bytes_per_second = 1048576
 
 [registries.hosts."docker.io"]
 mirrors = ["mirror.example:5000", "https://mirror2.example", "http://127.0.0.1:5001"]
@@ -38,7 +39,8 @@ prefix = "quay.io/containerdisks"
 replacement = "registry.example/mirror/containerdisks"
 """
 
-EXPECTED_IMAGES = ImagesConfig(max_virtual_size_bytes=20 << 30, pull_parallelism=2, registry_timeout_seconds=12.5)
+EXPECTED_IMAGES = ImagesConfig(max_virtual_size_bytes=20 << 30, pull_parallelism=2, registry_timeout_seconds=12.5,
+                               registry_min_bytes_per_second=1 << 20)
 EXPECTED_REGISTRIES = RegistriesConfig(
     hosts=(
         ("docker.io", RegistryHost(mirrors=("mirror.example:5000", "https://mirror2.example",
@@ -97,7 +99,7 @@ def test_round_trip_through_a_mapping(tmp_path: Path) -> None:
 def test_defaults() -> None:
     cfg = AgentConfig()
     assert cfg.images == ImagesConfig(max_virtual_size_bytes=1 << 40, pull_parallelism=4,
-                                      registry_timeout_seconds=60.0)
+                                      registry_timeout_seconds=60.0, registry_min_bytes_per_second=65536)
     assert cfg.registries == RegistriesConfig(hosts=(), rewrites=())
     assert cfg.images_dir == Path("/var/lib/podvisor/images")
 
@@ -135,7 +137,7 @@ def test_images_dir_follows_state_dir(tmp_path: Path) -> None:
     [
         ("[images]\nmax_size = 1\n",
          "[images] max_size: unknown setting (known: max_pull_bytes, max_virtual_size_bytes, "
-         "min_free_bytes, pull_parallelism, registry_timeout_seconds)"),
+         "min_free_bytes, pull_parallelism, registry_min_bytes_per_second, registry_timeout_seconds)"),
         ("[registries]\nmirrors = []\n", "[registries] mirrors: unknown setting (known: hosts, rewrite)"),
         ("[registries.host.\"docker.io\"]\n", "[registries] host: unknown setting (known: hosts, rewrite)"),
         ("[[registries.rewrites]]\nprefix = \"a.io/x\"\nreplacement = \"b.io/x\"\n",
@@ -254,3 +256,16 @@ def test_zero_registry_timeout_is_refused(tmp_path: Path, value: str) -> None:
     assert error(tmp_path, f"[images]\nregistry_timeout_seconds = {value}\n") == (
         "[images] registry_timeout_seconds: must be greater than 0"
     )
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_zero_registry_min_rate_is_refused(tmp_path: Path, value: str) -> None:
+    assert error(tmp_path, f"[images]\nregistry_min_bytes_per_second = {value}\n") == (
+        "[images] registry_min_bytes_per_second: expected a positive integer"
+    )
+
+
+def test_registry_password_is_not_in_the_config_repr() -> None:
+    host = RegistryHost(username="puller", password="s3cret-pw")
+    assert "s3cret-pw" not in repr(host) and "puller" in repr(host)
+    assert "s3cret-pw" not in repr(AgentConfig(registries=RegistriesConfig(hosts=(("r.example", host),))))

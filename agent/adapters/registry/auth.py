@@ -24,7 +24,13 @@ import httpx
 import structlog
 
 from agent.adapters.registry.credentials import CredentialLookup, RegistryCredentials, request_lookup
-from agent.adapters.registry.transport import Transport, is_loopback_host
+from agent.adapters.registry.transport import (
+    ERROR_BODY_LIMIT,
+    TOKEN_BODY_LIMIT,
+    Transport,
+    is_loopback_host,
+    read_limited,
+)
 from agent.domain.errors import Unauthenticated, Unavailable
 from agent.domain.imageref import RemoteRepository
 from agent.domain.registry import RegistryAuth
@@ -162,8 +168,8 @@ def pick_challenge(headers: Sequence[str]) -> AuthChallenge | None:
 
 @dataclass
 class _Token:
-    value: str
-    expires_at: float
+    value: str = field(repr=False)  # a secret: never in a log line
+    expires_at: float = 0.0
 
 
 class Session:
@@ -200,13 +206,15 @@ class Session:
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
         body: Callable[[], Iterator[bytes]] | None = None,
-        stream: bool = False,
+        max_bytes: int = ERROR_BODY_LIMIT,
     ) -> httpx.Response:
         """One logical request: scheme fallback, retries and the 401 dance.
 
         ``target`` is a path (the scheme and host come from ``repo``) or an
         absolute URL (upload locations). Returns any non-401, non-retryable
-        response; the caller maps statuses and must close it.
+        response, streamed; the caller maps statuses, reads what it needs
+        (bounded) and must close it. ``max_bytes`` is the most the request
+        and its answer may carry (it sets each attempt's deadline).
         """
         creds = self._lookup(repo.registry, auth)
         for auth_round in (0, 1):
@@ -216,7 +224,7 @@ class Session:
                 request_headers["Authorization"] = authorization
 
             def attempt(request_headers: Mapping[str, str] = request_headers) -> httpx.Response:
-                return self.transport.send_once(repo, method, target, request_headers, params, body, stream)
+                return self.transport.send_once(repo, method, target, request_headers, params, body, max_bytes)
 
             response = self.transport.with_retries(attempt, repo.registry, f"{method} {target}")
             if response.status_code != 401:
@@ -306,6 +314,7 @@ class Session:
             )
 
         client = self.transport.client(repo.registry)
+        auth: httpx.BasicAuth | None = None
         if creds is not None and creds.identity_token:
             # OAuth2 refresh-token grant, as docker does with identity tokens.
             form = {
@@ -318,8 +327,8 @@ class Session:
             if basic:
                 form["username"] = basic[0]
 
-            def send() -> httpx.Response:
-                return client.post(realm, data=form, headers={"User-Agent": self._user_agent})
+            def build() -> httpx.Request:
+                return client.build_request("POST", realm, data=form, headers={"User-Agent": self._user_agent})
 
         else:
             query: list[tuple[str, str | int | float | bool | None]] = []
@@ -330,29 +339,24 @@ class Session:
                 query.append(("account", basic[0]))
             auth = httpx.BasicAuth(basic[0], basic[1]) if basic else None
 
-            def send() -> httpx.Response:
-                return client.get(realm, params=query, auth=auth, headers={"User-Agent": self._user_agent})
+            def build() -> httpx.Request:
+                return client.build_request("GET", realm, params=query, headers={"User-Agent": self._user_agent})
 
-        response = self.transport.with_retries(send, repo.registry, f"token request to {realm}")
-        with closing(response):
-            if response.status_code in (401, 403):
-                if has_secret:
-                    raise Unauthenticated(
-                        f"registry {repo.registry} rejected the credentials "
-                        f"(token service {realm} answered HTTP {response.status_code})"
-                    )
-                raise Unauthenticated(
-                    f"registry {repo.registry} refused anonymous access to {repo.name} "
-                    f"(token service {realm} answered HTTP {response.status_code})"
-                )
-            if response.status_code != 200:
-                raise Unavailable(
-                    f"registry {repo.registry}: token service {realm} answered HTTP {response.status_code}"
-                )
-            try:
-                payload = response.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise Unavailable(f"registry {repo.registry}: token service {realm} did not return JSON") from None
+        def send() -> httpx.Response:
+            self.transport.start_attempt(TOKEN_BODY_LIMIT)
+            return client.send(build(), auth=auth, stream=True)
+
+        def fetch() -> bytes:
+            response = self.transport.with_retries(send, repo.registry, f"token request to {realm}")
+            with closing(response):
+                self._check_token_status(repo, realm, response.status_code, has_secret)
+                return read_limited(response, TOKEN_BODY_LIMIT, f"the token from {realm}")
+
+        data = self.transport.retry_body(repo.registry, f"the token response of {realm}", fetch)
+        try:
+            payload = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise Unavailable(f"registry {repo.registry}: token service {realm} did not return JSON") from None
         if not isinstance(payload, dict):
             raise Unavailable(f"registry {repo.registry}: token service {realm} returned no token")
         # Docker's token spec says "token"; OAuth2 servers say "access_token".
@@ -367,3 +371,17 @@ class Session:
             self._tokens[key] = _Token(token, expires_at)
         log.debug("registry.token", registry=repo.registry, realm=realm, scopes=scope_key)
         return token
+
+    @staticmethod
+    def _check_token_status(repo: RemoteRepository, realm: str, status: int, has_secret: bool) -> None:
+        if status in (401, 403):
+            if has_secret:
+                raise Unauthenticated(
+                    f"registry {repo.registry} rejected the credentials (token service {realm} answered HTTP {status})"
+                )
+            raise Unauthenticated(
+                f"registry {repo.registry} refused anonymous access to {repo.name} "
+                f"(token service {realm} answered HTTP {status})"
+            )
+        if status != 200:
+            raise Unavailable(f"registry {repo.registry}: token service {realm} answered HTTP {status}")

@@ -21,6 +21,7 @@ from agent.adapters.registry.credentials import CredentialLookup
 from agent.adapters.registry.pull import RegistryPull
 from agent.adapters.registry.push import RegistryPush
 from agent.adapters.registry.transport import (
+    DEFAULT_MIN_RATE,
     DEFAULT_TIMEOUT,
     USER_AGENT,
     RegistryHostConfig,
@@ -37,6 +38,9 @@ class RegistryClient(RegistryPull, RegistryPush):
     challenges and tokens are reused. Every method that talks to a registry
     accepts ``auth`` (a pull's own ``RegistryAuth``, CRI's ``AuthConfig``)
     to replace the constructor's credentials lookup for that call.
+
+    ``timeout`` bounds each socket operation; ``min_rate`` (bytes per second)
+    the whole of each request attempt: ``timeout`` + its bytes / ``min_rate``.
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class RegistryClient(RegistryPull, RegistryPush):
         rewrites: Sequence[RewriteRule] = (),
         mirrors: Sequence[Mirror] = (),
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        min_rate: float = DEFAULT_MIN_RATE,
         max_attempts: int = 4,
         backoff_initial: float = 0.5,
         backoff_max: float = 8.0,
@@ -62,6 +67,7 @@ class RegistryClient(RegistryPull, RegistryPush):
             timeout=timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout),
             retry=RetryPolicy(max_attempts, backoff_initial, backoff_max),
             sleep=sleep,
+            min_rate=min_rate,
         )
         self._session = Session(transport, credentials=credentials, user_agent=user_agent, clock=clock)
         self._rewrites = tuple(rewrites)

@@ -20,9 +20,9 @@ import httpx
 import structlog
 
 from agent.adapters.registry.auth import Session, pull_scope
-from agent.adapters.registry.transport import CHUNK_SIZE, check_reference, check_status, read_limited
+from agent.adapters.registry.transport import check_reference, check_status, read_limited
 from agent.concurrency import BlobProgress
-from agent.domain.errors import FailedPrecondition, NotFound, PodvisorError, Unavailable
+from agent.domain.errors import FailedPrecondition, NotFound, PodvisorError
 from agent.domain.imageref import ImageRef, Mirror, RemoteRepository, RewriteRule, pull_candidates
 from agent.domain.oci import (
     MANIFEST_ACCEPT,
@@ -42,6 +42,8 @@ log = structlog.get_logger(__name__)
 # distribution refuses manifests over 4 MiB; so do we, before parsing.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
+# A blob of unknown size is given the deadline of this many bytes.
+UNKNOWN_BLOB_BYTES = 1 << 30
 _MAX_INDEX_DEPTH = 2
 
 
@@ -174,23 +176,27 @@ class RegistryPull:
         """
         check_reference(reference)
         what = image or f"{repo}:{reference}"
-        response = self._session.send(
-            repo,
-            "GET",
-            f"/v2/{repo.name}/manifests/{reference}",
-            scopes=(pull_scope(repo.name),),
-            auth=auth,
-            headers={"Accept": MANIFEST_ACCEPT},
-            stream=True,
-        )
-        with closing(response):
-            if response.status_code == 404:
-                raise NotFound(
-                    f"image {what} not found: registry {repo.registry} has no manifest "
-                    f"{reference!r} in repository {repo.name}"
-                )
-            check_status(response, repo, f"manifest {reference} of {what}", ok=(200,))
-            data = read_limited(response, MAX_MANIFEST_BYTES, f"manifest of {what}")
+
+        def attempt() -> tuple[bytes, httpx.Headers]:
+            response = self._session.send(
+                repo,
+                "GET",
+                f"/v2/{repo.name}/manifests/{reference}",
+                scopes=(pull_scope(repo.name),),
+                auth=auth,
+                headers={"Accept": MANIFEST_ACCEPT},
+                max_bytes=MAX_MANIFEST_BYTES,
+            )
+            with closing(response):
+                if response.status_code == 404:
+                    raise NotFound(
+                        f"image {what} not found: registry {repo.registry} has no manifest "
+                        f"{reference!r} in repository {repo.name}"
+                    )
+                check_status(response, repo, f"manifest {reference} of {what}", ok=(200,))
+                return read_limited(response, MAX_MANIFEST_BYTES, f"manifest of {what}"), response.headers
+
+        data, headers = self._session.transport.retry_body(repo.registry, f"the manifest of {what}", attempt)
         computed = sha256_digest(data)
         if is_digest(reference):
             if computed != reference:
@@ -200,13 +206,13 @@ class RegistryPull:
                 )
             digest = reference
         else:
-            header = response.headers.get("docker-content-digest", "").strip()
+            header = headers.get("docker-content-digest", "").strip()
             if is_digest(header) and header != computed:
                 raise FailedPrecondition(
                     f"image {what}: registry {repo.registry} says the manifest is {header} but it hashes to {computed}"
                 )
             digest = computed
-        media_type = strip_media_type_parameters(response.headers.get("content-type"))
+        media_type = strip_media_type_parameters(headers.get("content-type"))
         return FetchedManifest(digest=digest, media_type=media_type, data=data)
 
     def fetch_config(
@@ -299,7 +305,9 @@ class RegistryPull:
         rewound) within the retry budget. What the sink holds is only valid
         when this returns; the caller discards it on an exception.
         """
-        for attempt in range(1, self._session.transport.retry.max_attempts + 1):
+        max_bytes = min(x for x in (expected_size, limit, UNKNOWN_BLOB_BYTES) if x is not None)
+
+        def attempt() -> int:
             sink.seek(0)
             sink.truncate()
             hasher = hashlib.sha256()
@@ -313,38 +321,29 @@ class RegistryPull:
                 # Blobs are stored compressed already; a transparent transport
                 # encoding would only make the hash check ambiguous.
                 headers={"Accept-Encoding": "identity"},
-                stream=True,
+                max_bytes=max_bytes,
             )
-            try:
-                with closing(response):
-                    if response.status_code == 404:
-                        raise NotFound(f"blob {digest} not found in repository {repo.name} of registry {repo.registry}")
-                    check_status(response, repo, f"blob {digest}", ok=(200,))
-                    # iter_raw avoids a re-chunking copy; a transfer encoding we
-                    # did not ask for still gets decoded.
-                    encoded = response.headers.get("content-encoding", "identity") not in ("", "identity")
-                    chunks = response.iter_bytes(CHUNK_SIZE) if encoded else response.iter_raw()
-                    for chunk in chunks:
-                        size += len(chunk)
-                        if expected_size is not None and size > expected_size:
-                            raise FailedPrecondition(
-                                f"blob {digest} from registry {repo.registry} ({repo.name}) is "
-                                f"larger than the {expected_size} bytes its descriptor says"
-                            )
-                        if limit is not None and size > limit:
-                            raise FailedPrecondition(
-                                f"blob {digest} from registry {repo.registry} is larger than the {limit} bytes allowed"
-                            )
-                        hasher.update(chunk)
-                        sink.write(chunk)
-            except (httpx.TransportError, httpx.StreamError) as exc:
-                if attempt >= self._session.transport.retry.max_attempts:
-                    raise Unavailable(
-                        f"registry {repo.registry} broke off the download of blob {digest} "
-                        f"after {attempt} attempts: {exc}"
-                    ) from None
-                self._session.transport.backoff(attempt, repo.registry, f"blob download interrupted: {exc}")
-                continue
+            with closing(response):
+                if response.status_code == 404:
+                    raise NotFound(f"blob {digest} not found in repository {repo.name} of registry {repo.registry}")
+                check_status(response, repo, f"blob {digest}", ok=(200,))
+                # iter_raw avoids a re-chunking copy; a transfer encoding we
+                # did not ask for still gets decoded (chunk by chunk as it comes).
+                encoded = response.headers.get("content-encoding", "identity") not in ("", "identity")
+                chunks = response.iter_bytes() if encoded else response.iter_raw()
+                for chunk in chunks:
+                    size += len(chunk)
+                    if expected_size is not None and size > expected_size:
+                        raise FailedPrecondition(
+                            f"blob {digest} from registry {repo.registry} ({repo.name}) is "
+                            f"larger than the {expected_size} bytes its descriptor says"
+                        )
+                    if limit is not None and size > limit:
+                        raise FailedPrecondition(
+                            f"blob {digest} from registry {repo.registry} is larger than the {limit} bytes allowed"
+                        )
+                    hasher.update(chunk)
+                    sink.write(chunk)
             actual = "sha256:" + hasher.hexdigest()
             if actual != digest:
                 raise FailedPrecondition(
@@ -357,7 +356,8 @@ class RegistryPull:
                     f"its descriptor says {expected_size}"
                 )
             return size
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        return self._session.transport.retry_body(repo.registry, f"the download of blob {digest}", attempt)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -13,7 +13,7 @@ import httpx
 import structlog
 
 from agent.adapters.registry.auth import Session, pull_scope, push_scope
-from agent.adapters.registry.transport import CHUNK_SIZE, check_reference, check_status
+from agent.adapters.registry.transport import CHUNK_SIZE, ERROR_BODY_LIMIT, check_reference, check_status
 from agent.domain.errors import FailedPrecondition, InvalidArgument, Unavailable
 from agent.domain.imageref import RemoteRepository
 from agent.domain.oci import is_digest, parse_digest, sha256_digest
@@ -125,6 +125,7 @@ class RegistryPush:
             auth=auth,
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
             body=body,
+            max_bytes=size + ERROR_BODY_LIMIT,
         )
         with closing(response):
             check_status(response, repo, f"upload of blob {digest}", ok=(201, 204))
@@ -153,6 +154,7 @@ class RegistryPush:
             auth=auth,
             headers={"Content-Type": media_type},
             body=lambda: iter([data]),
+            max_bytes=len(data) + ERROR_BODY_LIMIT,
         )
         with closing(response):
             check_status(response, repo, f"manifest {reference}", ok=(200, 201, 204))

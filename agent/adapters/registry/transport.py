@@ -6,20 +6,30 @@ retries with backoff, status checks and bounded reads.
   (``localhost:*``, ``127.0.0.1:*``) try HTTPS first and fall back to HTTP.
 * Failures: connection errors, 5xx and 429 are retried with bounded
   exponential backoff; a registry still failing is ``Unavailable``.
+* Bounds: every request attempt has a total deadline (``deadline``): the
+  read timeout plus the bytes it may carry at ``min_rate``. Every body read
+  that is not a digest-verified blob is capped (``read_limited``; error
+  bodies at ``ERROR_BODY_LIMIT``). Redirects (GET/HEAD only) are followed by
+  hand, at most ``MAX_REDIRECTS``, never into plain HTTP on another host of a
+  registry that is not insecure, nor into this node (loopback, link-local)
+  from a registry elsewhere.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import random
 import ssl
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 import structlog
 
+from agent.adapters.registry import deadline
 from agent.domain.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from agent.domain.imageref import RemoteRepository, normalise_registry
 from agent.domain.oci import is_digest
@@ -29,6 +39,12 @@ log = structlog.get_logger(__name__)
 CHUNK_SIZE = 1024 * 1024
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=60.0, write=60.0, pool=30.0)
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+# What is read of an error body (for its detail) and of a token response.
+ERROR_BODY_LIMIT = 64 * 1024
+TOKEN_BODY_LIMIT = 1024 * 1024
+MAX_REDIRECTS = 5
+# The slowest transfer a request's deadline allows for (bytes per second).
+DEFAULT_MIN_RATE = 64 * 1024
 USER_AGENT = "podvisor-agent/0.1"
 _TAG_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
@@ -50,6 +66,9 @@ class RetryPolicy:
     backoff_max: float = 8.0
 
 
+_T = TypeVar("_T")
+
+
 class Transport:
     """Connections to registries, shared by every request of one client (thread-safe)."""
 
@@ -60,9 +79,13 @@ class Transport:
         timeout: httpx.Timeout,
         retry: RetryPolicy,
         sleep: Callable[[float], None],
+        min_rate: float = DEFAULT_MIN_RATE,
     ) -> None:
+        if min_rate <= 0:
+            raise ValueError("min_rate must be greater than 0")
         self._hosts = {normalise_registry(k): v for k, v in hosts.items()}
         self._timeout = timeout
+        self._min_rate = min_rate
         self.retry = retry
         self._sleep = sleep
         self._lock = threading.Lock()
@@ -90,9 +113,10 @@ class Transport:
                 client = httpx.Client(
                     verify=_ssl_context(config),
                     timeout=self._timeout,
-                    follow_redirects=True,  # blob GETs redirect to storage/CDNs
+                    follow_redirects=False,  # send_once follows them, checked
                     trust_env=True,
                 )
+                deadline.install(client)
                 self._clients[registry] = client
             return client
 
@@ -108,6 +132,16 @@ class Transport:
             return ["https", "http"]
         return ["https"]
 
+    def deadline(self, max_bytes: int) -> float:
+        """Seconds one attempt may take to move ``max_bytes``: the read timeout plus
+        that many bytes at the slowest rate allowed."""
+        base = self._timeout.read if self._timeout.read is not None else 60.0
+        return base + max_bytes / self._min_rate
+
+    def start_attempt(self, max_bytes: int) -> None:
+        """Start the total deadline of one request attempt in this thread."""
+        deadline.set_deadline(self.deadline(max_bytes))
+
     def send_once(
         self,
         repo: RemoteRepository,
@@ -116,14 +150,17 @@ class Transport:
         headers: Mapping[str, str],
         params: Mapping[str, str] | None,
         body: Callable[[], Iterator[bytes]] | None,
-        stream: bool,
+        max_bytes: int = ERROR_BODY_LIMIT,
     ) -> httpx.Response:
         """One attempt at a request, trying HTTPS then HTTP where that is allowed.
 
         ``target`` is a path (the scheme and host come from ``repo``) or an
         absolute URL (upload locations). The scheme that worked is remembered
-        per host.
+        per host. The response is always streamed (the caller reads what it
+        needs, bounded, and closes it); ``max_bytes`` (the most the request
+        and its answer carry) sets the attempt's deadline.
         """
+        self.start_attempt(max_bytes)
         client = self.client(repo.registry)
         absolute = "://" in target
         schemes = [""] if absolute else self._schemes_for(repo)
@@ -137,7 +174,7 @@ class Transport:
                 content=body() if body is not None else None,
             )
             try:
-                response = client.send(request, stream=stream)
+                response = client.send(request, stream=True)
             except httpx.ConnectError as exc:
                 if _is_certificate_error(exc):
                     # Falling back to HTTP would hide the real problem; retrying cannot fix it.
@@ -159,8 +196,50 @@ class Transport:
             if not absolute:
                 with self._lock:
                     self._schemes[repo.host] = scheme
-            return response
+            return self._follow_redirects(client, repo, response)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _follow_redirects(
+        self, client: httpx.Client, repo: RemoteRepository, response: httpx.Response
+    ) -> httpx.Response:
+        """Follow the redirects of a GET/HEAD (blobs go to storage/CDNs), checking each hop.
+
+        Redirect bodies are never read. Credentials stay with the registry's
+        own origin (httpx drops ``Authorization`` when the origin changes).
+        """
+        hops = 0
+        while response.has_redirect_location and response.request.method in ("GET", "HEAD"):
+            request = response.request
+            location = response.headers["location"]
+            response.close()
+            hops += 1
+            if hops > MAX_REDIRECTS:
+                raise FailedPrecondition(f"registry {repo.registry} redirected {request.url.path} more than "
+                                         f"{MAX_REDIRECTS} times")
+            try:
+                target = request.url.join(location)
+            except httpx.InvalidURL:
+                raise FailedPrecondition(
+                    f"registry {repo.registry} redirected to an invalid URL {location!r}"
+                ) from None
+            self.check_redirect(repo, request.url, target)
+            headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+            if (target.scheme, target.host, target.port) != (request.url.scheme, request.url.host, request.url.port):
+                headers = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "cookie")}
+            response = client.send(client.build_request(request.method, target, headers=headers), stream=True)
+        return response
+
+    def check_redirect(self, repo: RemoteRepository, source: httpx.URL, target: httpx.URL) -> None:
+        """Refuse a redirect the registry must not make (``FailedPrecondition``)."""
+        where = f"registry {repo.registry} redirected {source.path} to {target}"
+        if target.scheme not in ("http", "https") or not target.host:
+            raise FailedPrecondition(f"{where}: only http(s) URLs are followed")
+        host = target.netloc.decode("ascii", "replace")
+        insecure = self.host_config(repo.registry).insecure
+        if target.scheme == "http" and not insecure and not is_loopback_host(host):
+            raise FailedPrecondition(f"{where}: refusing plain HTTP to another host; mark the registry insecure")
+        if _is_node_local(target.host) and not _is_node_local(source.host):
+            raise FailedPrecondition(f"{where}: refusing a redirect from a remote registry into this node")
 
     def with_retries(self, send: Callable[[], httpx.Response], registry: str, what: str) -> httpx.Response:
         """``send()`` until it gets a non-retryable answer, within the retry budget."""
@@ -181,6 +260,28 @@ class Transport:
             if attempt >= max_attempts:
                 raise Unavailable(f"registry {registry} answered HTTP {status} to {what} {attempt} times; giving up")
             self.backoff(attempt, registry, f"{what}: HTTP {status}", retry_after)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def retry_body(self, registry: str, what: str, attempt: Callable[[], _T]) -> _T:
+        """``attempt()`` (a request and the reading of its body) until it is not broken off.
+
+        A connection dropped or timed out while a body is read is tried again
+        within the retry budget, then ``Unavailable``; a body that cannot be
+        decoded is ``FailedPrecondition``.
+        """
+        max_attempts = self.retry.max_attempts
+        for number in range(1, max_attempts + 1):
+            try:
+                return attempt()
+            except httpx.DecodingError as exc:
+                raise FailedPrecondition(f"registry {registry} sent {what} in an encoding that fails: {exc}") from None
+            except (httpx.TransportError, httpx.StreamError) as exc:
+                if number >= max_attempts:
+                    raise Unavailable(
+                        f"registry {registry} broke off {what} after {number} attempts: "
+                        f"{exc.__class__.__name__}: {exc}"
+                    ) from None
+                self.backoff(number, registry, f"{what} interrupted: {exc.__class__.__name__}: {exc}")
         raise AssertionError("unreachable")  # pragma: no cover
 
     def backoff(self, attempt: int, registry: str, reason: str, at_least: float | None = None) -> None:
@@ -254,6 +355,20 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def _is_node_local(host: str) -> bool:
+    """``localhost``, loopback, link-local (cloud metadata) or unspecified addresses."""
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback or address.is_link_local or address.is_unspecified
+
+
 def _ssl_context(config: RegistryHostConfig) -> ssl.SSLContext | bool:
     if config.insecure:
         return False
@@ -288,10 +403,13 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _error_detail(response: httpx.Response) -> str:
-    """The registry's error codes/messages (distribution's JSON error body), if any."""
+    """The registry's error codes/messages (distribution's JSON error body), if any.
+
+    At most ``ERROR_BODY_LIMIT`` bytes are read: a longer (or endless) body
+    gives no detail, and the caller closes the response without reading on.
+    """
     try:
-        response.read()
-        payload = response.json()
+        payload = json.loads(read_limited(response, ERROR_BODY_LIMIT, "error body"))
     except Exception:  # noqa: BLE001 - any unreadable body just means no detail
         return ""
     errors = payload.get("errors") if isinstance(payload, dict) else None
