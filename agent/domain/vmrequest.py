@@ -36,9 +36,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from agent.domain import annotations as ann
+from agent.domain import documents
 from agent.domain.errors import InvalidArgument
 from agent.domain.kubevirt import MIN_MEMORY_BYTES, VMISpec, parse_vmi
 from agent.domain.vm import CFS_DEFAULT_PERIOD_US, CloudInit, VMRequest, vcpus_for_quota
@@ -128,9 +127,9 @@ def parse_cloud_config(data: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ValueError("a #cloud-config document must be UTF-8 text") from None
     try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"the #cloud-config document is not valid YAML: {exc}") from None
+        doc = documents.load_yaml(text, max_bytes=ann.MAX_USER_DATA_BYTES)
+    except ValueError as exc:
+        raise ValueError(f"the #cloud-config document is {exc}") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -147,11 +146,11 @@ def parse_cloud_config(data: bytes) -> dict[str, Any]:
 def check_network_config(data: bytes) -> None:
     """Check NoCloud network-config content: v1 or v2, without a top-level ``network:`` key."""
     try:
-        doc = yaml.safe_load(data.decode("utf-8"))
+        doc = documents.load_json_or_yaml(data.decode("utf-8"), max_bytes=ann.MAX_USER_DATA_BYTES)
     except UnicodeDecodeError:
         raise ValueError("network-config must be UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"network-config is neither JSON nor YAML: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"network-config is {exc}") from None
     if not isinstance(doc, dict):
         raise ValueError("network-config must be a JSON or YAML mapping")
     if "network" in doc:

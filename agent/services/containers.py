@@ -37,7 +37,7 @@ from agent.domain import vm as vm_model
 from agent.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PodvisorError
 from agent.domain.filters import selected
 from agent.domain.sandbox import SandboxState, resolve_id
-from agent.domain.validation import validate_id, validate_string_map
+from agent.domain.validation import validate_container_spec, validate_id
 from agent.domain.vm import Container, ContainerSpec, ContainerState
 from agent.services.container_events import ContainerEvent, EventHub
 from agent.services.ports import ContainerPorts
@@ -130,15 +130,9 @@ class ContainerService:
     # Create ------------------------------------------------------------------
 
     def create(self, spec: ContainerSpec) -> Container:
-        if not spec.name:
-            raise InvalidArgument("config.metadata.name", "is required")
-        if not spec.image:
-            raise InvalidArgument("config.image.image", "is required")
+        validate_container_spec(spec)
         if spec.log_path and (spec.log_path.startswith("/") or ".." in spec.log_path.split("/")):
             raise InvalidArgument("config.log_path", "must be relative to the sandbox's log directory, without '..'")
-        validate_string_map(spec.labels, "config.labels", total_limit=64 * 1024, value_limit=1024)
-        validate_string_map(spec.annotations, "config.annotations", total_limit=256 * 1024,
-                            value_limit=256 * 1024)
         sandbox = self._p.sandboxes.get(spec.sandbox_id)
         if sandbox.state is not SandboxState.READY:
             raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
