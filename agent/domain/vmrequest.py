@@ -66,6 +66,89 @@ class CRIResources:
     cpu_shares: int = 0
 
 
+# The kernel's CFS bandwidth limits (kernel/sched/core.c) and cpu.shares range.
+CFS_MIN_PERIOD_US = 1_000
+CFS_MAX_PERIOD_US = 1_000_000
+CFS_MIN_QUOTA_US = 1_000
+MIN_CPU_SHARES = 2
+MAX_CPU_SHARES = 262_144
+
+
+@dataclass(frozen=True)
+class CRISizes:
+    """What ``LinuxContainerResources`` states about a VM's size, checked (0 = not stated)."""
+
+    memory_bytes: int = 0
+    vcpus: int = 0
+    cpu_shares: int = 0
+
+
+def cri_sizes(cri: CRIResources, field: str) -> CRISizes:
+    """Check the CRI resource fields and turn them into sizes.
+
+    The one check CreateContainer (``field`` = ``config.linux.resources``) and
+    UpdateContainerResources (``field`` = ``linux``) share: memory not
+    negative and, when set, at least 16Mi; period 0 or within the kernel's
+    1 ms – 1 s; quota -1, 0 or at least 1 ms, at most ``ann.MAX_VCPUS`` vCPUs;
+    shares 0 or within the kernel's 2 – 262144. Raises InvalidArgument naming
+    the field.
+    """
+    memory = cri.memory_limit_in_bytes
+    if memory < 0:
+        raise InvalidArgument(f"{field}.memory_limit_in_bytes", "must not be negative")
+    if 0 < memory < MIN_MEMORY_BYTES:
+        raise InvalidArgument(
+            f"{field}.memory_limit_in_bytes",
+            f"{memory} bytes is below the minimum of 16Mi ({MIN_MEMORY_BYTES} bytes) a VM needs")
+    if cri.cpu_period < 0:
+        raise InvalidArgument(f"{field}.cpu_period", "must not be negative")
+    if cri.cpu_period and not CFS_MIN_PERIOD_US <= cri.cpu_period <= CFS_MAX_PERIOD_US:
+        raise InvalidArgument(f"{field}.cpu_period",
+                              f"{cri.cpu_period} µs is outside the kernel's range of "
+                              f"{CFS_MIN_PERIOD_US} to {CFS_MAX_PERIOD_US} µs")
+    if cri.cpu_quota < -1:
+        raise InvalidArgument(f"{field}.cpu_quota", "must be -1 (no limit), 0 (unset) or positive")
+    if 0 < cri.cpu_quota < CFS_MIN_QUOTA_US:
+        raise InvalidArgument(f"{field}.cpu_quota",
+                              f"{cri.cpu_quota} µs is below the kernel's minimum of {CFS_MIN_QUOTA_US} µs")
+    vcpus = vcpus_for_quota(cri.cpu_quota, cri.cpu_period)
+    if vcpus > ann.MAX_VCPUS:
+        period = cri.cpu_period or CFS_DEFAULT_PERIOD_US
+        raise InvalidArgument(
+            f"{field}.cpu_quota",
+            f"{cri.cpu_quota}/{period} asks for {vcpus} vCPUs; at most {ann.MAX_VCPUS} are supported")
+    if cri.cpu_shares < 0:
+        raise InvalidArgument(f"{field}.cpu_shares", "must not be negative")
+    if cri.cpu_shares and not MIN_CPU_SHARES <= cri.cpu_shares <= MAX_CPU_SHARES:
+        raise InvalidArgument(f"{field}.cpu_shares",
+                              f"{cri.cpu_shares} is outside the kernel's range of {MIN_CPU_SHARES} to "
+                              f"{MAX_CPU_SHARES}")
+    return CRISizes(memory_bytes=memory, vcpus=vcpus, cpu_shares=cri.cpu_shares)
+
+
+@dataclass(frozen=True)
+class SizeCeiling:
+    """The largest VM this node accepts: the configured ``[vm] largest_*`` or the host's size.
+
+    ``*_source`` say where a figure comes from, for the error message.
+    """
+
+    vcpus: int
+    memory_bytes: int
+    vcpus_source: str = "this host's CPU count"
+    memory_source: str = "this host's memory"
+
+    def check_vcpus(self, vcpus: int, field: str) -> None:
+        if vcpus > self.vcpus:
+            raise InvalidArgument(field, f"{vcpus} vCPUs is more than the {self.vcpus} a VM may have on this "
+                                         f"node ({self.vcpus_source})")
+
+    def check_memory(self, memory_bytes: int, field: str) -> None:
+        if memory_bytes > self.memory_bytes:
+            raise InvalidArgument(field, f"{memory_bytes} bytes is more than the {self.memory_bytes} bytes a VM "
+                                         f"may have on this node ({self.memory_source})")
+
+
 @dataclass(frozen=True)
 class VMDefaults:
     """Configured sizes for what neither the CRI nor annotations state."""
@@ -77,6 +160,18 @@ class VMDefaults:
     max_vcpus: int = 0
     max_memory_bytes: int = 0
     firmware: str = "bios"
+    # The largest VM the node accepts (sizes and maxima); 0: the host's CPU
+    # count and memory, read at each CreateContainer.
+    largest_vcpus: int = 0
+    largest_memory_bytes: int = 0
+
+    def ceiling(self, host_cpus: int, host_memory_bytes: int) -> SizeCeiling:
+        """The largest VM, from these settings or, where they are 0, the host's figures."""
+        return SizeCeiling(
+            vcpus=self.largest_vcpus or host_cpus, memory_bytes=self.largest_memory_bytes or host_memory_bytes,
+            vcpus_source="[vm] largest_vcpus" if self.largest_vcpus else f"the host's {host_cpus} CPUs",
+            memory_source=("[vm] largest_memory_bytes" if self.largest_memory_bytes
+                           else f"the host's {host_memory_bytes} bytes of memory"))
 
     def __post_init__(self) -> None:
         if not 1 <= self.vcpus <= ann.MAX_VCPUS:
@@ -87,6 +182,10 @@ class VMDefaults:
             raise ValueError(f"memory_bytes must be at least {MIN_MEMORY_BYTES} (16Mi)")
         if self.max_memory_bytes < 0:
             raise ValueError("max_memory_bytes must not be negative")
+        if not 0 <= self.largest_vcpus <= ann.MAX_VCPUS:
+            raise ValueError(f"largest_vcpus must be between 0 and {ann.MAX_VCPUS}")
+        if self.largest_memory_bytes and self.largest_memory_bytes < MIN_MEMORY_BYTES:
+            raise ValueError(f"largest_memory_bytes must be 0 or at least {MIN_MEMORY_BYTES} (16Mi)")
         if self.firmware not in ("bios", "uefi"):
             raise ValueError("firmware must be bios or uefi")
 
@@ -195,29 +294,40 @@ def build_vm_request(
     command: Sequence[str] = (),
     args: Sequence[str] = (),
     defaults: VMDefaults | None = None,
+    ceiling: SizeCeiling | None = None,
 ) -> VMRequest:
     """Resolve what a CreateContainer asks for into a ``VMRequest``.
 
     ``env`` is the container's environment in CRI order (a later duplicate
     wins, as in a shell). ``command`` and ``args`` are concatenated into the
     guest's command: a VM image has no ENTRYPOINT for ``args`` to extend.
+    ``ceiling`` bounds every size and maximum (``VMDefaults.ceiling``).
     Raises InvalidArgument naming the CRI field or annotation at fault.
     """
     defaults = defaults or VMDefaults()
+    sizes = cri_sizes(cri_resources, RESOURCES_FIELD)
     ann.validate(pod_annotations, POD_ANNOTATIONS_FIELD)
     ann.validate(container_annotations, CONTAINER_ANNOTATIONS_FIELD)
     merged = _merge(pod_annotations, container_annotations)
     vm = merged.get(ann.VM)
     vmi = parse_vmi(vm.value, vm.field) if vm else None
 
-    vcpus, vcpus_field = _vcpus(cri_resources, merged, vmi, defaults)
-    memory, memory_field = _memory(cri_resources, merged, vmi, defaults)
+    vcpus, vcpus_field = _vcpus(sizes, merged, vmi, defaults)
+    memory, memory_field = _memory(sizes, merged, vmi, defaults)
     max_vcpus = _maximum(vcpus, vcpus_field, vmi.max_vcpus if vmi else None,
                          vmi.max_vcpus_field if vmi else "", defaults.max_vcpus, "vCPUs")
     max_memory = _maximum(memory, memory_field, vmi.max_memory_bytes if vmi else None,
                           vmi.max_memory_field if vmi else "", defaults.max_memory_bytes, "bytes")
-    if cri_resources.cpu_shares < 0:
-        raise InvalidArgument(f"{RESOURCES_FIELD}.cpu_shares", "must not be negative")
+    if ceiling is not None:
+        ceiling.check_vcpus(vcpus, vcpus_field)
+        ceiling.check_memory(memory, memory_field)
+        if vmi and vmi.max_vcpus is not None:
+            ceiling.check_vcpus(max_vcpus, vmi.max_vcpus_field)
+        if vmi and vmi.max_memory_bytes is not None:
+            ceiling.check_memory(max_memory, vmi.max_memory_field)
+        # Configured headroom never takes a VM past the ceiling.
+        max_vcpus = max(vcpus, min(max_vcpus, ceiling.vcpus))
+        max_memory = max(memory, min(max_memory, ceiling.memory_bytes))
 
     firmware = defaults.firmware
     if ann.FIRMWARE in merged:
@@ -246,7 +356,7 @@ def build_vm_request(
         max_vcpus=max_vcpus,
         memory_bytes=memory,
         max_memory_bytes=max_memory,
-        cpu_shares=cri_resources.cpu_shares or None,
+        cpu_shares=sizes.cpu_shares or None,
         firmware=firmware,
         disk_bus=disk_bus,
         containerdisk_path=containerdisk_path,
@@ -260,19 +370,10 @@ def build_vm_request(
 
 
 def _vcpus(
-    cri: CRIResources, merged: Mapping[str, _Annotation], vmi: VMISpec | None, defaults: VMDefaults
+    sizes: CRISizes, merged: Mapping[str, _Annotation], vmi: VMISpec | None, defaults: VMDefaults
 ) -> tuple[int, str]:
-    if cri.cpu_period < 0:
-        raise InvalidArgument(f"{RESOURCES_FIELD}.cpu_period", "must not be negative")
-    vcpus = vcpus_for_quota(cri.cpu_quota, cri.cpu_period)
-    if vcpus:
-        period = cri.cpu_period or CFS_DEFAULT_PERIOD_US
-        where = f"{RESOURCES_FIELD}.cpu_quota"
-        if vcpus > ann.MAX_VCPUS:
-            raise InvalidArgument(
-                where, f"{cri.cpu_quota}/{period} asks for {vcpus} vCPUs; at most {ann.MAX_VCPUS} are supported"
-            )
-        return vcpus, where
+    if sizes.vcpus:
+        return sizes.vcpus, f"{RESOURCES_FIELD}.cpu_quota"
     if ann.VCPUS in merged:
         a = merged[ann.VCPUS]
         return ann.parse_vcpus(a.value), a.field
@@ -282,19 +383,10 @@ def _vcpus(
 
 
 def _memory(
-    cri: CRIResources, merged: Mapping[str, _Annotation], vmi: VMISpec | None, defaults: VMDefaults
+    sizes: CRISizes, merged: Mapping[str, _Annotation], vmi: VMISpec | None, defaults: VMDefaults
 ) -> tuple[int, str]:
-    where = f"{RESOURCES_FIELD}.memory_limit_in_bytes"
-    if cri.memory_limit_in_bytes < 0:
-        raise InvalidArgument(where, "must not be negative")
-    if cri.memory_limit_in_bytes > 0:
-        if cri.memory_limit_in_bytes < MIN_MEMORY_BYTES:
-            raise InvalidArgument(
-                where,
-                f"{cri.memory_limit_in_bytes} bytes is below the minimum of 16Mi ({MIN_MEMORY_BYTES} bytes) "
-                "a VM needs",
-            )
-        return cri.memory_limit_in_bytes, where
+    if sizes.memory_bytes:
+        return sizes.memory_bytes, f"{RESOURCES_FIELD}.memory_limit_in_bytes"
     if ann.MEMORY in merged:
         a = merged[ann.MEMORY]
         return ann.parse_memory(a.value), a.field

@@ -39,6 +39,7 @@ from agent.domain.filters import selected
 from agent.domain.sandbox import SandboxState, resolve_id
 from agent.domain.validation import validate_container_spec, validate_id
 from agent.domain.vm import Container, ContainerSpec, ContainerState
+from agent.domain.vmrequest import CRIResources, cri_sizes
 from agent.services.container_events import ContainerEvent, EventHub
 from agent.services.ports import ContainerPorts
 
@@ -387,17 +388,17 @@ class ContainerService:
 
     # Updates -----------------------------------------------------------------------
 
-    def update_resources(self, container_id: str, *, memory_bytes: int = 0, vcpus: int = 0) -> Container:
+    def update_resources(self, container_id: str, resources: CRIResources) -> Container:
+        """Resize to what the CRI fields state, checked exactly as CreateContainer checks them."""
+        sizes = cri_sizes(resources, "linux")
+        memory_bytes, vcpus = sizes.memory_bytes, sizes.vcpus
         c = self.get(container_id)
         with self._op_lock(c.id):
-            if memory_bytes:
-                if memory_bytes > c.max_memory_bytes:
-                    raise InvalidArgument(
-                        "linux.memory_limit_in_bytes",
-                        f"{memory_bytes} bytes exceeds the VM's maximum of {c.max_memory_bytes} bytes set at "
-                        "creation; recreate the VM to grow beyond it")
-                if memory_bytes < 16 << 20:
-                    raise InvalidArgument("linux.memory_limit_in_bytes", "must be at least 16Mi")
+            if memory_bytes and memory_bytes > c.max_memory_bytes:
+                raise InvalidArgument(
+                    "linux.memory_limit_in_bytes",
+                    f"{memory_bytes} bytes exceeds the VM's maximum of {c.max_memory_bytes} bytes set at "
+                    "creation; recreate the VM to grow beyond it")
             if vcpus and vcpus > c.max_vcpus:
                 raise InvalidArgument(
                     "linux.cpu_quota", f"{vcpus} vCPUs exceeds the VM's maximum of {c.max_vcpus} set at creation")

@@ -20,7 +20,7 @@ from typing import BinaryIO, Protocol
 
 from agent.concurrency import BlobProgress
 from agent.domain.disk import DiskInfo
-from agent.domain.host import HostFacts
+from agent.domain.host import HostCapacity, HostFacts
 from agent.domain.hypervisor import DomainState, DomainStats, HypervisorVersions
 from agent.domain.image import BaseDisk, DiskFile, Image
 from agent.domain.imageref import ImageRef, RemoteRepository
@@ -205,6 +205,12 @@ class VMNetwork(Protocol):
 
     def status(self, sandbox_id: str, workdir: Path) -> PodNetworkStatus | None: ...
     def ensure_dhcp(self, sandbox_id: str, workdir: Path) -> bool: ...
+
+
+class HostSize(Protocol):
+    """The host's size, the default ceiling of a VM's (agent.adapters.host.Host)."""
+
+    def capacity(self) -> HostCapacity: ...
 
 
 class VMBuild(Protocol):

@@ -12,6 +12,7 @@ import pytest
 from agent.domain.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
 from agent.domain.hypervisor import DomainState
 from agent.domain.vm import Container, ContainerState
+from agent.domain.vmrequest import CRIResources, cri_sizes
 from agent.services.container_events import ContainerEvent
 from agent.services.containers import ContainerFilter, ContainerService
 from tests.services.container_fakes import (
@@ -548,7 +549,7 @@ def test_list_hides_a_container_being_created(fakes: ContainerFakes, service: Co
 
 def test_update_resources_of_a_running_vm_is_live(fakes: ContainerFakes, service: ContainerService) -> None:
     c = _running(service, fakes)
-    got = service.update_resources(c.id, memory_bytes=512 * MiB, vcpus=2)
+    got = service.update_resources(c.id, CRIResources(memory_limit_in_bytes=512 * MiB, cpu_quota=2 * 100_000))
     assert fakes.journal.of("libvirt.set_") == [
         ("libvirt.set_domain_memory", c.domain_name, 512 * MiB, True),
         ("libvirt.set_domain_vcpus", c.domain_name, 2, True),
@@ -560,7 +561,7 @@ def test_update_resources_of_a_running_vm_is_live(fakes: ContainerFakes, service
 def test_update_resources_of_a_created_vm_is_config_only(fakes: ContainerFakes,
                                                          service: ContainerService) -> None:
     c = _created(service, fakes)
-    got = service.update_resources(c.id, memory_bytes=1024 * MiB, vcpus=4)
+    got = service.update_resources(c.id, CRIResources(memory_limit_in_bytes=1024 * MiB, cpu_quota=4 * 100_000))
     assert fakes.journal.of("libvirt.set_") == [
         ("libvirt.set_domain_memory", c.domain_name, 1024 * MiB, False),
         ("libvirt.set_domain_vcpus", c.domain_name, 4, False),
@@ -571,7 +572,7 @@ def test_update_resources_of_a_created_vm_is_config_only(fakes: ContainerFakes,
 def test_update_resources_to_current_values_calls_nothing(fakes: ContainerFakes,
                                                           service: ContainerService) -> None:
     c = _running(service, fakes)
-    service.update_resources(c.id, memory_bytes=256 * MiB, vcpus=1)
+    service.update_resources(c.id, CRIResources(memory_limit_in_bytes=256 * MiB, cpu_quota=1 * 100_000))
     assert fakes.journal.of("libvirt.set_") == []
 
 
@@ -579,17 +580,43 @@ def test_update_resources_beyond_the_maximum_is_refused(fakes: ContainerFakes,
                                                         service: ContainerService) -> None:
     c = _running(service, fakes)
     with pytest.raises(InvalidArgument) as exc:
-        service.update_resources(c.id, memory_bytes=1024 * MiB + 1)
+        service.update_resources(c.id, CRIResources(memory_limit_in_bytes=1024 * MiB + 1))
     assert exc.value.field == "linux.memory_limit_in_bytes"
     assert str(1024 * MiB) in exc.value.message
     with pytest.raises(InvalidArgument) as exc:
-        service.update_resources(c.id, memory_bytes=8 * MiB)
+        service.update_resources(c.id, CRIResources(memory_limit_in_bytes=8 * MiB))
     assert exc.value.field == "linux.memory_limit_in_bytes"
     with pytest.raises(InvalidArgument) as exc:
-        service.update_resources(c.id, vcpus=5)
+        service.update_resources(c.id, CRIResources(cpu_quota=5 * 100_000))
     assert exc.value.field == "linux.cpu_quota"
     assert fakes.journal.of("libvirt.set_") == []
     assert fakes.store.rows[c.id].memory_bytes == 256 * MiB
+
+
+@pytest.mark.parametrize(("resources", "field"), [
+    pytest.param(CRIResources(cpu_quota=200_000, cpu_period=-100_000), "linux.cpu_period", id="negative-period"),
+    pytest.param(CRIResources(cpu_quota=200_000, cpu_period=10), "linux.cpu_period", id="period-below-1ms"),
+    pytest.param(CRIResources(cpu_quota=200_000, cpu_period=2_000_000), "linux.cpu_period", id="period-above-1s"),
+    pytest.param(CRIResources(cpu_quota=-5), "linux.cpu_quota", id="quota-below-minus-one"),
+    pytest.param(CRIResources(cpu_quota=999), "linux.cpu_quota", id="quota-below-1ms"),
+    pytest.param(CRIResources(cpu_quota=2**62, cpu_period=1000), "linux.cpu_quota", id="quota-too-many-vcpus"),
+    pytest.param(CRIResources(cpu_shares=-1), "linux.cpu_shares", id="negative-shares"),
+    pytest.param(CRIResources(cpu_shares=1 << 20), "linux.cpu_shares", id="shares-above-kernel-max"),
+    pytest.param(CRIResources(memory_limit_in_bytes=-1), "linux.memory_limit_in_bytes", id="negative-memory"),
+])
+def test_update_resources_checks_the_cri_fields_as_create_does(
+        fakes: ContainerFakes, service: ContainerService, resources: CRIResources, field: str) -> None:
+    """Issue #10 item 9: a negative period used to become a negative vCPU count sent to libvirt."""
+    c = _running(service, fakes)
+    with pytest.raises(InvalidArgument) as exc:
+        service.update_resources(c.id, resources)
+    assert exc.value.field == field
+    # The same values, as CreateContainer fields, fail on the same field.
+    with pytest.raises(InvalidArgument) as created:
+        cri_sizes(resources, "config.linux.resources")
+    assert created.value.field == field.replace("linux.", "config.linux.resources.")
+    assert fakes.journal.of("libvirt.set_") == []
+    assert fakes.store.rows[c.id].vcpus == 1
 
 
 def test_update_resources_does_not_resurrect_a_container_that_exited_meanwhile(
@@ -600,7 +627,7 @@ def test_update_resources_does_not_resurrect_a_container_that_exited_meanwhile(
         fakes.libvirt.set_state(name, "shutoff", "shutdown")
         service.on_domain_event(name, "stopped", "shutdown")
     fakes.libvirt.hooks["set_domain_memory"] = guest_powers_off
-    service.update_resources(c.id, memory_bytes=512 * MiB)
+    service.update_resources(c.id, CRIResources(memory_limit_in_bytes=512 * MiB))
     assert fakes.store.rows[c.id].state is ContainerState.EXITED
 
 
