@@ -24,6 +24,7 @@ import structlog
 
 from agent import __version__
 from agent.adapters import kvm, qemu_img, systemd
+from agent.adapters.cgroups import PodCgroups
 from agent.adapters.console_log import ConsoleLogs
 from agent.adapters.files import SandboxFiles
 from agent.adapters.host import Host
@@ -122,7 +123,7 @@ def build_container_service(cfg: AgentConfig, store: Store, libvirt: Libvirt, co
                         network=network, host=host)
     return ContainerService(ContainerPorts(
         store=store, hypervisor=libvirt, files=vm_files, console=console, sandboxes=sandboxes, images=images,
-        vm=builder, clock=SystemClock(),
+        vm=builder, clock=SystemClock(), cgroups=PodCgroups(),
     ))
 
 

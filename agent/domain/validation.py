@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 
 from agent.domain import annotations as podvisor_annotations
+from agent.domain.cgroups import pod_cgroup
 from agent.domain.errors import InvalidArgument
 from agent.domain.sandbox import SandboxSpec
 from agent.domain.vm import ContainerSpec
@@ -96,14 +97,9 @@ def validate_host_path(value: str, field_name: str) -> None:
         raise InvalidArgument(field_name, f"{value!r} must not contain '..'")
 
 
-_SLICE = re.compile(r"^[A-Za-z0-9_.:-]+\.slice$")
-
-
 def validate_cgroup_parent(value: str) -> None:
     """cgroupfs driver: a cgroup path; systemd driver: a slice name (kubepods-...slice)."""
-    if not value or _SLICE.match(value):
-        return
-    validate_host_path(value, "config.linux.cgroup_parent")
+    pod_cgroup(value)
 
 
 def validate_sandbox_spec(spec: SandboxSpec) -> None:

@@ -36,7 +36,8 @@ import structlog
 from agent.domain import vm as vm_model
 from agent.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PodvisorError
 from agent.domain.filters import selected
-from agent.domain.sandbox import SandboxState, resolve_id
+from agent.domain.cgroups import PodCgroup, pod_cgroup
+from agent.domain.sandbox import Sandbox, SandboxState, resolve_id
 from agent.domain.validation import validate_container_spec, validate_id
 from agent.domain.vm import Container, ContainerSpec, ContainerState
 from agent.domain.vmrequest import CRIResources, cri_sizes
@@ -139,6 +140,7 @@ class ContainerService:
             raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
         image = self._p.images.get(spec.image)
         request = self._p.vm.request(spec, sandbox)
+        self._check_cgroup(sandbox)
         disk = image.disk_for(request.containerdisk_path)
         base_path = self._p.images.base_disk_path(image, disk)
 
@@ -185,6 +187,33 @@ class ContainerService:
         self._emit(c, "created")
         return c
 
+    # The pod's cgroup ------------------------------------------------------------
+
+    def _check_cgroup(self, sandbox: Sandbox) -> PodCgroup | None:
+        """The sandbox's cgroup (None without one); FailedPrecondition when it does not exist here."""
+        pc = pod_cgroup(sandbox.spec.cgroup_parent)
+        if pc is not None and not self._p.cgroups.exists(pc.path):
+            raise FailedPrecondition(
+                f"the pod's cgroup {pc.path} (cgroup_parent {sandbox.spec.cgroup_parent!r} of pod sandbox "
+                f"{sandbox.id}) does not exist on this host; kubelet creates it before RunPodSandbox, and the "
+                "VM is accounted to it")
+        return pc
+
+    def _place(self, c: Container, pc: PodCgroup | None) -> None:
+        """Move the running VM's QEMU into the pod's cgroup, where libvirt cannot put it (cgroupfs paths)."""
+        if pc is None or not pc.placed_by_agent:
+            return
+        self._p.cgroups.place(pc.path, c.id, self._p.hypervisor.domain_pid(c.domain_name))
+
+    def _release_cgroup(self, c: Container) -> None:
+        """Remove the VM's own cgroup below the pod's (the VM is gone)."""
+        try:
+            pc = pod_cgroup(self._p.sandboxes.get(c.sandbox_id).spec.cgroup_parent)
+        except PodvisorError:
+            return
+        if pc is not None and pc.placed_by_agent:
+            self._p.cgroups.remove(pc.path, c.id)
+
     def _roll_back(self, c: Container) -> None:
         log.warning("rolling back container creation", container_id=c.id)
         try:
@@ -206,9 +235,16 @@ class ContainerService:
             c = self._reconcile(c)
             if c.state is not ContainerState.CREATED:
                 raise FailedPrecondition(f"container {c.id} is {c.state.value}; only a created container can start")
+            pc = self._check_cgroup(self._p.sandboxes.get(c.sandbox_id))
             self._p.console.follow(c.id, c.console_log, c.log_path, self._p.files.console_state(c.directory))
             try:
                 self._p.hypervisor.start_domain(c.domain_name)
+                try:
+                    self._place(c, pc)
+                except BaseException:
+                    # Never a VM outside the pod's accounting: it does not run.
+                    self._p.hypervisor.destroy_domain(c.domain_name)
+                    raise
             except BaseException:
                 self._p.console.unfollow(c.id)
                 raise
@@ -345,6 +381,7 @@ class ContainerService:
         self._p.hypervisor.destroy_domain(c.domain_name)
         self._p.console.unfollow(c.id)
         self._p.hypervisor.undefine_domain(c.domain_name)
+        self._release_cgroup(c)
         self._p.files.remove_container_dir(c.directory)
         self._p.store.delete_container(c.id)
         with self._lock:
@@ -408,6 +445,9 @@ class ContainerService:
                     self._p.hypervisor.set_domain_memory(c.domain_name, memory_bytes, live=live)
                 if vcpus and vcpus != c.vcpus:
                     self._p.hypervisor.set_domain_vcpus(c.domain_name, vcpus, live=live)
+                    if live:
+                        # libvirt puts a hot-plugged vCPU's thread in its own cgroup: back into the pod's.
+                        self._place_again(c)
             with self._lock:
                 # Re-read: an exit recorded meanwhile must not be overwritten.
                 current = self._by_id.get(c.id, c)
@@ -415,6 +455,12 @@ class ContainerService:
                                                   vcpus=vcpus or current.vcpus))
         log.info("container resources updated", container_id=c.id, vcpus=c.vcpus, memory=c.memory_bytes)
         return c
+
+    def _place_again(self, c: Container) -> None:
+        try:
+            self._place(c, pod_cgroup(self._p.sandboxes.get(c.sandbox_id).spec.cgroup_parent))
+        except PodvisorError as exc:
+            log.warning("could not move the VM back into the pod's cgroup", container_id=c.id, error=exc.message)
 
     def reopen_log(self, container_id: str) -> None:
         c = self.get(container_id)

@@ -141,6 +141,7 @@ class Hypervisor(Protocol):
     def set_domain_memory(self, name: str, size_bytes: int, *, live: bool) -> None: ...
     def set_domain_vcpus(self, name: str, count: int, *, live: bool) -> None: ...
     def list_domains(self) -> dict[str, str]: ...
+    def domain_pid(self, name: str) -> int: ...
 
 
 class KvmProbe(Protocol):
@@ -207,6 +208,15 @@ class VMNetwork(Protocol):
     def ensure_dhcp(self, sandbox_id: str, workdir: Path) -> bool: ...
 
 
+class PodCgroups(Protocol):
+    """The pod's cgroup on this host (agent.adapters.cgroups.PodCgroups): ``path`` is a
+    ``PodCgroup.path``, ``name`` the VM's own cgroup below it (the container id)."""
+
+    def exists(self, path: str) -> bool: ...
+    def place(self, path: str, name: str, pid: int) -> None: ...
+    def remove(self, path: str, name: str) -> None: ...
+
+
 class HostSize(Protocol):
     """The host's size, the default ceiling of a VM's (agent.adapters.host.Host)."""
 
@@ -237,6 +247,7 @@ class ContainerPorts:
     images: ContainerImages
     vm: VMBuild
     clock: Clock
+    cgroups: PodCgroups
 
 
 # --- images --------------------------------------------------------------------------------

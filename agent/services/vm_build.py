@@ -19,6 +19,7 @@ from __future__ import annotations
 import uuid
 
 from agent.domain import vmrequest
+from agent.domain.cgroups import pod_cgroup
 from agent.domain.network.wiring import PodWiring
 from agent.domain.sandbox import NetworkMode, Sandbox
 from agent.domain.vm import (
@@ -111,6 +112,7 @@ class VMBuilder:
             if w is not None:
                 interfaces.append(InterfaceSpec(bridge=w.host_bridge, mac=w.vm_mac, model=request.interface_model))
         firmware = self._files.firmware(request.firmware, paths)
+        pc = pod_cgroup(sandbox.spec.cgroup_parent)
         return DomainSpec(
             name=c.domain_name, uuid=str(uuid.UUID(c.id[:32])), virt_type=self._virt_type,
             vcpus=c.vcpus, max_vcpus=c.max_vcpus, memory_bytes=c.memory_bytes,
@@ -120,6 +122,7 @@ class VMBuilder:
             container_name=c.name, cpu_shares=c.cpu_shares, firmware=request.firmware,
             uefi_loader=firmware.get("loader", ""), uefi_vars_template=firmware.get("vars_template", ""),
             uefi_nvram=firmware.get("nvram", ""), interfaces=tuple(interfaces),
+            partition=pc.partition if pc is not None else "",
         )
 
     def domain_xml(self, container: Container, sandbox: Sandbox, request: VMRequest, paths: ContainerPaths) -> str:

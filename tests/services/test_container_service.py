@@ -29,6 +29,7 @@ from tests.services.container_fakes import (
     MiB,
     cspec,
     record,
+    sandbox,
 )
 
 ID = re.compile(r"^[0-9a-f]{64}$")
@@ -848,3 +849,80 @@ def test_recovered_slot_still_blocks_a_second_container(fakes: ContainerFakes) -
     service.recover()
     with pytest.raises(FailedPrecondition):
         service.create(cspec())
+
+
+# the pod's cgroup (issue #10, item 5) -------------------------------------------------------------
+
+POD_CGROUP = "/kubepods/burstable/pod-uid-1"
+
+
+def _in_cgroup(fakes: ContainerFakes, cgroup_parent: str = POD_CGROUP, exists: bool = True) -> str:
+    sid = "c" * 64
+    fakes.sandboxes.by_id[sid] = sandbox(sid, cgroup_parent=cgroup_parent)
+    if exists:
+        fakes.cgroups.existing.add(POD_CGROUP)
+    return sid
+
+
+def test_a_missing_pod_cgroup_fails_create_before_anything_is_written(fakes: ContainerFakes,
+                                                                      service: ContainerService) -> None:
+    sid = _in_cgroup(fakes, exists=False)
+    with pytest.raises(FailedPrecondition, match="cgroup /kubepods/burstable/pod-uid-1 .* does not exist"):
+        service.create(cspec(sandbox_id=sid))
+    assert fakes.journal.of("store.") == [] and fakes.journal.of("files.") == []
+    assert fakes.journal.of("libvirt.") == []
+
+
+def test_start_places_the_vm_in_the_pod_cgroup_and_removal_releases_it(fakes: ContainerFakes,
+                                                                       service: ContainerService) -> None:
+    sid = _in_cgroup(fakes)
+    c = service.create(cspec(sandbox_id=sid))
+    service.start(c.id)
+    assert fakes.cgroups.placed == {f"{POD_CGROUP}/{c.id}": 4242}
+    events = [e[0] for e in fakes.journal.events]
+    assert events.index("libvirt.start_domain") < events.index("libvirt.domain_pid") < events.index(
+        "cgroups.place")
+    service.remove(c.id)
+    assert fakes.cgroups.placed == {}
+    assert ("cgroups.remove", POD_CGROUP, c.id) in fakes.journal.events
+
+
+def test_a_vm_that_cannot_be_placed_does_not_run(fakes: ContainerFakes, service: ContainerService) -> None:
+    sid = _in_cgroup(fakes)
+    c = service.create(cspec(sandbox_id=sid))
+    fakes.cgroups.fail_place = FailedPrecondition("cannot move the VM's QEMU process into the pod's cgroup")
+    with pytest.raises(FailedPrecondition, match="cannot move"):
+        service.start(c.id)
+    assert fakes.libvirt.states[c.domain_name].state == "shutoff"
+    assert service.get(c.id).state is ContainerState.CREATED
+    assert c.id not in fakes.console.following
+
+
+def test_a_pod_cgroup_removed_after_create_fails_start_cleanly(fakes: ContainerFakes,
+                                                               service: ContainerService) -> None:
+    sid = _in_cgroup(fakes)
+    c = service.create(cspec(sandbox_id=sid))
+    fakes.cgroups.existing.clear()
+    fakes.journal.clear()
+    with pytest.raises(FailedPrecondition, match="does not exist"):
+        service.start(c.id)
+    assert fakes.journal.of("libvirt.start_domain") == []
+
+
+def test_a_systemd_slice_is_left_to_libvirt(fakes: ContainerFakes, service: ContainerService) -> None:
+    """kubelet's systemd driver: libvirt's <resource><partition> places the VM (VMBuilder renders it)."""
+    sid = "c" * 64
+    fakes.sandboxes.by_id[sid] = sandbox(sid, cgroup_parent="kubepods-burstable-pod12.slice")
+    fakes.cgroups.existing.add("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod12.slice")
+    c = service.create(cspec(sandbox_id=sid))
+    service.start(c.id)
+    assert fakes.journal.of("cgroups.place") == [] and fakes.journal.of("libvirt.domain_pid") == []
+
+
+def test_a_hot_plugged_vcpu_is_moved_back_into_the_pod_cgroup(fakes: ContainerFakes,
+                                                              service: ContainerService) -> None:
+    sid = _in_cgroup(fakes)
+    c = _running(service, fakes, sandbox_id=sid)
+    service.update_resources(c.id, CRIResources(cpu_quota=200_000, cpu_period=100_000))
+    assert [e[0] for e in fakes.journal.events if e[0] in ("libvirt.set_domain_vcpus", "cgroups.place")] == [
+        "libvirt.set_domain_vcpus", "cgroups.place"]

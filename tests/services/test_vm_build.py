@@ -163,6 +163,17 @@ def test_domain_spec_holds_the_containers_values_and_the_pod_nic(build: Build) -
     assert build.journal.of("network.") == [("network.status", SANDBOX_ID, f"{STATE_ROOT}/{SANDBOX_ID}")]
 
 
+@pytest.mark.parametrize(("cgroup_parent", "partition"), [
+    ("", ""),
+    ("/kubepods/burstable/pod12", ""),  # cgroupfs: the container service places QEMU itself
+    ("kubepods-burstable-pod12.slice", "/kubepods/burstable/pod12"),
+])
+def test_the_pods_slice_becomes_the_resource_partition(build: Build, cgroup_parent: str, partition: str) -> None:
+    c = _container()
+    sb = sandbox(cgroup_parent=cgroup_parent)
+    assert build.builder.domain_spec(c, sb, REQUEST, _paths(build, c)).partition == partition
+
+
 def test_sata_boot_disk_puts_the_seed_on_vda(build: Build) -> None:
     c = _container()
     spec = build.builder.domain_spec(c, sandbox(), dataclasses.replace(REQUEST, disk_bus="sata"),
