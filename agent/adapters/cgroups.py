@@ -17,7 +17,11 @@ Details a VM needs beyond runc's:
   what QEMU allocated while libvirt started it moves with it (kernels without
   the file, or v2, keep those few pages where they were);
 * writing the process id to ``cgroup.procs`` moves every thread, including
-  the vCPU threads libvirt had put in its own sub-cgroups.
+  the vCPU threads libvirt had put in its own sub-cgroups;
+* the v1 ``devices`` hierarchy is left alone: it accounts nothing, and there
+  QEMU keeps the device whitelist libvirt gave it. On cgroup v2 libvirt's
+  device filter is an eBPF program on its own cgroup, which QEMU leaves
+  (docs/vms.md says what still confines it).
 """
 
 from __future__ import annotations
@@ -93,6 +97,8 @@ class PodCgroups:
 
     def _directories(self, path: str) -> Iterator[tuple[Hierarchy, Path]]:
         for h in hierarchies(self._mountinfo):
+            if h.version == 1 and "devices" in h.controllers:
+                continue  # QEMU stays in libvirt's device whitelist (it accounts nothing)
             d = h.directory(path)
             if d is not None and d.is_dir():
                 yield h, d

@@ -47,16 +47,15 @@ class _BoundedLoader(yaml.SafeLoader):
         self._open_anchors: set[str] = set()
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            anchor = self.peek_event().anchor
+        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+        anchor = getattr(event, "anchor", None)
+        if isinstance(event, yaml.AliasEvent):
             self._aliases += 1
             if self._aliases > MAX_ALIASES:
                 raise DocumentTooComplex(f"uses more than {MAX_ALIASES} YAML aliases")
             if anchor in self._open_anchors:
                 raise DocumentTooComplex(f"the YAML alias *{anchor} refers to a node that contains it")
             return super().compose_node(parent, index)
-        event = self.peek_event()
-        anchor = getattr(event, "anchor", None)
         self._depth += 1
         if self._depth > MAX_DEPTH:
             raise DocumentTooComplex(_TOO_DEEP)

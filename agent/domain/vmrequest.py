@@ -100,12 +100,7 @@ def cri_sizes(cri: CRIResources, field: str) -> CRISizes:
         raise InvalidArgument(
             f"{field}.memory_limit_in_bytes",
             f"{memory} bytes is below the minimum of 16Mi ({MIN_MEMORY_BYTES} bytes) a VM needs")
-    if cri.cpu_period < 0:
-        raise InvalidArgument(f"{field}.cpu_period", "must not be negative")
-    if cri.cpu_period and not CFS_MIN_PERIOD_US <= cri.cpu_period <= CFS_MAX_PERIOD_US:
-        raise InvalidArgument(f"{field}.cpu_period",
-                              f"{cri.cpu_period} µs is outside the kernel's range of "
-                              f"{CFS_MIN_PERIOD_US} to {CFS_MAX_PERIOD_US} µs")
+    _kernel_range(cri.cpu_period, CFS_MIN_PERIOD_US, CFS_MAX_PERIOD_US, f"{field}.cpu_period", " µs")
     if cri.cpu_quota < -1:
         raise InvalidArgument(f"{field}.cpu_quota", "must be -1 (no limit), 0 (unset) or positive")
     if 0 < cri.cpu_quota < CFS_MIN_QUOTA_US:
@@ -117,13 +112,16 @@ def cri_sizes(cri: CRIResources, field: str) -> CRISizes:
         raise InvalidArgument(
             f"{field}.cpu_quota",
             f"{cri.cpu_quota}/{period} asks for {vcpus} vCPUs; at most {ann.MAX_VCPUS} are supported")
-    if cri.cpu_shares < 0:
-        raise InvalidArgument(f"{field}.cpu_shares", "must not be negative")
-    if cri.cpu_shares and not MIN_CPU_SHARES <= cri.cpu_shares <= MAX_CPU_SHARES:
-        raise InvalidArgument(f"{field}.cpu_shares",
-                              f"{cri.cpu_shares} is outside the kernel's range of {MIN_CPU_SHARES} to "
-                              f"{MAX_CPU_SHARES}")
+    _kernel_range(cri.cpu_shares, MIN_CPU_SHARES, MAX_CPU_SHARES, f"{field}.cpu_shares")
     return CRISizes(memory_bytes=memory, vcpus=vcpus, cpu_shares=cri.cpu_shares)
+
+
+def _kernel_range(value: int, low: int, high: int, where: str, unit: str = "") -> None:
+    """0 (unset) or within the kernel's ``low``–``high``."""
+    if value < 0:
+        raise InvalidArgument(where, "must not be negative")
+    if value and not low <= value <= high:
+        raise InvalidArgument(where, f"{value}{unit} is outside the kernel's range of {low} to {high}{unit}")
 
 
 @dataclass(frozen=True)

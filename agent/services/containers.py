@@ -34,9 +34,9 @@ from pathlib import Path
 import structlog
 
 from agent.domain import vm as vm_model
+from agent.domain.cgroups import PodCgroup, pod_cgroup
 from agent.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PodvisorError
 from agent.domain.filters import selected
-from agent.domain.cgroups import PodCgroup, pod_cgroup
 from agent.domain.sandbox import Sandbox, SandboxState, resolve_id
 from agent.domain.validation import validate_container_spec, validate_id
 from agent.domain.vm import Container, ContainerSpec, ContainerState

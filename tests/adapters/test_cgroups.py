@@ -25,6 +25,7 @@ def _mountinfo(tmp_path: Path) -> Path:
         f"32 22 0:27 / {root}/memory-again rw,relatime - cgroup cgroup rw,memory",  # same hierarchy twice
         f"33 22 0:28 / {root}/uni\\040fied rw,relatime - cgroup2 cgroup2 rw",
         f"34 22 0:29 /nested {root}/ns rw,relatime - cgroup cgroup rw,pids",  # a cgroup namespace's view
+        f"35 22 0:30 / {root}/devices rw,relatime - cgroup cgroup rw,devices",
     ]
     path = tmp_path / "mountinfo"
     path.write_text("\n".join(lines) + "\n")
@@ -44,7 +45,7 @@ def test_hierarchies_are_read_once_each_with_escapes_undone(tmp_path: Path) -> N
     found = hierarchies(_mountinfo(tmp_path))
     assert [(h.mount.name, h.version, sorted(h.controllers)) for h in found] == [
         ("cpuset", 1, ["cpuset", "rw"]), ("memory", 1, ["memory", "rw"]), ("uni fied", 2, []),
-        ("ns", 1, ["pids", "rw"])]
+        ("ns", 1, ["pids", "rw"]), ("devices", 1, ["devices", "rw"])]
     ns = found[-1]
     assert ns.directory("/nested/kubepods") == ns.mount / "kubepods"
     assert ns.directory("/kubepods") is None
@@ -52,7 +53,7 @@ def test_hierarchies_are_read_once_each_with_escapes_undone(tmp_path: Path) -> N
 
 def test_place_creates_the_vm_cgroup_and_moves_the_process(tmp_path: Path) -> None:
     cg = PodCgroups(_mountinfo(tmp_path))
-    _pod(tmp_path, "cpuset", "memory", "uni fied")
+    _pod(tmp_path, "cpuset", "memory", "uni fied", "devices")
     for h in ("cpuset",):  # a new cpuset cgroup starts empty, as the kernel makes it
         child = tmp_path / "cg" / h / POD.lstrip("/") / "c1"
         child.mkdir()
@@ -62,6 +63,8 @@ def test_place_creates_the_vm_cgroup_and_moves_the_process(tmp_path: Path) -> No
     cg.place(POD, "c1", 4242)
     for h in ("cpuset", "memory", "uni fied"):
         assert (tmp_path / "cg" / h / POD.lstrip("/") / "c1" / "cgroup.procs").read_text() == "4242"
+    # libvirt's device whitelist keeps QEMU.
+    assert not (tmp_path / "cg" / "devices" / POD.lstrip("/") / "c1").exists()
     child = tmp_path / "cg" / "cpuset" / POD.lstrip("/") / "c1"
     assert ((child / "cpuset.cpus").read_text(), (child / "cpuset.mems").read_text()) == ("0-1\n", "0\n")
     assert (tmp_path / "cg/memory" / POD.lstrip("/") / "c1/memory.move_charge_at_immigrate").read_text() == "3"
