@@ -27,6 +27,7 @@ Details a VM needs beyond runc's:
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from agent.domain.errors import FailedPrecondition
 log = structlog.get_logger(__name__)
 
 MOUNTINFO = Path("/proc/self/mountinfo")
+REMOVE_ATTEMPTS = 20  # 0.1 s apart
 
 
 @dataclass(frozen=True)
@@ -138,13 +140,20 @@ class PodCgroups:
         """Remove ``<path>/<name>`` wherever it exists (the VM has exited); a busy one is left, logged."""
         for _h, parent in self._directories(path):
             child = parent / name
-            try:
-                child.rmdir()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                level = log.debug if exc.errno == errno.EBUSY else log.warning
-                level("could not remove a VM's cgroup", cgroup=str(child), error=exc.strerror or str(exc))
+            for attempt in range(REMOVE_ATTEMPTS):
+                try:
+                    child.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    # EBUSY: QEMU's last threads are still leaving (or its zombie not yet reaped).
+                    if exc.errno == errno.EBUSY and attempt + 1 < REMOVE_ATTEMPTS:
+                        time.sleep(0.1)
+                        continue
+                    log.warning("could not remove a VM's cgroup", cgroup=str(child),
+                                error=exc.strerror or str(exc))
+                    break
 
 
 def _try_write(path: Path, value: str) -> None:
