@@ -56,6 +56,8 @@ class _BoundedLoader(yaml.SafeLoader):
             if anchor in self._open_anchors:
                 raise DocumentTooComplex(f"the YAML alias *{anchor} refers to a node that contains it")
             return super().compose_node(parent, index)
+        if not isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            return super().compose_node(parent, index)  # a scalar: no nesting, nothing to refer back to
         self._depth += 1
         if self._depth > MAX_DEPTH:
             raise DocumentTooComplex(_TOO_DEEP)
