@@ -24,6 +24,7 @@ import structlog
 
 from agent import __version__
 from agent.adapters import kvm, qemu_access, qemu_img, systemd
+from agent.adapters.cgroups import PodCgroups
 from agent.adapters.console_log import ConsoleLogs
 from agent.adapters.files import SandboxFiles
 from agent.adapters.host import Host
@@ -118,14 +119,14 @@ def build_image_service(cfg: AgentConfig, store: Store) -> ImageService:
 
 def build_container_service(cfg: AgentConfig, store: Store, libvirt: Libvirt, console: ConsoleLogs,
                             sandbox_files: SandboxFiles, sandboxes: SandboxService, images: ImageService,
-                            virt_type: str, network: PodNetworkManager | None) -> ContainerService:
+                            virt_type: str, network: PodNetworkManager | None, host: Host) -> ContainerService:
     """VM containers over their adapters; what a VM is made of from ``VMBuilder``."""
     vm_files = VMFiles(cfg.sandboxes_dir, cfg.runtime_dir)
     builder = VMBuilder(defaults=cfg.vm, virt_type=virt_type, files=vm_files, sandbox_files=sandbox_files,
-                        network=network)
+                        network=network, host=host)
     return ContainerService(ContainerPorts(
         store=store, hypervisor=libvirt, files=vm_files, console=console, sandboxes=sandboxes, images=images,
-        vm=builder, clock=SystemClock(),
+        vm=builder, clock=SystemClock(), cgroups=PodCgroups(),
     ), max_stop_timeout=cfg.server.max_stop_timeout_seconds)
 
 
@@ -171,7 +172,7 @@ class Daemon:
 
         console = ConsoleLogs()
         containers = build_container_service(cfg, store, libvirt, console, files, sandboxes, images,
-                                             choice.virt_type, network)
+                                             choice.virt_type, network, host)
         members.bind(containers)
         images.set_in_use(containers.image_ids_in_use)
         libvirt.on_lifecycle(lambda ev: containers.on_domain_event(ev.domain, ev.kind, ev.detail))

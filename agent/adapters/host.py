@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from agent.domain.host import HostFacts
+from agent.domain.host import HostCapacity, HostFacts
 
 
 def _cpu_model() -> str:
@@ -69,6 +69,11 @@ class Host:
     def facts(self) -> HostFacts:
         """CPU, memory, kernel and the state directory's disk, read now."""
         return gather(self._state_dir)
+
+    @staticmethod
+    def capacity() -> HostCapacity:
+        """The host's CPU count and total memory (the default ceiling of a VM's size)."""
+        return HostCapacity(cpus=os.cpu_count() or 1, memory_bytes=psutil.virtual_memory().total)
 
     def node_ip(self) -> str:
         """The node's own IPv4 address ("" when there is none)."""

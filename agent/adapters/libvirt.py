@@ -12,6 +12,7 @@ import errno
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt
@@ -64,6 +65,9 @@ def _alive(conn: Any) -> bool:
         return bool(conn.isAlive())
     except libvirt.libvirtError:
         return False
+
+# Where libvirtd (qemu:///system) keeps a running domain's pid file.
+QEMU_RUN_DIR = Path("/run/libvirt/qemu")
 
 
 def _ignore_errors(_ctx: object, _err: object) -> None:
@@ -367,6 +371,19 @@ class Libvirt:
     def set_domain_vcpus(self, name: str, count: int, *, live: bool) -> None:
         flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
         self.call(lambda c: self._domain(c, name).setVcpusFlags(count, flags))
+
+    @staticmethod
+    def domain_pid(name: str) -> int:
+        """The process id of a running domain's QEMU (qemu:///system's pid file, checked against /proc)."""
+        pidfile = QEMU_RUN_DIR / f"{name}.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            raise FailedPrecondition(f"cannot find the QEMU process of domain {name} ({pidfile})") from None
+        if f"guest={name},".encode() not in cmdline and f"guest={name}\0".encode() not in cmdline:
+            raise FailedPrecondition(f"process {pid} in {pidfile} is not the QEMU of domain {name}")
+        return pid
 
     def list_domains(self) -> dict[str, str]:
         """Every domain's name → its XML (callers keep only their own)."""

@@ -59,8 +59,7 @@ class ContainerVerbs:
 
     def UpdateContainerResources(self, request: pb.UpdateContainerResourcesRequest,
                                  context: Any) -> pb.UpdateContainerResourcesResponse:
-        memory_bytes, vcpus = convert.resources_from_pb(request)
-        self._containers.update_resources(request.container_id, memory_bytes=memory_bytes, vcpus=vcpus)
+        self._containers.update_resources(request.container_id, convert.resources_from_pb(request))
         return pb.UpdateContainerResourcesResponse()
 
     def ReopenContainerLog(self, request: pb.ReopenContainerLogRequest,

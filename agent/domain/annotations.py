@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from collections.abc import Callable, Mapping
 
-import yaml
-
+from agent.domain import documents
 from agent.domain.errors import InvalidArgument
 
 PREFIX = "podvisor.io/"
@@ -81,15 +79,9 @@ def decode_base64(value: str) -> bytes:
 
 
 def parse_structured(value: str) -> object:
-    """JSON or YAML document that must be a mapping (VMI spec, network-config)."""
-    _check_size(value)
-    try:
-        doc = json.loads(value)
-    except ValueError:
-        try:
-            doc = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"neither JSON nor YAML: {exc}") from None
+    """JSON or YAML document that must be a mapping (VMI spec, network-config), bounded
+    in size and nesting (``agent.domain.documents``)."""
+    doc = documents.load_json_or_yaml(value, max_bytes=MAX_USER_DATA_BYTES)
     if not isinstance(doc, dict):
         raise ValueError("must be a JSON or YAML mapping")
     return doc

@@ -6,6 +6,14 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class HostCapacity:
+    """How large a VM this host could hold at all: its CPU count and memory."""
+
+    cpus: int
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
 class HostFacts:
     hostname: str
     kernel_release: str

@@ -127,6 +127,9 @@ class DomainSpec:
     guest_agent_socket: str = ""  # virtio-serial channel org.qemu.guest_agent.0; "" for none
     machine: str = "q35"
     emulator: str = ""  # "" lets libvirt choose
+    # libvirt resource partition (<resource><partition>): the pod's slice for
+    # kubelet's systemd driver (agent.domain.cgroups); "" for libvirt's default.
+    partition: str = ""
 
 
 @dataclass(frozen=True)

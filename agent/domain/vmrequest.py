@@ -36,9 +36,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from agent.domain import annotations as ann
+from agent.domain import documents
 from agent.domain.errors import InvalidArgument
 from agent.domain.kubevirt import MIN_MEMORY_BYTES, VMISpec, parse_vmi
 from agent.domain.vm import CFS_DEFAULT_PERIOD_US, CloudInit, VMRequest, vcpus_for_quota
@@ -67,6 +66,87 @@ class CRIResources:
     cpu_shares: int = 0
 
 
+# The kernel's CFS bandwidth limits (kernel/sched/core.c) and cpu.shares range.
+CFS_MIN_PERIOD_US = 1_000
+CFS_MAX_PERIOD_US = 1_000_000
+CFS_MIN_QUOTA_US = 1_000
+MIN_CPU_SHARES = 2
+MAX_CPU_SHARES = 262_144
+
+
+@dataclass(frozen=True)
+class CRISizes:
+    """What ``LinuxContainerResources`` states about a VM's size, checked (0 = not stated)."""
+
+    memory_bytes: int = 0
+    vcpus: int = 0
+    cpu_shares: int = 0
+
+
+def cri_sizes(cri: CRIResources, field: str) -> CRISizes:
+    """Check the CRI resource fields and turn them into sizes.
+
+    The one check CreateContainer (``field`` = ``config.linux.resources``) and
+    UpdateContainerResources (``field`` = ``linux``) share: memory not
+    negative and, when set, at least 16Mi; period 0 or within the kernel's
+    1 ms – 1 s; quota -1, 0 or at least 1 ms, at most ``ann.MAX_VCPUS`` vCPUs;
+    shares 0 or within the kernel's 2 – 262144. Raises InvalidArgument naming
+    the field.
+    """
+    memory = cri.memory_limit_in_bytes
+    if memory < 0:
+        raise InvalidArgument(f"{field}.memory_limit_in_bytes", "must not be negative")
+    if 0 < memory < MIN_MEMORY_BYTES:
+        raise InvalidArgument(
+            f"{field}.memory_limit_in_bytes",
+            f"{memory} bytes is below the minimum of 16Mi ({MIN_MEMORY_BYTES} bytes) a VM needs")
+    _kernel_range(cri.cpu_period, CFS_MIN_PERIOD_US, CFS_MAX_PERIOD_US, f"{field}.cpu_period", " µs")
+    if cri.cpu_quota < -1:
+        raise InvalidArgument(f"{field}.cpu_quota", "must be -1 (no limit), 0 (unset) or positive")
+    if 0 < cri.cpu_quota < CFS_MIN_QUOTA_US:
+        raise InvalidArgument(f"{field}.cpu_quota",
+                              f"{cri.cpu_quota} µs is below the kernel's minimum of {CFS_MIN_QUOTA_US} µs")
+    vcpus = vcpus_for_quota(cri.cpu_quota, cri.cpu_period)
+    if vcpus > ann.MAX_VCPUS:
+        period = cri.cpu_period or CFS_DEFAULT_PERIOD_US
+        raise InvalidArgument(
+            f"{field}.cpu_quota",
+            f"{cri.cpu_quota}/{period} asks for {vcpus} vCPUs; at most {ann.MAX_VCPUS} are supported")
+    _kernel_range(cri.cpu_shares, MIN_CPU_SHARES, MAX_CPU_SHARES, f"{field}.cpu_shares")
+    return CRISizes(memory_bytes=memory, vcpus=vcpus, cpu_shares=cri.cpu_shares)
+
+
+def _kernel_range(value: int, low: int, high: int, where: str, unit: str = "") -> None:
+    """0 (unset) or within the kernel's ``low``–``high``."""
+    if value < 0:
+        raise InvalidArgument(where, "must not be negative")
+    if value and not low <= value <= high:
+        raise InvalidArgument(where, f"{value}{unit} is outside the kernel's range of {low} to {high}{unit}")
+
+
+@dataclass(frozen=True)
+class SizeCeiling:
+    """The largest VM this node accepts: the configured ``[vm] largest_*`` or the host's size.
+
+    ``*_source`` say where a figure comes from, for the error message.
+    """
+
+    vcpus: int
+    memory_bytes: int
+    vcpus_source: str = "this host's CPU count"
+    memory_source: str = "this host's memory"
+
+    def check_vcpus(self, vcpus: int, field: str) -> None:
+        if vcpus > self.vcpus:
+            raise InvalidArgument(field, f"{vcpus} vCPUs is more than the {self.vcpus} a VM may have on this "
+                                         f"node ({self.vcpus_source})")
+
+    def check_memory(self, memory_bytes: int, field: str) -> None:
+        if memory_bytes > self.memory_bytes:
+            raise InvalidArgument(field, f"{memory_bytes} bytes is more than the {self.memory_bytes} bytes a VM "
+                                         f"may have on this node ({self.memory_source})")
+
+
 @dataclass(frozen=True)
 class VMDefaults:
     """Configured sizes for what neither the CRI nor annotations state."""
@@ -78,6 +158,18 @@ class VMDefaults:
     max_vcpus: int = 0
     max_memory_bytes: int = 0
     firmware: str = "bios"
+    # The largest VM the node accepts (sizes and maxima); 0: the host's CPU
+    # count and memory, read at each CreateContainer.
+    largest_vcpus: int = 0
+    largest_memory_bytes: int = 0
+
+    def ceiling(self, host_cpus: int, host_memory_bytes: int) -> SizeCeiling:
+        """The largest VM, from these settings or, where they are 0, the host's figures."""
+        return SizeCeiling(
+            vcpus=self.largest_vcpus or host_cpus, memory_bytes=self.largest_memory_bytes or host_memory_bytes,
+            vcpus_source="[vm] largest_vcpus" if self.largest_vcpus else f"the host's {host_cpus} CPUs",
+            memory_source=("[vm] largest_memory_bytes" if self.largest_memory_bytes
+                           else f"the host's {host_memory_bytes} bytes of memory"))
 
     def __post_init__(self) -> None:
         if not 1 <= self.vcpus <= ann.MAX_VCPUS:
@@ -88,6 +180,10 @@ class VMDefaults:
             raise ValueError(f"memory_bytes must be at least {MIN_MEMORY_BYTES} (16Mi)")
         if self.max_memory_bytes < 0:
             raise ValueError("max_memory_bytes must not be negative")
+        if not 0 <= self.largest_vcpus <= ann.MAX_VCPUS:
+            raise ValueError(f"largest_vcpus must be between 0 and {ann.MAX_VCPUS}")
+        if self.largest_memory_bytes and self.largest_memory_bytes < MIN_MEMORY_BYTES:
+            raise ValueError(f"largest_memory_bytes must be 0 or at least {MIN_MEMORY_BYTES} (16Mi)")
         if self.firmware not in ("bios", "uefi"):
             raise ValueError("firmware must be bios or uefi")
 
@@ -128,9 +224,9 @@ def parse_cloud_config(data: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ValueError("a #cloud-config document must be UTF-8 text") from None
     try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"the #cloud-config document is not valid YAML: {exc}") from None
+        doc = documents.load_yaml(text, max_bytes=ann.MAX_USER_DATA_BYTES)
+    except ValueError as exc:
+        raise ValueError(f"the #cloud-config document is {exc}") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -147,11 +243,11 @@ def parse_cloud_config(data: bytes) -> dict[str, Any]:
 def check_network_config(data: bytes) -> None:
     """Check NoCloud network-config content: v1 or v2, without a top-level ``network:`` key."""
     try:
-        doc = yaml.safe_load(data.decode("utf-8"))
+        doc = documents.load_json_or_yaml(data.decode("utf-8"), max_bytes=ann.MAX_USER_DATA_BYTES)
     except UnicodeDecodeError:
         raise ValueError("network-config must be UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"network-config is neither JSON nor YAML: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"network-config is {exc}") from None
     if not isinstance(doc, dict):
         raise ValueError("network-config must be a JSON or YAML mapping")
     if "network" in doc:
@@ -196,29 +292,40 @@ def build_vm_request(
     command: Sequence[str] = (),
     args: Sequence[str] = (),
     defaults: VMDefaults | None = None,
+    ceiling: SizeCeiling | None = None,
 ) -> VMRequest:
     """Resolve what a CreateContainer asks for into a ``VMRequest``.
 
     ``env`` is the container's environment in CRI order (a later duplicate
     wins, as in a shell). ``command`` and ``args`` are concatenated into the
     guest's command: a VM image has no ENTRYPOINT for ``args`` to extend.
+    ``ceiling`` bounds every size and maximum (``VMDefaults.ceiling``).
     Raises InvalidArgument naming the CRI field or annotation at fault.
     """
     defaults = defaults or VMDefaults()
+    sizes = cri_sizes(cri_resources, RESOURCES_FIELD)
     ann.validate(pod_annotations, POD_ANNOTATIONS_FIELD)
     ann.validate(container_annotations, CONTAINER_ANNOTATIONS_FIELD)
     merged = _merge(pod_annotations, container_annotations)
     vm = merged.get(ann.VM)
     vmi = parse_vmi(vm.value, vm.field) if vm else None
 
-    vcpus, vcpus_field = _vcpus(cri_resources, merged, vmi, defaults)
-    memory, memory_field = _memory(cri_resources, merged, vmi, defaults)
+    vcpus, vcpus_field = _vcpus(sizes, merged, vmi, defaults)
+    memory, memory_field = _memory(sizes, merged, vmi, defaults)
     max_vcpus = _maximum(vcpus, vcpus_field, vmi.max_vcpus if vmi else None,
                          vmi.max_vcpus_field if vmi else "", defaults.max_vcpus, "vCPUs")
     max_memory = _maximum(memory, memory_field, vmi.max_memory_bytes if vmi else None,
                           vmi.max_memory_field if vmi else "", defaults.max_memory_bytes, "bytes")
-    if cri_resources.cpu_shares < 0:
-        raise InvalidArgument(f"{RESOURCES_FIELD}.cpu_shares", "must not be negative")
+    if ceiling is not None:
+        ceiling.check_vcpus(vcpus, vcpus_field)
+        ceiling.check_memory(memory, memory_field)
+        if vmi and vmi.max_vcpus is not None:
+            ceiling.check_vcpus(max_vcpus, vmi.max_vcpus_field)
+        if vmi and vmi.max_memory_bytes is not None:
+            ceiling.check_memory(max_memory, vmi.max_memory_field)
+        # Configured headroom never takes a VM past the ceiling.
+        max_vcpus = max(vcpus, min(max_vcpus, ceiling.vcpus))
+        max_memory = max(memory, min(max_memory, ceiling.memory_bytes))
 
     firmware = defaults.firmware
     if ann.FIRMWARE in merged:
@@ -247,7 +354,7 @@ def build_vm_request(
         max_vcpus=max_vcpus,
         memory_bytes=memory,
         max_memory_bytes=max_memory,
-        cpu_shares=cri_resources.cpu_shares or None,
+        cpu_shares=sizes.cpu_shares or None,
         firmware=firmware,
         disk_bus=disk_bus,
         containerdisk_path=containerdisk_path,
@@ -261,19 +368,10 @@ def build_vm_request(
 
 
 def _vcpus(
-    cri: CRIResources, merged: Mapping[str, _Annotation], vmi: VMISpec | None, defaults: VMDefaults
+    sizes: CRISizes, merged: Mapping[str, _Annotation], vmi: VMISpec | None, defaults: VMDefaults
 ) -> tuple[int, str]:
-    if cri.cpu_period < 0:
-        raise InvalidArgument(f"{RESOURCES_FIELD}.cpu_period", "must not be negative")
-    vcpus = vcpus_for_quota(cri.cpu_quota, cri.cpu_period)
-    if vcpus:
-        period = cri.cpu_period or CFS_DEFAULT_PERIOD_US
-        where = f"{RESOURCES_FIELD}.cpu_quota"
-        if vcpus > ann.MAX_VCPUS:
-            raise InvalidArgument(
-                where, f"{cri.cpu_quota}/{period} asks for {vcpus} vCPUs; at most {ann.MAX_VCPUS} are supported"
-            )
-        return vcpus, where
+    if sizes.vcpus:
+        return sizes.vcpus, f"{RESOURCES_FIELD}.cpu_quota"
     if ann.VCPUS in merged:
         a = merged[ann.VCPUS]
         return ann.parse_vcpus(a.value), a.field
@@ -283,19 +381,10 @@ def _vcpus(
 
 
 def _memory(
-    cri: CRIResources, merged: Mapping[str, _Annotation], vmi: VMISpec | None, defaults: VMDefaults
+    sizes: CRISizes, merged: Mapping[str, _Annotation], vmi: VMISpec | None, defaults: VMDefaults
 ) -> tuple[int, str]:
-    where = f"{RESOURCES_FIELD}.memory_limit_in_bytes"
-    if cri.memory_limit_in_bytes < 0:
-        raise InvalidArgument(where, "must not be negative")
-    if cri.memory_limit_in_bytes > 0:
-        if cri.memory_limit_in_bytes < MIN_MEMORY_BYTES:
-            raise InvalidArgument(
-                where,
-                f"{cri.memory_limit_in_bytes} bytes is below the minimum of 16Mi ({MIN_MEMORY_BYTES} bytes) "
-                "a VM needs",
-            )
-        return cri.memory_limit_in_bytes, where
+    if sizes.memory_bytes:
+        return sizes.memory_bytes, f"{RESOURCES_FIELD}.memory_limit_in_bytes"
     if ann.MEMORY in merged:
         a = merged[ann.MEMORY]
         return ann.parse_memory(a.value), a.field

@@ -113,6 +113,8 @@ def _check(spec: DomainSpec) -> None:
                         f"{spec.max_memory_bytes}")
     if spec.cpu_shares is not None and spec.cpu_shares < 1:
         problems.append(f"cpu_shares {spec.cpu_shares} must be positive")
+    if spec.partition and (not spec.partition.startswith("/") or "//" in spec.partition):
+        problems.append(f"partition {spec.partition!r} must be an absolute path")
     if not (spec.name and spec.uuid and spec.serial_socket and spec.console_log):
         problems.append("name, uuid, serial_socket and console_log must be set")
     targets = [d.target for d in spec.disks]
@@ -181,6 +183,17 @@ def configure_cpu(domain: ET.Element, spec: DomainSpec) -> None:
     """
     if spec.virt_type == "kvm":
         _sub(domain, "cpu", mode="host-passthrough", check="none", migratable="on")
+
+
+def configure_resource(domain: ET.Element, spec: DomainSpec) -> None:
+    """``<resource><partition>``: the cgroup partition libvirt starts QEMU in (the pod's slice).
+
+    Absent, libvirt uses its default (``/machine``). The partition must exist
+    when the domain starts; the container service checks that first.
+    """
+    if spec.partition:
+        resource = _sub(domain, "resource")
+        _sub(resource, "partition", spec.partition)
 
 
 def configure_os(domain: ET.Element, spec: DomainSpec) -> None:
@@ -323,6 +336,7 @@ CONFIGURATORS: tuple[Configurator, ...] = (
     configure_identity,
     configure_memory,
     configure_vcpus,
+    configure_resource,
     configure_os,
     configure_features,
     configure_cpu,

@@ -34,11 +34,13 @@ from pathlib import Path
 import structlog
 
 from agent.domain import vm as vm_model
+from agent.domain.cgroups import PodCgroup, pod_cgroup
 from agent.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PodvisorError
 from agent.domain.filters import selected
-from agent.domain.sandbox import SandboxState, resolve_id
-from agent.domain.validation import validate_id, validate_string_map
+from agent.domain.sandbox import Sandbox, SandboxState, resolve_id
+from agent.domain.validation import validate_container_spec, validate_id
 from agent.domain.vm import Container, ContainerSpec, ContainerState
+from agent.domain.vmrequest import CRIResources, cri_sizes
 from agent.services.container_events import ContainerEvent, EventHub
 from agent.services.ports import ContainerPorts
 
@@ -138,20 +140,15 @@ class ContainerService:
     # Create ------------------------------------------------------------------
 
     def create(self, spec: ContainerSpec) -> Container:
-        if not spec.name:
-            raise InvalidArgument("config.metadata.name", "is required")
-        if not spec.image:
-            raise InvalidArgument("config.image.image", "is required")
+        validate_container_spec(spec)
         if spec.log_path and (spec.log_path.startswith("/") or ".." in spec.log_path.split("/")):
             raise InvalidArgument("config.log_path", "must be relative to the sandbox's log directory, without '..'")
-        validate_string_map(spec.labels, "config.labels", total_limit=64 * 1024, value_limit=1024)
-        validate_string_map(spec.annotations, "config.annotations", total_limit=256 * 1024,
-                            value_limit=256 * 1024)
         sandbox = self._p.sandboxes.get(spec.sandbox_id)
         if sandbox.state is not SandboxState.READY:
             raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
         image = self._p.images.get(spec.image)
         request = self._p.vm.request(spec, sandbox)
+        self._check_cgroup(sandbox)
         disk = image.disk_for(request.containerdisk_path)
         base_path = self._p.images.base_disk_path(image, disk)
 
@@ -198,6 +195,33 @@ class ContainerService:
         self._emit(c, "created")
         return c
 
+    # The pod's cgroup ------------------------------------------------------------
+
+    def _check_cgroup(self, sandbox: Sandbox) -> PodCgroup | None:
+        """The sandbox's cgroup (None without one); FailedPrecondition when it does not exist here."""
+        pc = pod_cgroup(sandbox.spec.cgroup_parent)
+        if pc is not None and not self._p.cgroups.exists(pc.path):
+            raise FailedPrecondition(
+                f"the pod's cgroup {pc.path} (cgroup_parent {sandbox.spec.cgroup_parent!r} of pod sandbox "
+                f"{sandbox.id}) does not exist on this host; kubelet creates it before RunPodSandbox, and the "
+                "VM is accounted to it")
+        return pc
+
+    def _place(self, c: Container, pc: PodCgroup | None) -> None:
+        """Move the running VM's QEMU into the pod's cgroup, where libvirt cannot put it (cgroupfs paths)."""
+        if pc is None or not pc.placed_by_agent:
+            return
+        self._p.cgroups.place(pc.path, c.id, self._p.hypervisor.domain_pid(c.domain_name))
+
+    def _release_cgroup(self, c: Container) -> None:
+        """Remove the VM's own cgroup below the pod's (the VM is gone)."""
+        try:
+            pc = pod_cgroup(self._p.sandboxes.get(c.sandbox_id).spec.cgroup_parent)
+        except PodvisorError:
+            return
+        if pc is not None and pc.placed_by_agent:
+            self._p.cgroups.remove(pc.path, c.id)
+
     def _roll_back(self, c: Container) -> None:
         log.warning("rolling back container creation", container_id=c.id)
         try:
@@ -219,9 +243,16 @@ class ContainerService:
             c = self._reconcile(c)
             if c.state is not ContainerState.CREATED:
                 raise FailedPrecondition(f"container {c.id} is {c.state.value}; only a created container can start")
+            pc = self._check_cgroup(self._p.sandboxes.get(c.sandbox_id))
             self._p.console.follow(c.id, c.console_log, c.log_path, self._p.files.console_state(c.directory))
             try:
                 self._p.hypervisor.start_domain(c.domain_name)
+                try:
+                    self._place(c, pc)
+                except BaseException:
+                    # Never a VM outside the pod's accounting: it does not run.
+                    self._p.hypervisor.destroy_domain(c.domain_name)
+                    raise
             except BaseException:
                 self._p.console.unfollow(c.id)
                 raise
@@ -363,6 +394,7 @@ class ContainerService:
         self._p.hypervisor.destroy_domain(c.domain_name)
         self._p.console.unfollow(c.id)
         self._p.hypervisor.undefine_domain(c.domain_name)
+        self._release_cgroup(c)
         self._p.files.remove_container_dir(c.directory)
         self._p.store.delete_container(c.id)
         with self._lock:
@@ -406,17 +438,17 @@ class ContainerService:
 
     # Updates -----------------------------------------------------------------------
 
-    def update_resources(self, container_id: str, *, memory_bytes: int = 0, vcpus: int = 0) -> Container:
+    def update_resources(self, container_id: str, resources: CRIResources) -> Container:
+        """Resize to what the CRI fields state, checked exactly as CreateContainer checks them."""
+        sizes = cri_sizes(resources, "linux")
+        memory_bytes, vcpus = sizes.memory_bytes, sizes.vcpus
         c = self.get(container_id)
         with self._op_lock(c.id):
-            if memory_bytes:
-                if memory_bytes > c.max_memory_bytes:
-                    raise InvalidArgument(
-                        "linux.memory_limit_in_bytes",
-                        f"{memory_bytes} bytes exceeds the VM's maximum of {c.max_memory_bytes} bytes set at "
-                        "creation; recreate the VM to grow beyond it")
-                if memory_bytes < 16 << 20:
-                    raise InvalidArgument("linux.memory_limit_in_bytes", "must be at least 16Mi")
+            if memory_bytes and memory_bytes > c.max_memory_bytes:
+                raise InvalidArgument(
+                    "linux.memory_limit_in_bytes",
+                    f"{memory_bytes} bytes exceeds the VM's maximum of {c.max_memory_bytes} bytes set at "
+                    "creation; recreate the VM to grow beyond it")
             if vcpus and vcpus > c.max_vcpus:
                 raise InvalidArgument(
                     "linux.cpu_quota", f"{vcpus} vCPUs exceeds the VM's maximum of {c.max_vcpus} set at creation")
@@ -426,6 +458,9 @@ class ContainerService:
                     self._p.hypervisor.set_domain_memory(c.domain_name, memory_bytes, live=live)
                 if vcpus and vcpus != c.vcpus:
                     self._p.hypervisor.set_domain_vcpus(c.domain_name, vcpus, live=live)
+                    if live:
+                        # libvirt puts a hot-plugged vCPU's thread in its own cgroup: back into the pod's.
+                        self._place_again(c)
             with self._lock:
                 # Re-read: an exit recorded meanwhile must not be overwritten.
                 current = self._by_id.get(c.id, c)
@@ -433,6 +468,12 @@ class ContainerService:
                                                   vcpus=vcpus or current.vcpus))
         log.info("container resources updated", container_id=c.id, vcpus=c.vcpus, memory=c.memory_bytes)
         return c
+
+    def _place_again(self, c: Container) -> None:
+        try:
+            self._place(c, pod_cgroup(self._p.sandboxes.get(c.sandbox_id).spec.cgroup_parent))
+        except PodvisorError as exc:
+            log.warning("could not move the VM back into the pod's cgroup", container_id=c.id, error=exc.message)
 
     def reopen_log(self, container_id: str) -> None:
         c = self.get(container_id)

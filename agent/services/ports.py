@@ -20,7 +20,7 @@ from typing import BinaryIO, Protocol
 
 from agent.concurrency import BlobProgress
 from agent.domain.disk import DiskInfo
-from agent.domain.host import HostFacts
+from agent.domain.host import HostCapacity, HostFacts
 from agent.domain.hypervisor import DomainState, DomainStats, HypervisorVersions
 from agent.domain.image import BaseDisk, DiskFile, Image
 from agent.domain.imageref import ImageRef, RemoteRepository
@@ -141,6 +141,7 @@ class Hypervisor(Protocol):
     def set_domain_memory(self, name: str, size_bytes: int, *, live: bool) -> None: ...
     def set_domain_vcpus(self, name: str, count: int, *, live: bool) -> None: ...
     def list_domains(self) -> dict[str, str]: ...
+    def domain_pid(self, name: str) -> int: ...
 
 
 class KvmProbe(Protocol):
@@ -207,6 +208,21 @@ class VMNetwork(Protocol):
     def ensure_dhcp(self, sandbox_id: str, workdir: Path) -> bool: ...
 
 
+class PodCgroups(Protocol):
+    """The pod's cgroup on this host (agent.adapters.cgroups.PodCgroups): ``path`` is a
+    ``PodCgroup.path``, ``name`` the VM's own cgroup below it (the container id)."""
+
+    def exists(self, path: str) -> bool: ...
+    def place(self, path: str, name: str, pid: int) -> None: ...
+    def remove(self, path: str, name: str) -> None: ...
+
+
+class HostSize(Protocol):
+    """The host's size, the default ceiling of a VM's (agent.adapters.host.Host)."""
+
+    def capacity(self) -> HostCapacity: ...
+
+
 class VMBuild(Protocol):
     """What a VM is made of: its request, NoCloud seed and domain XML, and
     the pod network it joins (agent.services.vm_build.VMBuilder)."""
@@ -231,6 +247,7 @@ class ContainerPorts:
     images: ContainerImages
     vm: VMBuild
     clock: Clock
+    cgroups: PodCgroups
 
 
 # --- images --------------------------------------------------------------------------------

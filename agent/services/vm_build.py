@@ -19,6 +19,7 @@ from __future__ import annotations
 import uuid
 
 from agent.domain import vmrequest
+from agent.domain.cgroups import pod_cgroup
 from agent.domain.network.wiring import PodWiring
 from agent.domain.sandbox import NetworkMode, Sandbox
 from agent.domain.vm import (
@@ -32,28 +33,35 @@ from agent.domain.vm import (
 )
 from agent.domain.vmrequest import VMDefaults
 from agent.render import cloudinit, domain_xml, nocloud
-from agent.services.ports import SandboxFiles, VMFiles, VMNetwork
+from agent.services.ports import HostSize, SandboxFiles, VMFiles, VMNetwork
 
 
 class VMBuilder:
     """The ``VMBuild`` port: ``network`` is None when pod networking is off."""
 
     def __init__(self, *, defaults: VMDefaults, virt_type: str, files: VMFiles, sandbox_files: SandboxFiles,
-                 network: VMNetwork | None) -> None:
+                 network: VMNetwork | None, host: HostSize) -> None:
         self._defaults = defaults
+        self._host = host
         self._virt_type = virt_type
         self._files = files
         self._sandbox_files = sandbox_files
         self._network = network
 
     def request(self, spec: ContainerSpec, sandbox: Sandbox) -> VMRequest:
-        """CreateContainer → VMRequest (InvalidArgument naming the field at fault)."""
+        """CreateContainer → VMRequest (InvalidArgument naming the field at fault).
+
+        Sizes are bounded by ``[vm] largest_*`` or, where those are 0, by the
+        host's CPU count and memory, read now.
+        """
+        capacity = self._host.capacity()
         return vmrequest.build_vm_request(
             cri_resources=vmrequest.CRIResources(
                 memory_limit_in_bytes=spec.memory_limit_in_bytes, cpu_quota=spec.cpu_quota,
                 cpu_period=spec.cpu_period, cpu_shares=spec.cpu_shares),
             pod_annotations=sandbox.spec.annotations, container_annotations=spec.annotations,
-            env=spec.env, command=spec.command, args=spec.args, defaults=self._defaults)
+            env=spec.env, command=spec.command, args=spec.args, defaults=self._defaults,
+            ceiling=self._defaults.ceiling(capacity.cpus, capacity.memory_bytes))
 
     def _wiring(self, sandbox: Sandbox) -> PodWiring | None:
         if self._network is None or sandbox.spec.network_mode is not NetworkMode.POD:
@@ -104,6 +112,7 @@ class VMBuilder:
             if w is not None:
                 interfaces.append(InterfaceSpec(bridge=w.host_bridge, mac=w.vm_mac, model=request.interface_model))
         firmware = self._files.firmware(request.firmware, paths)
+        pc = pod_cgroup(sandbox.spec.cgroup_parent)
         return DomainSpec(
             name=c.domain_name, uuid=str(uuid.UUID(c.id[:32])), virt_type=self._virt_type,
             vcpus=c.vcpus, max_vcpus=c.max_vcpus, memory_bytes=c.memory_bytes,
@@ -113,6 +122,7 @@ class VMBuilder:
             container_name=c.name, cpu_shares=c.cpu_shares, firmware=request.firmware,
             uefi_loader=firmware.get("loader", ""), uefi_vars_template=firmware.get("vars_template", ""),
             uefi_nvram=firmware.get("nvram", ""), interfaces=tuple(interfaces),
+            partition=pc.partition if pc is not None else "",
         )
 
     def domain_xml(self, container: Container, sandbox: Sandbox, request: VMRequest, paths: ContainerPaths) -> str:

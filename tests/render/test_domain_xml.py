@@ -85,6 +85,8 @@ CASES: dict[str, Callable[[str], DomainSpec]] = {
     )),
     "guest-agent": lambda root: _base(root, guest_agent_socket=f"{root}/qga.sock"),
     "no-nic": lambda root: _base(root, interfaces=()),
+    # kubelet's systemd driver: the pod's slice as a libvirt resource partition.
+    "pod-slice-partition": lambda root: _base(root, partition="/kubepods/burstable/pod5f0c2a4e_1b7d"),
 }
 
 
@@ -281,6 +283,20 @@ def test_os_never_has_boot_dev() -> None:
 )
 def test_fixed_configurators(configure: domain_xml.Configurator, expected: str) -> None:
     assert _xml(_apply(configure, _base(GOLDEN_ROOT))) == expected
+
+
+@pytest.mark.parametrize(("partition", "expected"), [
+    ("", "<domain />"),
+    ("/kubepods/besteffort/pod12", "<domain><resource><partition>/kubepods/besteffort/pod12</partition>"
+                                   "</resource></domain>"),
+])
+def test_resource_partition(partition: str, expected: str) -> None:
+    assert _xml(_apply(domain_xml.configure_resource, _base(GOLDEN_ROOT, partition=partition))) == expected
+
+
+def test_a_relative_partition_is_refused() -> None:
+    with pytest.raises(ValueError, match="partition"):
+        render(_base(GOLDEN_ROOT, partition="kubepods"))
 
 
 def test_emulator_when_named() -> None:

@@ -42,10 +42,10 @@ _NAME = re.compile(r"<name>([^<]+)</name>")
 
 
 def sandbox(sandbox_id: str = SANDBOX_ID, state: SandboxState = SandboxState.READY,
-            log_directory: str = LOG_DIR) -> Sandbox:
+            log_directory: str = LOG_DIR, cgroup_parent: str = "") -> Sandbox:
     return Sandbox(id=sandbox_id,
                    spec=SandboxSpec(metadata=Metadata("vm-1", "default", "uid-1"), hostname="vm-1",
-                                    log_directory=log_directory),
+                                    log_directory=log_directory, cgroup_parent=cgroup_parent),
                    state=state, created_at_ns=10)
 
 
@@ -150,6 +150,10 @@ class FakeLibvirt:
     def set_domain_vcpus(self, name: str, count: int, *, live: bool) -> None:
         self._enter("set_domain_vcpus", name, count, live)
 
+    def domain_pid(self, name: str) -> int:
+        self._enter("domain_pid", name)
+        return 4242
+
     def list_domains(self) -> dict[str, str]:
         self.journal.record("libvirt.list_domains")
         with self._lock:
@@ -200,6 +204,30 @@ class FakeFiles:
     @staticmethod
     def allocated_bytes(path: str) -> int:
         return 4096
+
+
+class FakeCgroups:
+    """PodCgroups: which pod cgroups exist, and what was placed where."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.existing: set[str] = set()
+        self.placed: dict[str, int] = {}  # "<path>/<name>" → pid
+        self.fail_place: BaseException | None = None
+
+    def exists(self, path: str) -> bool:
+        self.journal.record("cgroups.exists", path)
+        return path in self.existing
+
+    def place(self, path: str, name: str, pid: int) -> None:
+        self.journal.record("cgroups.place", path, name, pid)
+        if self.fail_place is not None:
+            raise self.fail_place
+        self.placed[f"{path}/{name}"] = pid
+
+    def remove(self, path: str, name: str) -> None:
+        self.journal.record("cgroups.remove", path, name)
+        self.placed.pop(f"{path}/{name}", None)
 
 
 class FakeConsole:
@@ -297,9 +325,10 @@ class ContainerFakes:
         self.images = FakeImages(self.journal)
         self.vm = FakeVM(self.journal)
         self.clock = FakeClock()
+        self.cgroups = FakeCgroups(self.journal)
         self.ports = ContainerPorts(
             store=self.store, hypervisor=self.libvirt, files=self.files, console=self.console,
-            sandboxes=self.sandboxes, images=self.images, vm=self.vm, clock=self.clock,
+            sandboxes=self.sandboxes, images=self.images, vm=self.vm, clock=self.clock, cgroups=self.cgroups,
         )
 
 

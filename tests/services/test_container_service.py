@@ -12,6 +12,7 @@ import pytest
 from agent.domain.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
 from agent.domain.hypervisor import DomainState
 from agent.domain.vm import Container, ContainerState
+from agent.domain.vmrequest import CRIResources, cri_sizes
 from agent.services.container_events import ContainerEvent
 from agent.services.containers import ContainerFilter, ContainerService
 from tests.services.container_fakes import (
@@ -28,6 +29,7 @@ from tests.services.container_fakes import (
     MiB,
     cspec,
     record,
+    sandbox,
 )
 
 ID = re.compile(r"^[0-9a-f]{64}$")
@@ -564,7 +566,7 @@ def test_list_hides_a_container_being_created(fakes: ContainerFakes, service: Co
 
 def test_update_resources_of_a_running_vm_is_live(fakes: ContainerFakes, service: ContainerService) -> None:
     c = _running(service, fakes)
-    got = service.update_resources(c.id, memory_bytes=512 * MiB, vcpus=2)
+    got = service.update_resources(c.id, CRIResources(memory_limit_in_bytes=512 * MiB, cpu_quota=2 * 100_000))
     assert fakes.journal.of("libvirt.set_") == [
         ("libvirt.set_domain_memory", c.domain_name, 512 * MiB, True),
         ("libvirt.set_domain_vcpus", c.domain_name, 2, True),
@@ -576,7 +578,7 @@ def test_update_resources_of_a_running_vm_is_live(fakes: ContainerFakes, service
 def test_update_resources_of_a_created_vm_is_config_only(fakes: ContainerFakes,
                                                          service: ContainerService) -> None:
     c = _created(service, fakes)
-    got = service.update_resources(c.id, memory_bytes=1024 * MiB, vcpus=4)
+    got = service.update_resources(c.id, CRIResources(memory_limit_in_bytes=1024 * MiB, cpu_quota=4 * 100_000))
     assert fakes.journal.of("libvirt.set_") == [
         ("libvirt.set_domain_memory", c.domain_name, 1024 * MiB, False),
         ("libvirt.set_domain_vcpus", c.domain_name, 4, False),
@@ -587,7 +589,7 @@ def test_update_resources_of_a_created_vm_is_config_only(fakes: ContainerFakes,
 def test_update_resources_to_current_values_calls_nothing(fakes: ContainerFakes,
                                                           service: ContainerService) -> None:
     c = _running(service, fakes)
-    service.update_resources(c.id, memory_bytes=256 * MiB, vcpus=1)
+    service.update_resources(c.id, CRIResources(memory_limit_in_bytes=256 * MiB, cpu_quota=1 * 100_000))
     assert fakes.journal.of("libvirt.set_") == []
 
 
@@ -595,17 +597,43 @@ def test_update_resources_beyond_the_maximum_is_refused(fakes: ContainerFakes,
                                                         service: ContainerService) -> None:
     c = _running(service, fakes)
     with pytest.raises(InvalidArgument) as exc:
-        service.update_resources(c.id, memory_bytes=1024 * MiB + 1)
+        service.update_resources(c.id, CRIResources(memory_limit_in_bytes=1024 * MiB + 1))
     assert exc.value.field == "linux.memory_limit_in_bytes"
     assert str(1024 * MiB) in exc.value.message
     with pytest.raises(InvalidArgument) as exc:
-        service.update_resources(c.id, memory_bytes=8 * MiB)
+        service.update_resources(c.id, CRIResources(memory_limit_in_bytes=8 * MiB))
     assert exc.value.field == "linux.memory_limit_in_bytes"
     with pytest.raises(InvalidArgument) as exc:
-        service.update_resources(c.id, vcpus=5)
+        service.update_resources(c.id, CRIResources(cpu_quota=5 * 100_000))
     assert exc.value.field == "linux.cpu_quota"
     assert fakes.journal.of("libvirt.set_") == []
     assert fakes.store.rows[c.id].memory_bytes == 256 * MiB
+
+
+@pytest.mark.parametrize(("resources", "field"), [
+    pytest.param(CRIResources(cpu_quota=200_000, cpu_period=-100_000), "linux.cpu_period", id="negative-period"),
+    pytest.param(CRIResources(cpu_quota=200_000, cpu_period=10), "linux.cpu_period", id="period-below-1ms"),
+    pytest.param(CRIResources(cpu_quota=200_000, cpu_period=2_000_000), "linux.cpu_period", id="period-above-1s"),
+    pytest.param(CRIResources(cpu_quota=-5), "linux.cpu_quota", id="quota-below-minus-one"),
+    pytest.param(CRIResources(cpu_quota=999), "linux.cpu_quota", id="quota-below-1ms"),
+    pytest.param(CRIResources(cpu_quota=2**62, cpu_period=1000), "linux.cpu_quota", id="quota-too-many-vcpus"),
+    pytest.param(CRIResources(cpu_shares=-1), "linux.cpu_shares", id="negative-shares"),
+    pytest.param(CRIResources(cpu_shares=1 << 20), "linux.cpu_shares", id="shares-above-kernel-max"),
+    pytest.param(CRIResources(memory_limit_in_bytes=-1), "linux.memory_limit_in_bytes", id="negative-memory"),
+])
+def test_update_resources_checks_the_cri_fields_as_create_does(
+        fakes: ContainerFakes, service: ContainerService, resources: CRIResources, field: str) -> None:
+    """Issue #10 item 9: a negative period used to become a negative vCPU count sent to libvirt."""
+    c = _running(service, fakes)
+    with pytest.raises(InvalidArgument) as exc:
+        service.update_resources(c.id, resources)
+    assert exc.value.field == field
+    # The same values, as CreateContainer fields, fail on the same field.
+    with pytest.raises(InvalidArgument) as created:
+        cri_sizes(resources, "config.linux.resources")
+    assert created.value.field == field.replace("linux.", "config.linux.resources.")
+    assert fakes.journal.of("libvirt.set_") == []
+    assert fakes.store.rows[c.id].vcpus == 1
 
 
 def test_update_resources_does_not_resurrect_a_container_that_exited_meanwhile(
@@ -616,7 +644,7 @@ def test_update_resources_does_not_resurrect_a_container_that_exited_meanwhile(
         fakes.libvirt.set_state(name, "shutoff", "shutdown")
         service.on_domain_event(name, "stopped", "shutdown")
     fakes.libvirt.hooks["set_domain_memory"] = guest_powers_off
-    service.update_resources(c.id, memory_bytes=512 * MiB)
+    service.update_resources(c.id, CRIResources(memory_limit_in_bytes=512 * MiB))
     assert fakes.store.rows[c.id].state is ContainerState.EXITED
 
 
@@ -837,3 +865,80 @@ def test_recovered_slot_still_blocks_a_second_container(fakes: ContainerFakes) -
     service.recover()
     with pytest.raises(FailedPrecondition):
         service.create(cspec())
+
+
+# the pod's cgroup (issue #10, item 5) -------------------------------------------------------------
+
+POD_CGROUP = "/kubepods/burstable/pod-uid-1"
+
+
+def _in_cgroup(fakes: ContainerFakes, cgroup_parent: str = POD_CGROUP, exists: bool = True) -> str:
+    sid = "c" * 64
+    fakes.sandboxes.by_id[sid] = sandbox(sid, cgroup_parent=cgroup_parent)
+    if exists:
+        fakes.cgroups.existing.add(POD_CGROUP)
+    return sid
+
+
+def test_a_missing_pod_cgroup_fails_create_before_anything_is_written(fakes: ContainerFakes,
+                                                                      service: ContainerService) -> None:
+    sid = _in_cgroup(fakes, exists=False)
+    with pytest.raises(FailedPrecondition, match="cgroup /kubepods/burstable/pod-uid-1 .* does not exist"):
+        service.create(cspec(sandbox_id=sid))
+    assert fakes.journal.of("store.") == [] and fakes.journal.of("files.") == []
+    assert fakes.journal.of("libvirt.") == []
+
+
+def test_start_places_the_vm_in_the_pod_cgroup_and_removal_releases_it(fakes: ContainerFakes,
+                                                                       service: ContainerService) -> None:
+    sid = _in_cgroup(fakes)
+    c = service.create(cspec(sandbox_id=sid))
+    service.start(c.id)
+    assert fakes.cgroups.placed == {f"{POD_CGROUP}/{c.id}": 4242}
+    events = [e[0] for e in fakes.journal.events]
+    assert events.index("libvirt.start_domain") < events.index("libvirt.domain_pid") < events.index(
+        "cgroups.place")
+    service.remove(c.id)
+    assert fakes.cgroups.placed == {}
+    assert ("cgroups.remove", POD_CGROUP, c.id) in fakes.journal.events
+
+
+def test_a_vm_that_cannot_be_placed_does_not_run(fakes: ContainerFakes, service: ContainerService) -> None:
+    sid = _in_cgroup(fakes)
+    c = service.create(cspec(sandbox_id=sid))
+    fakes.cgroups.fail_place = FailedPrecondition("cannot move the VM's QEMU process into the pod's cgroup")
+    with pytest.raises(FailedPrecondition, match="cannot move"):
+        service.start(c.id)
+    assert fakes.libvirt.states[c.domain_name].state == "shutoff"
+    assert service.get(c.id).state is ContainerState.CREATED
+    assert c.id not in fakes.console.following
+
+
+def test_a_pod_cgroup_removed_after_create_fails_start_cleanly(fakes: ContainerFakes,
+                                                               service: ContainerService) -> None:
+    sid = _in_cgroup(fakes)
+    c = service.create(cspec(sandbox_id=sid))
+    fakes.cgroups.existing.clear()
+    fakes.journal.clear()
+    with pytest.raises(FailedPrecondition, match="does not exist"):
+        service.start(c.id)
+    assert fakes.journal.of("libvirt.start_domain") == []
+
+
+def test_a_systemd_slice_is_left_to_libvirt(fakes: ContainerFakes, service: ContainerService) -> None:
+    """kubelet's systemd driver: libvirt's <resource><partition> places the VM (VMBuilder renders it)."""
+    sid = "c" * 64
+    fakes.sandboxes.by_id[sid] = sandbox(sid, cgroup_parent="kubepods-burstable-pod12.slice")
+    fakes.cgroups.existing.add("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod12.slice")
+    c = service.create(cspec(sandbox_id=sid))
+    service.start(c.id)
+    assert fakes.journal.of("cgroups.place") == [] and fakes.journal.of("libvirt.domain_pid") == []
+
+
+def test_a_hot_plugged_vcpu_is_moved_back_into_the_pod_cgroup(fakes: ContainerFakes,
+                                                              service: ContainerService) -> None:
+    sid = _in_cgroup(fakes)
+    c = _running(service, fakes, sandbox_id=sid)
+    service.update_resources(c.id, CRIResources(cpu_quota=200_000, cpu_period=100_000))
+    assert [e[0] for e in fakes.journal.events if e[0] in ("libvirt.set_domain_vcpus", "cgroups.place")] == [
+        "libvirt.set_domain_vcpus", "cgroups.place"]

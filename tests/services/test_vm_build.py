@@ -11,6 +11,7 @@ from pathlib import Path
 import pycdlib
 import pytest
 
+from agent.domain.host import HostCapacity
 from agent.domain.sandbox import NetworkMode, Sandbox
 from agent.domain.vm import Container, ContainerPaths, ContainerState, VMRequest
 from agent.domain.vmrequest import VMDefaults
@@ -72,6 +73,17 @@ class FakeNetwork:
         return True
 
 
+class FakeHost:
+    """HostSize: a 4-CPU host with 8 GiB."""
+
+    def __init__(self, cpus: int = 4, memory_bytes: int = 8192 * MiB) -> None:
+        self.cpus = cpus
+        self.memory_bytes = memory_bytes
+
+    def capacity(self) -> HostCapacity:
+        return HostCapacity(cpus=self.cpus, memory_bytes=self.memory_bytes)
+
+
 @dataclass
 class Build:
     journal: Journal
@@ -84,7 +96,7 @@ def _build(*, network: bool = True, virt_type: str = "qemu") -> Build:
     net = FakeNetwork(journal)
     builder = VMBuilder(defaults=VMDefaults(vcpus=2, memory_bytes=256 * MiB), virt_type=virt_type,
                         files=FakeFiles(journal), sandbox_files=RecordingFiles(journal, STATE_ROOT),
-                        network=net if network else None)
+                        network=net if network else None, host=FakeHost())
     return Build(journal, net, builder)
 
 
@@ -149,6 +161,17 @@ def test_domain_spec_holds_the_containers_values_and_the_pod_nic(build: Build) -
     assert (spec.pod_name, spec.pod_namespace) == ("vm-1", "default")
     # The wiring is read from the sandbox's folder.
     assert build.journal.of("network.") == [("network.status", SANDBOX_ID, f"{STATE_ROOT}/{SANDBOX_ID}")]
+
+
+@pytest.mark.parametrize(("cgroup_parent", "partition"), [
+    ("", ""),
+    ("/kubepods/burstable/pod12", ""),  # cgroupfs: the container service places QEMU itself
+    ("kubepods-burstable-pod12.slice", "/kubepods/burstable/pod12"),
+])
+def test_the_pods_slice_becomes_the_resource_partition(build: Build, cgroup_parent: str, partition: str) -> None:
+    c = _container()
+    sb = sandbox(cgroup_parent=cgroup_parent)
+    assert build.builder.domain_spec(c, sb, REQUEST, _paths(build, c)).partition == partition
 
 
 def test_sata_boot_disk_puts_the_seed_on_vda(build: Build) -> None:

@@ -6,7 +6,8 @@ import json
 
 from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.domain.errors import InvalidArgument
-from agent.domain.vm import Container, ContainerSpec, ContainerState, quota_for_vcpus, vcpus_for_quota
+from agent.domain.vm import Container, ContainerSpec, ContainerState, quota_for_vcpus
+from agent.domain.vmrequest import CRIResources
 from agent.services.container_events import ContainerEvent
 from agent.services.containers import ContainerFilter, ContainerStats
 
@@ -70,10 +71,11 @@ def container_stats_filter_from_pb(req: pb.ListContainerStatsRequest) -> Contain
     return ContainerFilter(id=f.id, sandbox_id=f.pod_sandbox_id, label_selector=dict(f.label_selector))
 
 
-def resources_from_pb(req: pb.UpdateContainerResourcesRequest) -> tuple[int, int]:
-    """UpdateContainerResources → ``(memory_bytes, vcpus)``; 0 leaves a size as it is."""
+def resources_from_pb(req: pb.UpdateContainerResourcesRequest) -> CRIResources:
+    """UpdateContainerResources' sizing fields, unchecked (the service checks them as CreateContainer does)."""
     res = req.linux
-    return res.memory_limit_in_bytes, vcpus_for_quota(res.cpu_quota, res.cpu_period)
+    return CRIResources(memory_limit_in_bytes=res.memory_limit_in_bytes, cpu_quota=res.cpu_quota,
+                        cpu_period=res.cpu_period, cpu_shares=res.cpu_shares)
 
 
 def _metadata(c: Container) -> pb.ContainerMetadata:
