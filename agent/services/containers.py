@@ -33,6 +33,7 @@ from pathlib import Path
 
 import structlog
 
+from agent import faults
 from agent.domain import vm as vm_model
 from agent.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PodvisorError
 from agent.domain.filters import selected
@@ -169,17 +170,23 @@ class ContainerService:
                 firmware=request.firmware, labels=dict(spec.labels), annotations=dict(spec.annotations),
             )
             self._put(c)
+            faults.point("container.create.recorded")
         # The pod's DHCP server starts while the disks are prepared.
         dhcp = self._aside.submit(self._p.vm.prepare_network, sandbox) if request.pod_network else None
         try:
             self._p.files.create_container_dir(paths)
+            faults.point("container.create.dir")
             self._p.files.create_overlay(base_path, disk.format, paths.overlay)
+            faults.point("container.create.overlay")
             self._p.files.write_seed(paths.seed, self._p.vm.seed(request, c, sandbox))
+            faults.point("container.create.seed")
             xml = self._p.vm.domain_xml(c, sandbox, request, paths)
             if dhcp is not None:
                 dhcp.result()
             self._p.hypervisor.define_domain(xml)
+            faults.point("container.create.defined")
             c = self._put(dataclasses.replace(c, state=ContainerState.CREATED))
+            faults.point("container.create.created")
         except BaseException:
             if dhcp is not None:
                 wait([dhcp])
@@ -212,12 +219,15 @@ class ContainerService:
             if c.state is not ContainerState.CREATED:
                 raise FailedPrecondition(f"container {c.id} is {c.state.value}; only a created container can start")
             self._p.console.follow(c.id, c.console_log, c.log_path, self._p.files.console_state(c.directory))
+            faults.point("container.start.following")
             try:
                 self._p.hypervisor.start_domain(c.domain_name)
+                faults.point("container.start.started")
             except BaseException:
                 self._p.console.unfollow(c.id)
                 raise
             c = self._put(dataclasses.replace(c, state=ContainerState.RUNNING, started_at_ns=self._p.clock.now_ns()))
+            faults.point("container.start.running")
         log.info("container started", container_id=c.id, domain=c.domain_name)
         self._emit(c, "started")
         return c
@@ -242,6 +252,7 @@ class ContainerService:
                 if current is None or current.state is not ContainerState.RUNNING:
                     return
                 c = self._put(dataclasses.replace(current, stop_requested=True))
+                faults.point("container.stop.requested")
                 self._stopping.add(c.id)
             try:
                 self._stop_domain(c, timeout)
@@ -258,6 +269,7 @@ class ContainerService:
                     break
                 time.sleep(0.1)
         killed = self._p.hypervisor.destroy_domain(c.domain_name)
+        faults.point("container.stop.destroyed")
         current = self._by_id.get(c.id, c)
         if current.state is ContainerState.EXITED:
             return  # the event handler recorded the guest's own power-off
@@ -275,6 +287,7 @@ class ContainerService:
             done = dataclasses.replace(current, state=ContainerState.EXITED, finished_at_ns=self._p.clock.now_ns(),
                                        exit_code=exit_code, reason=reason, message=message, stop_requested=False)
             self._put(done)
+            faults.point("container.stop.exited")
         self._p.console.unfollow(c.id)
         log.info("container exited", container_id=c.id, exit_code=exit_code, reason=reason, message=message)
         self._emit(done, "stopped")
@@ -344,14 +357,18 @@ class ContainerService:
             if c is None:
                 return
             c = self._put(dataclasses.replace(c, state=ContainerState.REMOVING, stop_requested=True))
+            faults.point("container.remove.recorded")
             self.finish_removal(c)
 
     def finish_removal(self, c: Container) -> None:
         self._p.hypervisor.destroy_domain(c.domain_name)
         self._p.console.unfollow(c.id)
         self._p.hypervisor.undefine_domain(c.domain_name)
+        faults.point("container.remove.undefined")
         self._p.files.remove_container_dir(c.directory)
+        faults.point("container.remove.files")
         self._p.store.delete_container(c.id)
+        faults.point("container.remove.deleted")
         with self._lock:
             self._by_id.pop(c.id, None)
             self._op_locks.pop(c.id, None)
