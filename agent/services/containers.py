@@ -460,6 +460,19 @@ class ContainerService:
 
     # Recovery ---------------------------------------------------------------------
 
+    def _adopt_started(self, c: Container) -> Container:
+        """A CREATED record whose domain runs: the agent died in StartContainer
+        after the domain started and before RUNNING was recorded. The VM is
+        booting: the start is finished (recorded RUNNING), not undone."""
+        try:
+            state = self._p.hypervisor.domain_state(c.domain_name)
+        except PodvisorError:
+            return c
+        if state.state not in ("running", "paused"):
+            return c
+        log.warning("adopting a VM started by an interrupted StartContainer", container_id=c.id)
+        return self._put(dataclasses.replace(c, state=ContainerState.RUNNING, started_at_ns=self._p.clock.now_ns()))
+
     def recover(self) -> None:
         """Adopt running domains, mark vanished ones, undo half-done creations,
         and undefine orphan domains this agent made."""
@@ -479,6 +492,8 @@ class ContainerService:
             for c in keep:
                 self._by_id[c.id] = c
         for c in keep:
+            if c.state is ContainerState.CREATED and domains is not None and c.domain_name in domains:
+                c = self._adopt_started(c)
             if c.state is ContainerState.REMOVING:
                 self.finish_removal(c)
             elif c.state is ContainerState.RUNNING:
