@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 
 import zstandard
 
+from agent.adapters.nospace import exhausted, is_no_space
 from agent.domain.errors import FailedPrecondition
 from agent.domain.image import DiskFile
 from agent.domain.oci import Compression
@@ -195,6 +196,8 @@ class DiskExtractor:
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
             for f in added.values():
                 self._drop(f)
+            if is_no_space(exc):
+                raise exhausted(f"extracting layer {digest} of image {self.image}", self.workdir) from None
             raise FailedPrecondition(f"image {self.image}: layer {digest} is not a valid tar stream: {exc}") from None
         except BaseException:
             for f in added.values():

@@ -3,6 +3,8 @@ checked exit codes. Untrusted images are only ever inspected under limits."""
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,6 +39,9 @@ def _run(args: list[str], *, timeout: float, limited: bool = False) -> bytes:
         raise Internal("qemu-img is not installed (Debian package qemu-utils)") from None
     if proc.returncode != 0:
         message = proc.stderr.decode(errors="replace").strip().splitlines()
+        if message and os.strerror(errno.ENOSPC) in message[-1]:
+            # A full filesystem, not a fault of the image: the caller names it.
+            raise OSError(errno.ENOSPC, f"qemu-img {args[0]} failed: {message[-1]}")
         raise FailedPrecondition(f"qemu-img {args[0]} failed: {message[-1] if message else proc.returncode}")
     return proc.stdout
 
