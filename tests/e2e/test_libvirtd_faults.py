@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -86,15 +85,7 @@ def test_libvirtd_restarted_during_a_create(vm_agent: VMAgent) -> None:
 @pytest.mark.slow
 def test_libvirtd_restarted_under_ten_running_vms(vm_agent: VMAgent) -> None:
     vma = vm_agent
-    vma.agent.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=vma.image)), timeout=300)
-
-    def run(i: int) -> VM:
-        vm = vma.create(f"steady{i}", pull=False)
-        vma.start(vm)
-        return vm
-
-    with ThreadPoolExecutor(4) as pool:
-        vms = list(pool.map(run, range(10)))
+    vms = vma.run_many("steady", 10, 4)
     assert [domstate(vm) for vm in vms] == ["running"] * 10
     restart_libvirtd()
     wait_runtime_ready(vma)

@@ -87,6 +87,16 @@ class Case:
     def create(self, sid: str, cfg: pb.PodSandboxConfig) -> str:
         return str(self.rt.CreateContainer(self.create_request(sid, cfg), timeout=120).container_id)
 
+    def vm_pod(self, name: str, *, start: bool = False) -> tuple[pb.PodSandboxConfig, str, str]:
+        """Pull, run a sandbox, create its VM (and start it): (config, sandbox id, container id)."""
+        self.pull()
+        cfg = self.sandbox_config(name)
+        sid = self.run_sandbox(cfg)
+        cid = self.create(sid, cfg)
+        if start:
+            self.start(cid)
+        return cfg, sid, cid
+
     def start(self, cid: str) -> None:
         self.rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=120)
 
@@ -207,10 +217,7 @@ def test_create_container(case_factory: Any, network: dict[str, Any], point: str
 @pytest.mark.parametrize("point", faults.POINTS["StartContainer"])
 def test_start_container(case_factory: Any, network: dict[str, Any], point: str) -> None:  # noqa: F811
     case: Case = case_factory(point)
-    case.pull()
-    cfg = case.sandbox_config("starts")
-    sid = case.run_sandbox(cfg)
-    cid = case.create(sid, cfg)
+    _, _, cid = case.vm_pod("starts")
     case.crashes(lambda: case.start(cid))
     state = case.container_state(cid)
     if state == pb.CONTAINER_RUNNING:
@@ -227,11 +234,7 @@ def test_start_container(case_factory: Any, network: dict[str, Any], point: str)
 @pytest.mark.parametrize("point", faults.POINTS["RemovePodSandbox"])
 def test_remove_pod_sandbox(case_factory: Any, network: dict[str, Any], point: str) -> None:  # noqa: F811
     case: Case = case_factory(point)
-    case.pull()
-    cfg = case.sandbox_config("removes")
-    sid = case.run_sandbox(cfg)
-    cid = case.create(sid, cfg)
-    case.start(cid)
+    _, sid, cid = case.vm_pod("removes", start=True)
     case.crashes(lambda: case.rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120))
     if case.sandboxes():
         # Not finished: whatever is left is consistent, and kubelet's retry removes it.
