@@ -22,7 +22,7 @@ from types import FrameType
 
 import structlog
 
-from agent import __version__
+from agent import __version__, faults
 from agent.adapters import kvm, qemu_access, qemu_img, systemd
 from agent.adapters.cgroups import PodCgroups
 from agent.adapters.console_log import ConsoleLogs
@@ -178,6 +178,12 @@ class Daemon:
         libvirt.on_lifecycle(lambda ev: containers.on_domain_event(ev.domain, ev.kind, ev.detail))
         libvirt.on_reconnect(containers.reconcile_all)
         recover(ports, sandboxes, images, containers)
+        # Fault-injection tests only: armed after recovery, so a restart
+        # with the same environment recovers before it can crash again.
+        faults.arm_from_environment()
+        if os.environ.get(faults.ENV):
+            log.warning("crash point armed: this agent kills itself there (tests only)",
+                        crash_at=os.environ[faults.ENV])
         console.start()
 
         runtime = RuntimeInfoService(

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from agent.adapters.nospace import no_space_is_exhausted
 from agent.domain.oci import digest_hex, parse_digest
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -49,8 +50,12 @@ class ImageFiles:
         if path.is_file():
             return
         fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix=f".{path.name}.", suffix=".partial")
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
+        try:
+            with no_space_is_exhausted(f"storing blob {digest}", self.blobs), os.fdopen(fd, "wb") as out:
+                out.write(data)
+        except BaseException:
+            os.unlink(tmp)
+            raise
         os.replace(tmp, path)
 
     def blob_digests(self) -> list[str]:

@@ -31,6 +31,7 @@ from typing import Any, BinaryIO
 
 import zstandard
 
+from agent.adapters.nospace import exhausted, is_no_space
 from agent.adapters.tar_guard import HeaderRefused, entries, open_guarded
 from agent.domain.errors import FailedPrecondition, ResourceExhausted
 from agent.domain.image import DiskFile
@@ -210,6 +211,8 @@ class DiskExtractor:
             raise FailedPrecondition(f"image {self.image}: layer {digest} is refused: {exc}") from None
         except (tarfile.TarError, OSError, EOFError, ValueError, RecursionError) as exc:
             self._drop_all(added)
+            if is_no_space(exc):
+                raise exhausted(f"extracting layer {digest} of image {self.image}", self.workdir) from None
             raise FailedPrecondition(f"image {self.image}: layer {digest} is not a valid tar stream: {exc}") from None
         except MemoryError:
             # Bounded above; should a layer still find a way, it is the

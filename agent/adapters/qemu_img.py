@@ -22,6 +22,7 @@ QEMU must have the fix for CVE-2024-4467 (``version_warning``).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -74,6 +75,9 @@ def _run(cmd: list[str], *, what: str, timeout: float, pass_fds: tuple[int, ...]
         raise Internal("qemu-img is not installed (Debian package qemu-utils)") from None
     if proc.returncode != 0:
         message = proc.stderr.decode(errors="replace").strip().splitlines()
+        if message and os.strerror(errno.ENOSPC) in message[-1]:
+            # A full filesystem, not a fault of the image: the caller names it.
+            raise OSError(errno.ENOSPC, f"qemu-img {what} failed: {message[-1]}")
         raise FailedPrecondition(f"qemu-img {what} failed: {message[-1] if message else proc.returncode}")
     return proc.stdout
 

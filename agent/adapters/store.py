@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from agent.adapters.nospace import exhausted, is_no_space
 from agent.domain.errors import AlreadyExists, Internal
 from agent.domain.image import BaseDisk, Image
 from agent.domain.sandbox import (
@@ -76,6 +77,7 @@ class Store:
         # SQLite gives the -wal and -shm files the database's mode: create it
         # private first (it holds user-data and keys).
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        self.path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         # Refuse a newer schema before changing anything about the file.
         current = int(self._db.execute("PRAGMA user_version").fetchone()[0])
@@ -119,10 +121,14 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                # SQLite may have rolled back already (a full disk does that).
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if is_no_space(exc):
+                    raise exhausted("writing the state database", self.path) from None
                 raise
-            self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:

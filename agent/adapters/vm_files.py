@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from agent.adapters import qemu_img
+from agent.adapters.nospace import no_space_is_exhausted
 from agent.domain.errors import InvalidArgument, ResourceExhausted
 from agent.domain.vm import ContainerPaths
 
@@ -54,12 +55,14 @@ class VMFiles:
             raise ResourceExhausted(f"cannot create {d}: {exc.strerror}") from None
 
     def create_overlay(self, base: Path, base_format: str, overlay: str) -> None:
-        qemu_img.create_overlay(base, base_format, Path(overlay))
+        with no_space_is_exhausted("creating the VM's disk overlay", Path(overlay).parent):
+            qemu_img.create_overlay(base, base_format, Path(overlay))
 
     def write_seed(self, path: str, data: bytes) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with no_space_is_exhausted("writing the VM's cloud-init seed", Path(path).parent):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
 
     def remove_container_dir(self, directory: str) -> None:
         d = Path(directory)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import structlog
 
+from agent import faults
 from agent.domain import vm as vm_model
 from agent.domain.cgroups import PodCgroup, pod_cgroup
 from agent.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PodvisorError
@@ -174,17 +175,23 @@ class ContainerService:
                 firmware=request.firmware, labels=dict(spec.labels), annotations=dict(spec.annotations),
             )
             self._put(c)
+            faults.point("container.create.recorded")
         # The pod's DHCP server starts while the disks are prepared.
         dhcp = self._aside.submit(self._p.vm.prepare_network, sandbox) if request.pod_network else None
         try:
             self._p.files.create_container_dir(paths)
+            faults.point("container.create.dir")
             self._p.files.create_overlay(base_path, disk.format, paths.overlay)
+            faults.point("container.create.overlay")
             self._p.files.write_seed(paths.seed, self._p.vm.seed(request, c, sandbox))
+            faults.point("container.create.seed")
             xml = self._p.vm.domain_xml(c, sandbox, request, paths)
             if dhcp is not None:
                 dhcp.result()
             self._p.hypervisor.define_domain(xml)
+            faults.point("container.create.defined")
             c = self._put(dataclasses.replace(c, state=ContainerState.CREATED))
+            faults.point("container.create.created")
         except BaseException:
             if dhcp is not None:
                 wait([dhcp])
@@ -245,6 +252,7 @@ class ContainerService:
                 raise FailedPrecondition(f"container {c.id} is {c.state.value}; only a created container can start")
             pc = self._check_cgroup(self._p.sandboxes.get(c.sandbox_id))
             self._p.console.follow(c.id, c.console_log, c.log_path, self._p.files.console_state(c.directory))
+            faults.point("container.start.following")
             try:
                 self._p.hypervisor.start_domain(c.domain_name)
                 try:
@@ -253,10 +261,12 @@ class ContainerService:
                     # Never a VM outside the pod's accounting: it does not run.
                     self._p.hypervisor.destroy_domain(c.domain_name)
                     raise
+                faults.point("container.start.started")
             except BaseException:
                 self._p.console.unfollow(c.id)
                 raise
             c = self._put(dataclasses.replace(c, state=ContainerState.RUNNING, started_at_ns=self._p.clock.now_ns()))
+            faults.point("container.start.running")
         log.info("container started", container_id=c.id, domain=c.domain_name)
         self._emit(c, "started")
         return c
@@ -286,6 +296,7 @@ class ContainerService:
                 if current is None or current.state is not ContainerState.RUNNING:
                     return
                 c = self._put(dataclasses.replace(current, stop_requested=True))
+                faults.point("container.stop.requested")
                 self._stopping.add(c.id)
             try:
                 self._stop_domain(c, timeout)
@@ -302,6 +313,7 @@ class ContainerService:
                     break
                 time.sleep(0.1)
         killed = self._p.hypervisor.destroy_domain(c.domain_name)
+        faults.point("container.stop.destroyed")
         current = self._by_id.get(c.id, c)
         if current.state is ContainerState.EXITED:
             return  # the event handler recorded the guest's own power-off
@@ -319,6 +331,7 @@ class ContainerService:
             done = dataclasses.replace(current, state=ContainerState.EXITED, finished_at_ns=self._p.clock.now_ns(),
                                        exit_code=exit_code, reason=reason, message=message, stop_requested=False)
             self._put(done)
+            faults.point("container.stop.exited")
         self._p.console.unfollow(c.id)
         log.info("container exited", container_id=c.id, exit_code=exit_code, reason=reason, message=message)
         self._emit(done, "stopped")
@@ -388,6 +401,7 @@ class ContainerService:
             if c is None:
                 return
             c = self._put(dataclasses.replace(c, state=ContainerState.REMOVING, stop_requested=True))
+            faults.point("container.remove.recorded")
             self.finish_removal(c)
 
     def finish_removal(self, c: Container) -> None:
@@ -395,8 +409,11 @@ class ContainerService:
         self._p.console.unfollow(c.id)
         self._p.hypervisor.undefine_domain(c.domain_name)
         self._release_cgroup(c)
+        faults.point("container.remove.undefined")
         self._p.files.remove_container_dir(c.directory)
+        faults.point("container.remove.files")
         self._p.store.delete_container(c.id)
+        faults.point("container.remove.deleted")
         with self._lock:
             self._by_id.pop(c.id, None)
             self._op_locks.pop(c.id, None)
@@ -497,6 +514,19 @@ class ContainerService:
 
     # Recovery ---------------------------------------------------------------------
 
+    def _adopt_started(self, c: Container) -> Container:
+        """A CREATED record whose domain runs: the agent died in StartContainer
+        after the domain started and before RUNNING was recorded. The VM is
+        booting: the start is finished (recorded RUNNING), not undone."""
+        try:
+            state = self._p.hypervisor.domain_state(c.domain_name)
+        except PodvisorError:
+            return c
+        if state.state not in ("running", "paused"):
+            return c
+        log.warning("adopting a VM started by an interrupted StartContainer", container_id=c.id)
+        return self._put(dataclasses.replace(c, state=ContainerState.RUNNING, started_at_ns=self._p.clock.now_ns()))
+
     def recover(self) -> None:
         """Adopt running domains, mark vanished ones, undo half-done creations,
         and undefine orphan domains this agent made."""
@@ -516,6 +546,8 @@ class ContainerService:
             for c in keep:
                 self._by_id[c.id] = c
         for c in keep:
+            if c.state is ContainerState.CREATED and domains is not None and c.domain_name in domains:
+                c = self._adopt_started(c)
             if c.state is ContainerState.REMOVING:
                 self.finish_removal(c)
             elif c.state is ContainerState.RUNNING:

@@ -28,6 +28,7 @@ from typing import Protocol
 
 import structlog
 
+from agent import faults
 from agent.concurrency import BlobProgress, FollowReader, KeyedLock, Restarted, SingleFlight
 from agent.domain import disk as disk_model
 from agent.domain import image as image_model
@@ -99,8 +100,10 @@ class ImagePull:
         self._check_reserve(name, len(resolved.manifest_bytes) + manifest.config.size + sum(missing.values()),
                             "download")
         files.write_blob(resolved.digest, resolved.manifest_bytes)
+        faults.point("pull.manifest")
         config_bytes = registry.fetch_config(resolved.repository, manifest.config, auth=auth)
         files.write_blob(image_id, config_bytes)
+        faults.point("pull.config")
         for layer in layers:
             layer_compression(layer.media_type)  # refuse unknown layer types before downloading
         config = parse_image_config(config_bytes, source=f"image {name}")
@@ -140,10 +143,12 @@ class ImagePull:
                     extracted = time.perf_counter()
                     for d in downloads.values():
                         d.result()  # a digest mismatch anywhere fails the pull
+                faults.point("pull.extracted")
                 downloaded = time.perf_counter()
                 disks, staged, problem = self._validate_disks(extractor.disks(), name)
                 self._check_reserve(name, 0, "install its disks")
                 files.install_disks(image_id, staged)
+                faults.point("pull.installed")
                 log.info("image pulled", image=name, id=image_id,
                          resolve_s=round(resolved_at - started, 3), extract_s=round(extracted - resolved_at, 3),
                          download_s=round(downloaded - resolved_at, 3),
@@ -161,7 +166,9 @@ class ImagePull:
                     created_at_ns=self._ports.clock.now_ns(),
                     disk_problem=problem,
                 )
-                return self._records.record(img, tag)
+                recorded = self._records.record(img, tag)
+                faults.point("pull.recorded")
+                return recorded
             except BaseException:
                 if existing is None:
                     files.remove_disks(image_id)
@@ -192,6 +199,7 @@ class ImagePull:
                                                 expected_size=size, auth=auth, progress=progress)
             with self._lock:
                 self.downloads += 1
+            faults.point("pull.blob")
             return n
 
         try:

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 
 import structlog
 
+from agent import faults
 from agent.domain.errors import AlreadyExists, InvalidArgument, NotFound
 from agent.domain.sandbox import (
     NetworkMode,
@@ -140,12 +141,15 @@ class SandboxService:
             sb = Sandbox(id=new_id(), spec=spec, state=SandboxState.CREATING,
                          created_at_ns=self._ports.clock.now_ns())
             self._ports.store.insert_sandbox(sb)
+            faults.point("sandbox.run.recorded")
             self._by_id[sb.id] = sb
             self._by_name[key] = sb.id
             self._publish()
         try:
             workdir = self._ports.files.create_sandbox_dir(sb.id)
+            faults.point("sandbox.run.dir")
             self._ports.files.ensure_log_directory(spec.log_directory)
+            faults.point("sandbox.run.log_dir")
             ready = dataclasses.replace(sb, state=SandboxState.READY)
             network = self._ports.network
             if network is not None and spec.network_mode is NetworkMode.POD:
@@ -159,6 +163,7 @@ class SandboxService:
                 host = self._ports.host
                 ready = dataclasses.replace(ready, ip=host.node_ip() if host is not None else "")
             self._ports.store.update_sandbox(ready)
+            faults.point("sandbox.run.ready")
         except BaseException:
             self._roll_back(sb)
             raise
@@ -206,6 +211,7 @@ class SandboxService:
                 return
             removing = dataclasses.replace(sb, state=SandboxState.REMOVING)
             self._ports.store.update_sandbox(removing)
+            faults.point("sandbox.remove.recorded")
             self._put(removing)
         self.finish_removal(removing)
 
@@ -219,7 +225,9 @@ class SandboxService:
         """Delete everything a sandbox owned; safe to repeat (recovery calls it)."""
         self.remove_network(sb)
         self._ports.files.remove_sandbox_dir(sb.id)
+        faults.point("sandbox.remove.files")
         self._ports.store.delete_sandbox(sb.id)
+        faults.point("sandbox.remove.deleted")
         self._drop(sb)
         log.info("sandbox removed", sandbox_id=sb.id)
 

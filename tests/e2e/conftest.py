@@ -15,6 +15,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,18 @@ class VMAgent:
             pb.CreateContainerRequest(pod_sandbox_id=sid, config=cfg, sandbox_config=sb_cfg), timeout=120
         ).container_id
         return VM(sid, cid, self.logs / name / "vm" / "0.log")
+
+    def run_many(self, prefix: str, count: int, parallel: int) -> list[VM]:
+        """Pull once, then create and start ``count`` VMs, ``parallel`` at a time."""
+        self.agent.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=self.image)), timeout=300)
+
+        def run(i: int) -> VM:
+            vm = self.create(f"{prefix}-{i}", pull=False)
+            self.start(vm)
+            return vm
+
+        with ThreadPoolExecutor(parallel) as pool:
+            return list(pool.map(run, range(count)))
 
     def start(self, vm: VM) -> None:
         self.agent.runtime.StartContainer(pb.StartContainerRequest(container_id=vm.container_id), timeout=120)

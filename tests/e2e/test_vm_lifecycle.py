@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -153,15 +152,7 @@ def test_qemu_killed_behind_the_agents_back(vm_agent: VMAgent) -> None:
 
 
 def test_five_vms_start_concurrently(vm_agent: VMAgent) -> None:
-    vm_agent.agent.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=vm_agent.image)), timeout=300)
-
-    def boot(i: int) -> VM:
-        vm = vm_agent.create(f"many-{i}", pull=False)
-        vm_agent.start(vm)
-        return vm
-
-    with ThreadPoolExecutor(5) as pool:
-        vms = list(pool.map(boot, range(5)))
+    vms = vm_agent.run_many("many", 5, 5)
     for i, vm in enumerate(vms):
         vm_agent.wait_log(vm, f"PODVISOR-READY hostname=many-{i}", timeout=300)
     assert len(containers(vm_agent, state=pb.ContainerStateValue(state=pb.CONTAINER_RUNNING))) == 5

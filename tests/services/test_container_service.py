@@ -849,6 +849,21 @@ def test_recover_finishes_a_removal(fakes: ContainerFakes) -> None:
     assert service.list() == []
 
 
+def test_recover_adopts_a_created_container_whose_domain_runs(fakes: ContainerFakes) -> None:
+    # The agent died in StartContainer after the domain started, before RUNNING was recorded.
+    created = record("3" * 64, ContainerState.CREATED)
+    fakes.store.rows[created.id] = created
+    fakes.libvirt.xml[created.domain_name] = _domain_xml(created)
+    fakes.libvirt.set_state(created.domain_name, "running")
+    service = ContainerService(fakes.ports)
+    service.recover()
+    got = service.get(created.id)
+    assert got.state is ContainerState.RUNNING and got.started_at_ns > 0
+    assert fakes.store.rows[created.id].state is ContainerState.RUNNING
+    assert fakes.console.following == {created.id}
+    assert ("libvirt.destroy_domain", created.domain_name) not in fakes.journal.events
+
+
 def test_recover_without_libvirt_still_loads_records(fakes: ContainerFakes) -> None:
     created = record("3" * 64, ContainerState.CREATED)
     fakes.store.rows[created.id] = created

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import structlog
 
+from agent import faults
 from agent.adapters.network import dhcp, firewall, links, netns, state
 from agent.adapters.network.cni import CNIExec, find_configs
 from agent.domain.errors import FailedPrecondition, PodvisorError, Unavailable
@@ -107,6 +108,7 @@ class PodNetworkManager:
             self.remove(sandbox_id, workdir)
         try:
             ns_path = netns.create(ns_name, exist_ok=True)
+            faults.point("podnet.add.netns")
             choice = self.readiness()
             if choice.conflist is None:  # only when disabled, and then there is no manager
                 raise FailedPrecondition(choice.message)
@@ -121,6 +123,7 @@ class PodNetworkManager:
                     wait([prepared])  # the plugin's error is the one to report
                     raise
                 prepared.result()
+            faults.point("podnet.add.cni")
             wiring = _hand_over(sandbox_id, names, ns_name, result, hostname, dns, workdir)
         except BaseException as exc:
             log.warning("pod network setup failed, rolling back", sandbox_id=sandbox_id,
@@ -218,6 +221,7 @@ class PodNetworkManager:
             restored = _teardown_pod(names, ns_name, workdir, result)
         except PodvisorError as exc:
             errors.append(exc)
+        faults.point("podnet.remove.pod")
         cni_ok = True
         # The host side of the wiring has nothing to do with CNI DEL: both at once.
         with ThreadPoolExecutor(1, thread_name_prefix="podnet-teardown") as pool:
@@ -233,11 +237,13 @@ class PodNetworkManager:
                 host.result()
             except PodvisorError as exc:
                 errors.append(exc)
+        faults.point("podnet.remove.cni")
         if cni_ok:
             try:
                 netns.delete(ns_name)
             except PodvisorError as exc:
                 errors.append(exc)
+            faults.point("podnet.remove.netns")
         if cni_ok and not restored:
             # DEL could not see the pod's addresses (no namespace, or eth0
             # not restored): the bridge plugin's masquerade rule may be left.
@@ -286,12 +292,14 @@ def _hand_over(sandbox_id: str, names: LinkNames, ns_name: str, result: CNIResul
         # Recorded before anything changes, so the VM's MAC survives a crash
         # after eth0 got its new one, and teardown knows what to put back.
         state.save(planned, workdir)
+        faults.point("podnet.add.plan_saved")
         links.hand_over(IFNAME, names, planned.wiring.mtu, netns_name=ns_name, what=what)
         return planned.wiring
 
     wiring = netns.run_in(ns_name, pod_side)
     if wiring.mtu != DEFAULT_MTU:
         links.set_host_mtu(names, wiring.mtu, what=what)
+    faults.point("podnet.add.handed_over")
     log.info("pod wired for the VM", sandbox_id=sandbox_id, bridge=names.host_bridge, ip=wiring.ip,
              mac=wiring.vm_mac)
     return wiring
@@ -307,8 +315,10 @@ def _ensure_dhcp(sandbox_id: str, workdir: Path, *, only_if_started: bool) -> bo
     if not recorded.dhcp:
         # Recorded first: a crash while it starts still has it restarted.
         state.save(dataclasses.replace(recorded, dhcp=True), workdir)
+        faults.point("podnet.dhcp.recorded")
     interface = LinkNames.for_sandbox(sandbox_id, IFNAME).inner_bridge
     netns.run_in(netns_name(sandbox_id), lambda: dhcp.start(recorded.wiring, interface, workdir))
+    faults.point("podnet.dhcp.started")
     return True
 
 

@@ -19,10 +19,11 @@ from typing import Protocol
 import httpx
 import structlog
 
+from agent.adapters.nospace import exhausted, is_no_space
 from agent.adapters.registry.auth import Session, pull_scope
 from agent.adapters.registry.transport import check_reference, check_status, read_limited
 from agent.concurrency import BlobProgress
-from agent.domain.errors import FailedPrecondition, NotFound, PodvisorError
+from agent.domain.errors import FailedPrecondition, NotFound, PodvisorError, ResourceExhausted
 from agent.domain.imageref import ImageRef, Mirror, RemoteRepository, RewriteRule, pull_candidates
 from agent.domain.oci import (
     MANIFEST_ACCEPT,
@@ -281,8 +282,12 @@ class RegistryPull:
             os.replace(tmp, dest)
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
+            if is_no_space(exc):
+                exc = exhausted(f"downloading blob {digest}", dest.parent)
             if progress is not None:
                 progress.finished(exc)
+            if isinstance(exc, ResourceExhausted):
+                raise exc from None
             raise
         if progress is not None:
             progress.finished()
