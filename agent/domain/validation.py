@@ -81,7 +81,7 @@ _SLICE = re.compile(r"^[A-Za-z0-9_.:-]+\.slice$")
 
 def validate_cgroup_parent(value: str) -> None:
     """cgroupfs driver: a cgroup path; systemd driver: a slice name (kubepods-...slice)."""
-    if not value or _SLICE.match(value):
+    if not value or _SLICE.fullmatch(value):
         return
     validate_host_path(value, "config.linux.cgroup_parent")
 
@@ -94,7 +94,7 @@ def validate_sandbox_spec(spec: SandboxSpec) -> None:
     _text(md.uid, "config.metadata.uid", required=True, limit=MAX_UID)
     if md.attempt < 0:
         raise InvalidArgument("config.metadata.attempt", "must not be negative")
-    if spec.hostname and (len(spec.hostname) > 253 or not _HOSTNAME.match(spec.hostname)):
+    if spec.hostname and (len(spec.hostname) > 253 or not _HOSTNAME.fullmatch(spec.hostname)):
         raise InvalidArgument("config.hostname", f"{spec.hostname[:64]!r} is not a valid hostname")
     validate_host_path(spec.log_directory, "config.log_directory")
     validate_string_map(
