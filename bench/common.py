@@ -54,9 +54,11 @@ def start_agent(workdir: Path, *, virt_type: str = "auto",
     log = open(workdir / "agent.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(cfg)], stdout=log,
                             stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # a loaded machine: recovery and the libvirt probe take a while
     while not sock.exists():
         if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()  # never left running behind the benchmark
+            proc.wait(30)
             raise SystemExit(f"agent did not start; see {workdir / 'agent.log'}")
         time.sleep(0.05)
     return proc, sock

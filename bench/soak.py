@@ -40,7 +40,7 @@ import time
 import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from agent.api.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
 from agent.api.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
 from bench import leaks  # noqa: E402
 from bench.common import percentile, start_agent, tiny_image  # noqa: E402
+from tests.integration.cni_conf import write_conflist  # noqa: E402
 
 MEMORY = 96 << 20  # the tiny guest needs 76 MiB
 WINDOW = 50  # cycles compared for the latency drift
@@ -72,18 +73,17 @@ class Cycle:
     error: str = ""
 
 
+@dataclass
 class Soak:
-    def __init__(self, rt: Any, image: str, logs: Path, marks: leaks.Marks, *, stop_timeout: int,
-                 port_base: int, leave: int = -1) -> None:
-        self.rt = rt
-        self.image = image
-        self.logs = logs
-        self.marks = marks
-        self.stop_timeout = stop_timeout
-        self.port_base = port_base
-        self.leave = leave  # a cycle that leaves its pod running: proves the search finds leaks
-        self.lock = threading.Lock()
-        self.tag = secrets.token_hex(3)
+    rt: Any
+    image: str
+    logs: Path
+    marks: leaks.Marks
+    stop_timeout: int
+    port_base: int
+    leave: int = -1  # a cycle that leaves its pod running: proves the search finds leaks
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    tag: str = field(default_factory=lambda: secrets.token_hex(3))
 
     def cycle(self, i: int) -> Cycle:
         steps: dict[str, float] = {}
@@ -139,15 +139,7 @@ def write_cni(work: Path) -> dict[str, Any]:
     net: dict[str, Any] = {"bridge": f"pvsk{suffix}", "name": f"soak-{suffix}", "ipam": work / "ipam",
                            "subnet": f"10.{100 + secrets.randbelow(40)}.{secrets.randbelow(250)}.0/24",
                            "conf": work / "net.d"}
-    net["conf"].mkdir()
-    (net["conf"] / "10-soak.conflist").write_text(json.dumps({
-        "cniVersion": "1.0.0", "name": net["name"],
-        "plugins": [
-            {"type": "bridge", "bridge": net["bridge"], "isGateway": True, "ipMasq": True,
-             "ipam": {"type": "host-local", "ranges": [[{"subnet": net["subnet"]}]],
-                      "dataDir": str(net["ipam"]), "routes": [{"dst": "0.0.0.0/0"}]}},
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-        ]}))
+    write_conflist(net["conf"], name=net["name"], bridge=net["bridge"], subnet=net["subnet"], ipam_dir=net["ipam"])
     return net
 
 
@@ -283,7 +275,8 @@ def main() -> int:
             rt = api_pb2_grpc.RuntimeServiceStub(channel)
             api_pb2_grpc.ImageServiceStub(channel).PullImage(
                 pb.PullImageRequest(image=pb.ImageSpec(image=image)), timeout=300)
-            before = {"state": leaks.tree(marks.state_dir), "runtime": leaks.tree(marks.runtime_dir, marks.state_dir)}
+            before: dict[str, Any] = {"state": leaks.tree(marks.state_dir),
+                                      "runtime": leaks.tree(marks.runtime_dir, marks.state_dir)}
             soak = Soak(rt, image, work / "logs", marks, stop_timeout=args.stop_timeout,
                         port_base=20000 + secrets.randbelow(20000),
                         leave=args.cycles - 1 if args.leave_one else -1)
