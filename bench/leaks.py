@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,16 +74,30 @@ def dnsmasq(marks: Marks) -> list[str]:
     return [line for line in _out("pgrep", "-a", "dnsmasq").splitlines() if marks.hit(line)]
 
 
-def domains(conn: libvirt.virConnect, marks: Marks) -> list[str]:
-    found = []
-    for dom in conn.listAllDomains():
+def domains(marks: Marks, uri: str = "qemu:///system", wait: float = 60.0) -> list[str]:
+    """This run's libvirt domains. A connection per call, retried while
+    libvirtd restarts (other tests on the host restart it)."""
+    deadline = time.monotonic() + wait
+    while True:
         try:
-            xml = dom.XMLDesc(0)
+            conn = libvirt.open(uri)
+            try:
+                found = []
+                for dom in conn.listAllDomains():
+                    try:
+                        xml = dom.XMLDesc(0)
+                        name = dom.name()
+                    except libvirt.libvirtError:
+                        continue  # undefined while listed
+                    if marks.hit(name) or str(marks.state_dir) in xml:
+                        found.append(name)
+                return sorted(found)
+            finally:
+                conn.close()
         except libvirt.libvirtError:
-            continue  # undefined while listed
-        if marks.hit(dom.name()) or str(marks.state_dir) in xml:
-            found.append(dom.name())
-    return sorted(found)
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def leases(ipam_dir: Path) -> list[str]:

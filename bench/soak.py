@@ -143,14 +143,14 @@ def write_cni(work: Path) -> dict[str, Any]:
     return net
 
 
-def find_leaks(conn: libvirt.virConnect, marks: leaks.Marks, net: dict[str, Any], agent: psutil.Process,
+def find_leaks(marks: leaks.Marks, net: dict[str, Any], agent: psutil.Process,
                before: dict[str, Any]) -> dict[str, list[str]]:
     if not agent.is_running():
         return {"agent": [f"the agent (pid {agent.pid}) exited during the run"]}
     fds_now = leaks.fds(agent.pid)
     opened = [fds_now[fd] for fd in sorted(set(fds_now) - set(before["fds"]), key=int)]
     return {
-        "domains": leaks.domains(conn, marks),
+        "domains": leaks.domains(marks),
         "netns": leaks.netns(marks),
         "links": leaks.links(marks),
         "iptables": leaks.iptables_rules(marks),
@@ -160,9 +160,20 @@ def find_leaks(conn: libvirt.virConnect, marks: leaks.Marks, net: dict[str, Any]
         "runtime files": leaks.new_files(marks.runtime_dir, before["runtime"], keep_dirs=("vm",),
                                          skip=marks.state_dir),
         "leases": leaks.leases(net["ipam"]),
-        "child processes": [" ".join(p.cmdline()) or p.name() for p in agent.children(recursive=True)],
+        "child processes": children(agent),
         "descriptors": leaks.normalise_fd_targets(opened) if len(fds_now) > len(before["fds"]) else [],
     }
+
+
+def children(agent: psutil.Process) -> list[str]:
+    """The agent's live child processes (one that exits while listed is gone, not leaked)."""
+    found = []
+    for child in agent.children(recursive=True):
+        try:
+            found.append(" ".join(child.cmdline()) or child.name())
+        except psutil.Error:
+            continue
+    return found
 
 
 def settle(check: Any) -> dict[str, list[str]]:
@@ -184,16 +195,25 @@ def remove_all(rt: Any) -> None:
         print(f"bench/soak: could not remove the pods left: {exc.details()}", file=sys.stderr)
 
 
-def cleanup(conn: libvirt.virConnect, marks: leaks.Marks, net: dict[str, Any]) -> None:
+def cleanup(marks: leaks.Marks, net: dict[str, Any]) -> None:
     """Remove what a failed or leaking run left (the agent is stopped by then)."""
-    for name in leaks.domains(conn, marks):
-        try:
-            dom = conn.lookupByName(name)
-            if dom.isActive():
-                dom.destroy()
-            dom.undefine()
-        except libvirt.libvirtError:
-            pass
+    try:
+        conn = libvirt.open("qemu:///system")
+    except libvirt.libvirtError as exc:
+        print(f"bench/soak: cannot clean domains up: {exc}", file=sys.stderr)
+        conn = None
+    try:
+        for name in leaks.domains(marks) if conn is not None else []:
+            try:
+                dom = conn.lookupByName(name)
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+            except libvirt.libvirtError:
+                pass
+    finally:
+        if conn is not None:
+            conn.close()
     for line in leaks.dnsmasq(marks):
         subprocess.run(["kill", line.split()[0]], capture_output=True)
     for name in leaks.netns(marks):
@@ -261,7 +281,6 @@ def main() -> int:
     work.chmod(0o711)  # QEMU (libvirt-qemu) traverses to the VM's files
     net = write_cni(work)
     marks = leaks.Marks(state_dir=work / "agent" / "state", runtime_dir=work / "agent")
-    conn = libvirt.open("qemu:///system")
     proc = None
     cycles: list[Cycle] = []
     found: dict[str, list[str]] = {}
@@ -301,7 +320,7 @@ def main() -> int:
                 sampler.join()
             took = time.monotonic() - t0
             cycles += [c for c in warm if c.error]
-            found = settle(lambda: find_leaks(conn, marks, net, agent, before))
+            found = settle(lambda: find_leaks(marks, net, agent, before))
             if "agent" in found:
                 raise SystemExit(f"bench/soak: {found['agent'][0]}; see {work / 'agent' / 'agent.log'}")
             figures.update(rss_end=agent.memory_info().rss, fds_end=agent.num_fds(), threads_end=agent.num_threads())
@@ -315,8 +334,7 @@ def main() -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
-        cleanup(conn, marks, net)
-        conn.close()
+        cleanup(marks, net)
         shutil.rmtree(work, ignore_errors=True)
     return 1 if any(found.values()) or summary["errors"] else 0
 
