@@ -65,6 +65,7 @@ bench: setup guest
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/pull.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/start.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/network.py
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/soak.py --cycles 500
 
 clean:
 	rm -rf $(VENV) $(STAMPS) agent/api/gen

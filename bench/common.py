@@ -6,14 +6,37 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+TINY_DIR = Path("/var/cache/podvisor/images/tiny")
 
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+@contextmanager
+def tiny_image(workdir: Path, repository: str = "bench/tiny") -> Iterator[str]:
+    """The tiny test guest (built once per machine) pushed as a containerDisk
+    to a loopback registry under ``workdir``; yields its reference while the
+    registry runs."""
+    from agent.adapters.registry import RegistryClient
+    from agent.cli import oci_layout
+    from agent.domain.imageref import RemoteRepository
+    from tests.integration.registry_fixture import run_registry
+
+    subprocess.run([str(ROOT / "images/tiny/build.sh"), str(TINY_DIR)], check=True)
+    with run_registry(workdir / "registry") as registry:
+        layout = workdir / "layout"
+        built = oci_layout.build(TINY_DIR / "tiny.qcow2", layout, "1")
+        with RegistryClient(timeout=120) as client:
+            oci_layout.push(client, layout, built, RemoteRepository(
+                registry=registry.host, host=registry.host, name=repository), "1")
+        yield f"{registry.host}/{repository}:1"
 
 
 def start_agent(workdir: Path, *, virt_type: str = "auto",
@@ -33,9 +56,11 @@ def start_agent(workdir: Path, *, virt_type: str = "auto",
     log = open(workdir / "agent.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(cfg)], stdout=log,
                             stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # a loaded machine: recovery and the libvirt probe take a while
     while not sock.exists():
         if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()  # never left running behind the benchmark
+            proc.wait(30)
             raise SystemExit(f"agent did not start; see {workdir / 'agent.log'}")
         time.sleep(0.05)
     return proc, sock

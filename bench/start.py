@@ -36,13 +36,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from agent.adapters.registry import RegistryClient  # noqa: E402
 from agent.api.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
 from agent.api.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
-from agent.cli import oci_layout  # noqa: E402
-from agent.domain.imageref import RemoteRepository  # noqa: E402
-from bench.common import percentile, start_agent  # noqa: E402
-from tests.integration.registry_fixture import run_registry  # noqa: E402
+from bench.common import percentile, start_agent, tiny_image  # noqa: E402
 
 MEMORY = 96 << 20  # the tiny guest needs 76 MiB
 
@@ -131,19 +127,11 @@ def main() -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="pv-bench-start-", dir="/var/tmp"))
     workdir.chmod(0o711)
-    tiny_dir = Path("/var/cache/podvisor/images/tiny")
-    subprocess.run([str(ROOT / "images/tiny/build.sh"), str(tiny_dir)], check=True)
     conn = libvirt.open("qemu:///system")
     proc = None
     base_domains: list[str] = []
     try:
-        with run_registry(workdir / "registry") as registry:
-            layout = workdir / "layout"
-            built = oci_layout.build(tiny_dir / "tiny.qcow2", layout, "1")
-            with RegistryClient(timeout=120) as client:
-                oci_layout.push(client, layout, built, RemoteRepository(
-                    registry=registry.host, host=registry.host, name="bench/tiny"), "1")
-            image = f"{registry.host}/bench/tiny:1"
+        with tiny_image(workdir) as image:
             proc, sock = start_agent(workdir / "agent", virt_type="qemu")
             channel = grpc.insecure_channel(f"unix:{sock}")
             grpc.channel_ready_future(channel).result(timeout=30)

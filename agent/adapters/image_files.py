@@ -59,7 +59,7 @@ class ImageFiles:
         os.replace(tmp, path)
 
     def blob_digests(self) -> list[str]:
-        return ["sha256:" + p.name for p in self.blobs.iterdir() if _HEX.match(p.name)]
+        return ["sha256:" + p.name for p in self.blobs.iterdir() if _HEX.fullmatch(p.name)]
 
     def remove_blob(self, digest: str) -> None:
         self.blob_path(digest).unlink(missing_ok=True)
@@ -127,7 +127,7 @@ class ImageFiles:
         return all((d / f).is_file() for f in files) if files else True
 
     def disk_image_ids(self) -> list[str]:
-        return ["sha256:" + p.name for p in self.disks.iterdir() if _HEX.match(p.name)]
+        return ["sha256:" + p.name for p in self.disks.iterdir() if _HEX.fullmatch(p.name)]
 
     def remove_disks(self, image_id: str) -> None:
         shutil.rmtree(self._disk_dir(image_id), ignore_errors=True)

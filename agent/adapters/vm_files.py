@@ -31,7 +31,7 @@ class VMFiles:
 
     def container_paths(self, sandbox_id: str, container_id: str) -> ContainerPaths:
         for value, name in ((sandbox_id, "pod_sandbox_id"), (container_id, "container_id")):
-            if not _HEX.match(value):
+            if not _HEX.fullmatch(value):
                 raise InvalidArgument(name, f"{value!r} is not an id")
         d = self.sandboxes / sandbox_id / "containers" / container_id
         return ContainerPaths(
@@ -66,7 +66,7 @@ class VMFiles:
 
     def remove_container_dir(self, directory: str) -> None:
         d = Path(directory)
-        if d.parent.name != "containers" or not _HEX.match(d.name):
+        if d.parent.name != "containers" or not _HEX.fullmatch(d.name):
             raise InvalidArgument("container_id", f"refusing to delete unexpected path {directory}")
         shutil.rmtree(d, ignore_errors=True)
         (self.sockets / f"{d.name[:32]}.serial").unlink(missing_ok=True)

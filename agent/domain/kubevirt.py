@@ -451,7 +451,7 @@ class _VMIParser:
                     f"{where}.model", f"{model!r} is not a NIC model KubeVirt knows ({', '.join(INTERFACE_MODELS)})"
                 )
             mac = read_str(raw.get("macAddress"), f"{where}.macAddress")
-            if mac is not None and not _MAC.match(mac):
+            if mac is not None and not _MAC.fullmatch(mac):
                 raise InvalidArgument(f"{where}.macAddress", f"{mac!r} is not a MAC address")
             interfaces.append(Interface(name=name, binding=bindings[0], model=model, mac_address=mac))
         for name in networks:

@@ -110,7 +110,7 @@ def validate_sandbox_spec(spec: SandboxSpec) -> None:
     _text(md.uid, "config.metadata.uid", required=True, limit=MAX_UID)
     if md.attempt < 0:
         raise InvalidArgument("config.metadata.attempt", "must not be negative")
-    if spec.hostname and (len(spec.hostname) > 253 or not _HOSTNAME.match(spec.hostname)):
+    if spec.hostname and (len(spec.hostname) > 253 or not _HOSTNAME.fullmatch(spec.hostname)):
         raise InvalidArgument("config.hostname", f"{spec.hostname[:64]!r} is not a valid hostname")
     validate_host_path(spec.log_directory, "config.log_directory")
     validate_string_map(

@@ -479,7 +479,7 @@ def _environment(env: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str
     pairs = env.items() if isinstance(env, Mapping) else env
     result: dict[str, str] = {}
     for i, (key, value) in enumerate(pairs):
-        if not _ENV_NAME.match(key):
+        if not _ENV_NAME.fullmatch(key):
             raise InvalidArgument(
                 f"{ENVS_FIELD}[{i}].key",
                 f"{key!r} cannot be exported in the guest: expected letters, digits and '_', not starting with a digit",

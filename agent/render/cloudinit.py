@@ -271,7 +271,7 @@ def render_network_config(ci: CloudInit, network: PodNetwork | None) -> bytes | 
 
 def _ethernet(net: PodNetwork) -> dict[str, Any]:
     mac = net.mac.lower()
-    if not _MAC.match(mac):
+    if not _MAC.fullmatch(mac):
         raise ValueError(f"not a MAC address: {net.mac!r}")
     if not net.addresses:
         raise ValueError("a pod network needs at least one address")

@@ -140,6 +140,8 @@ def test_ips_without_interface_index_belong_to_the_sandbox_interface() -> None:
         ({"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}], "ips": [{"address": "10.0.0.2/24",
                                                                               "interface": -1}]},
          "ips[0].interface: -1 does not index interfaces"),
+        ({"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "mac": "02:00:00:00:00:01\n"}]},
+         "interfaces[0].mac: '02:00:00:00:00:01\\n' is not a hardware address"),
         ({"cniVersion": "1.0.0", "routes": [{"gw": "10.0.0.1"}]}, "routes[0].dst must be a non-empty string"),
         ({"cniVersion": "1.0.0", "routes": [{"dst": "default"}]}, "routes[0].dst: 'default' is not a network"),
         ({"cniVersion": "1.0.0", "routes": [{"dst": "0.0.0.0/0", "gw": "fd00::1"}]},

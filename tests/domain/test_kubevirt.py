@@ -510,6 +510,8 @@ def test_interfaces_and_networks(
                      "domain.devices.interfaces[0].model", "virtio-net", id="bad-model"),
         pytest.param([{"name": "n", "bridge": {}, "macAddress": "zz"}], [{"name": "n", "pod": {}}],
                      "domain.devices.interfaces[0].macAddress", "MAC", id="bad-mac"),
+        pytest.param([{"name": "n", "bridge": {}, "macAddress": "02:00:00:00:00:01\n"}], [{"name": "n", "pod": {}}],
+                     "domain.devices.interfaces[0].macAddress", "MAC", id="mac-newline"),
         pytest.param([{"name": "x", "bridge": {}}], [{"name": "n", "pod": {}}],
                      "domain.devices.interfaces[0].name", "names no network", id="interface-without-network"),
         pytest.param([], [{"name": "n", "pod": {}}], "networks", "has no interface", id="network-without-interface"),

@@ -85,6 +85,8 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str, str]] = [
     ("hostname label 64", {"hostname": "a" * 64}, "config.hostname", "not a valid hostname"),
     ("hostname too long", {"hostname": ".".join(["a" * 63] * 4)}, "config.hostname", "hostname"),
     ("hostname with space", {"hostname": "vm 1"}, "config.hostname", "not a valid hostname"),
+    # `$` also matches before a final newline: the whole value must match.
+    ("hostname trailing newline", {"hostname": "vm\n"}, "config.hostname", "not a valid hostname"),
     ("log dir relative", {"log_directory": "var/log/pods"}, "config.log_directory", "absolute"),
     ("log dir dotdot", {"log_directory": "/var/log/../../etc"}, "config.log_directory",
      "normalised"),
@@ -98,6 +100,8 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str, str]] = [
     ("log dir too long", {"log_directory": "/" + "a" * 4096}, "config.log_directory",
      "not a valid path"),
     ("cgroup parent relative", {"cgroup_parent": "kubepods"}, "config.linux.cgroup_parent",
+     "absolute"),
+    ("cgroup slice trailing newline", {"cgroup_parent": "kubepods.slice\n"}, "config.linux.cgroup_parent",
      "absolute"),
     ("runtime handler NUL", {"runtime_handler": "pod\x00visor"}, "runtime_handler", "NUL"),
     ("runtime handler too long", {"runtime_handler": "h" * 254}, "runtime_handler", "longer"),

@@ -405,6 +405,8 @@ def test_env_may_be_a_mapping_and_args_alone_are_the_command() -> None:
     [
         pytest.param([("OK", "1"), ("my.var", "x")], "config.envs[1].key", "cannot be exported", id="dotted-name"),
         pytest.param([("1ST", "x")], "config.envs[0].key", "cannot be exported", id="leading-digit"),
+        # A final newline would add a line to the guest's /etc/environment.
+        pytest.param([("OK\n", "x")], "config.envs[0].key", "cannot be exported", id="name-newline"),
         pytest.param([("CERT", "line1\nline2")], "config.envs[0].value", "line break", id="newline"),
     ],
 )

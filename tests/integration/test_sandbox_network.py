@@ -23,6 +23,7 @@ import pytest
 from agent.adapters.network.pod_network import PodNetworkManager
 from agent.api.gen.runtime.v1 import api_pb2 as pb
 from tests.integration.agentproc import AgentProcess
+from tests.integration.cni_conf import write_conflist
 
 
 def leftovers(ipam: Path, marks: set[str]) -> dict[str, Any]:
@@ -66,16 +67,9 @@ def network(tmp_path: Path) -> Iterator[dict[str, Any]]:
     net: dict[str, Any] = {"bridge": f"pvn{suffix}", "name": f"it-{suffix}", "ipam": tmp_path / "ipam",
                            "subnet": f"10.{150 + secrets.randbelow(50)}.{secrets.randbelow(250)}.0/24",
                            "conf": tmp_path / "net.d", "bin": tmp_path / "bin"}
-    net["conf"].mkdir()
     net["bin"].mkdir()
-    (net["conf"] / "10-it.conflist").write_text(json.dumps({
-        "cniVersion": "1.0.0", "name": net["name"],
-        "plugins": [
-            {"type": "bridge", "bridge": net["bridge"], "isGateway": True, "ipMasq": True,
-             "ipam": {"type": "host-local", "ranges": [[{"subnet": net["subnet"]}]],
-                      "dataDir": str(net["ipam"]), "routes": [{"dst": "0.0.0.0/0"}]}},
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-        ]}))
+    write_conflist(net["conf"], name=net["name"], bridge=net["bridge"], subnet=net["subnet"], ipam_dir=net["ipam"],
+                   file_name="10-it.conflist")
     net["agents"] = []
     try:
         yield net

@@ -319,6 +319,7 @@ def test_route_without_any_gateway_is_on_link() -> None:
     "net",
     [
         PodNetwork(mac="not-a-mac", addresses=("10.0.0.2/24",)),
+        PodNetwork(mac="02:00:00:00:00:01\n", addresses=("10.0.0.2/24",)),
         PodNetwork(mac="02:00:00:00:00:01", addresses=()),
         PodNetwork(mac="02:00:00:00:00:01", addresses=("10.0.0.300/24",)),
         PodNetwork(mac="02:00:00:00:00:01", addresses=("10.0.0.2/24",), gateways=("10.0.0.1", "10.0.0.254")),

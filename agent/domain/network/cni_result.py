@@ -158,7 +158,7 @@ def _interface(doc: Any, i: int) -> Interface:
         raise ValueError(f"{where} must be an object")
     name = _str(doc.get("name"), f"{where}.name", required=True)
     mac = _str(doc.get("mac"), f"{where}.mac")
-    if mac and not _MAC.match(mac):
+    if mac and not _MAC.fullmatch(mac):
         raise ValueError(f"{where}.mac: {mac!r} is not a hardware address")
     return Interface(name=name, mac=mac.lower(), sandbox=_str(doc.get("sandbox"), f"{where}.sandbox"))
 
