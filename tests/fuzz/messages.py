@@ -14,7 +14,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from hypothesis import strategies as st
 
-from tests.fuzz.strategies import deep_texts, dumps, json_values, wire_text
+from tests.fuzz.strategies import dumps, json_values, nested_texts, wire_text
 
 _INT_LIMITS = {
     FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1), FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
@@ -38,8 +38,8 @@ def oversized(n: int) -> str:
 
 strings = st.one_of(wire_text, st.sampled_from(_PLAUSIBLE),
                     st.builds(oversized, st.sampled_from([256, 4097, 70_000, 300_000])))
-annotation_values = st.one_of(strings, deep_texts, json_values.map(dumps),
-                              st.just("#cloud-config\n").map(lambda h: h + "[" * 1100))
+annotation_values = st.one_of(strings, nested_texts, json_values.map(dumps),
+                              nested_texts.map(lambda t: "#cloud-config\n" + t))
 map_keys = st.one_of(wire_text, st.sampled_from(_PODVISOR_KEYS))
 
 
@@ -80,7 +80,7 @@ def _fill(draw: st.DrawFn, msg: Message, descriptor: Descriptor, depth: int) -> 
     for field in descriptor.fields:
         if not draw(st.booleans()):
             continue
-        repeated = field.label == FieldDescriptor.LABEL_REPEATED
+        repeated = field.is_repeated
         if _is_map(field):
             key_field = field.message_type.fields_by_name["key"]
             value_field = field.message_type.fields_by_name["value"]

