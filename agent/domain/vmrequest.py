@@ -49,6 +49,10 @@ RESOURCES_FIELD = "config.linux.resources"
 ENVS_FIELD = "config.envs"
 COMMAND_FIELD = "config.command"
 
+# libvirt's (and cgroup v1's) range for <cputune><shares>; kubelet sends at least 2.
+MIN_CPU_SHARES = 2
+MAX_CPU_SHARES = 262144
+
 # Names that /etc/environment (pam_env) and a POSIX shell both accept.
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -219,6 +223,10 @@ def build_vm_request(
                           vmi.max_memory_field if vmi else "", defaults.max_memory_bytes, "bytes")
     if cri_resources.cpu_shares < 0:
         raise InvalidArgument(f"{RESOURCES_FIELD}.cpu_shares", "must not be negative")
+    if cri_resources.cpu_shares and not MIN_CPU_SHARES <= cri_resources.cpu_shares <= MAX_CPU_SHARES:
+        raise InvalidArgument(f"{RESOURCES_FIELD}.cpu_shares",
+                              f"{cri_resources.cpu_shares} is outside {MIN_CPU_SHARES}..{MAX_CPU_SHARES} "
+                              "(0 leaves it unset)")
 
     firmware = defaults.firmware
     if ann.FIRMWARE in merged:

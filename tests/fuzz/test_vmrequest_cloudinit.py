@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
@@ -68,3 +69,20 @@ def test_accepted_requests_render_a_seed(pod: dict[str, str], container: dict[st
         # Merging keeps every key the user wrote.
         merged = parse_cloud_config(files["user-data"])
         assert set(parse_cloud_config(request.cloud_init.user_data)) <= set(merged)
+
+
+# Found by the socket fuzz: libvirt refuses <shares> outside 2..262144, which
+# gave INTERNAL after the overlay and seed were written.
+@pytest.mark.parametrize("shares", [1, 262145, 2**62])
+def test_cpu_shares_outside_libvirts_range_are_invalid_argument(shares: int) -> None:
+    refused = domain_errors_only(build_vm_request, cri_resources=CRIResources(cpu_shares=shares),
+                                 pod_annotations={}, container_annotations={})
+    assert isinstance(refused, Refused)
+    assert refused.error.field == "config.linux.resources.cpu_shares"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("shares", [0, 2, 1024, 262144])
+def test_cpu_shares_in_range_are_kept(shares: int) -> None:
+    request = build_vm_request(cri_resources=CRIResources(cpu_shares=shares), pod_annotations={},
+                               container_annotations={})
+    assert request.cpu_shares == (shares or None)

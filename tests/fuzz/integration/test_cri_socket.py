@@ -166,22 +166,34 @@ def _assert_nothing_left(t: Target) -> None:
         assert f"pvh{i[:12]}" not in links and f"pvb{i[:12]}" not in links
 
 
+_MOSTLY = st.sampled_from([True, True, True, False])
+
+
 def _aim(t: Target, msg: Message, draw: st.DrawFn) -> None:
-    """Point some id fields at what exists, so requests get past NOT_FOUND."""
+    """Point most requests at what exists (the sandbox, the image, a container;
+    required fields present), so they get past NOT_FOUND and "is required"
+    to the checks and the code behind them."""
     names = {f.name for f in msg.DESCRIPTOR.fields}
-    if "pod_sandbox_id" in names and draw(st.booleans()):
+    if "pod_sandbox_id" in names and draw(_MOSTLY):
         msg.pod_sandbox_id = t.sandbox_id  # type: ignore[attr-defined]
-    if "container_id" in names and t.containers and draw(st.booleans()):
+    if "container_id" in names and t.containers and draw(_MOSTLY):
         msg.container_id = draw(st.sampled_from(t.containers))  # type: ignore[attr-defined]
-    if "config" in names and msg.HasField("config") and draw(st.booleans()):
+    if "config" in names and draw(_MOSTLY):
         cfg = msg.config  # type: ignore[attr-defined]
-        if "image" in {f.name for f in cfg.DESCRIPTOR.fields}:
+        cfg.metadata.SetInParent()
+        if "image" in {f.name for f in cfg.DESCRIPTOR.fields}:  # a ContainerConfig
             cfg.image.image = t.image
-            cfg.metadata.name = draw(st.sampled_from(["vm", cfg.metadata.name]))
+            cfg.metadata.name = draw(st.sampled_from(["vm", cfg.metadata.name or "vm"]))
+            cfg.log_path = draw(st.sampled_from(["vm.log", cfg.log_path]))
+            for kv in cfg.envs:
+                kv.key = kv.key or "K"
+        else:  # a PodSandboxConfig
+            md = cfg.metadata
+            md.name, md.namespace, md.uid = md.name or "n", md.namespace or "ns", md.uid or uuid.uuid4().hex
         if cfg.log_directory.startswith("/") if hasattr(cfg, "log_directory") else False:
             # Accepted log directories are created: keep them in the agent's workdir.
             cfg.log_directory = str(t.agent.workdir / "logs") + cfg.log_directory
-    if "image" in names and draw(st.booleans()) and msg.DESCRIPTOR.name != "CreateContainerRequest":
+    if "image" in names and draw(_MOSTLY) and msg.DESCRIPTOR.name != "CreateContainerRequest":
         msg.image.image = t.image  # type: ignore[attr-defined]
 
 
@@ -263,3 +275,16 @@ def test_undecodable_requests_are_invalid_argument(target: Target, service: str,
     assert target.call(service, method, data) == grpc.StatusCode.INVALID_ARGUMENT
     t = target.agent.runtime.Version(pb.VersionRequest(), timeout=30)
     assert t.runtime_name == "podvisor"
+
+
+@pytest.mark.parametrize("shares", [1, 262145])
+def test_cpu_shares_outside_libvirts_range_leave_nothing(target: Target, shares: int) -> None:
+    """Found by this fuzzer: INTERNAL from libvirt after the overlay was written."""
+    target.ensure()
+    req = pb.CreateContainerRequest(pod_sandbox_id=target.sandbox_id, config=pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name="vm"), image=pb.ImageSpec(image=target.image),
+        linux=pb.LinuxContainerConfig(resources=pb.LinuxContainerResources(cpu_shares=shares))))
+    before = target.files()
+    method = SERVICES["RuntimeService"].methods_by_name["CreateContainer"]
+    assert target.call("RuntimeService", method, req.SerializeToString()) == grpc.StatusCode.INVALID_ARGUMENT
+    assert target.files() - before == set()
