@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMPS := .stamps
 PYTEST_ARGS ?=
 
-.PHONY: run test test-deps unit integration check-wire lint bench setup deps host proto clean guest
+.PHONY: run test test-deps unit integration fuzz check-wire lint bench setup deps host proto clean guest
 
 include images/tiny/Makefile.inc
 
@@ -53,6 +53,11 @@ unit: setup test-deps
 
 integration: setup test-deps guest
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -m "integration or e2e" --require-integration $(PYTEST_ARGS) tests
+
+# The fuzz tests with a long budget (hypothesis profile "fuzz"); `make test`
+# runs the same tests with the small "ci" budget (tests/fuzz/conftest.py).
+fuzz: setup test-deps
+	HYPOTHESIS_PROFILE=fuzz PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest --require-integration $(PYTEST_ARGS) tests/fuzz
 
 # Style, strict types, and the import contracts of pyproject.toml's [tool.importlinter].
 lint: $(STAMPS)/venv proto

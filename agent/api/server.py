@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
@@ -18,6 +19,7 @@ from agent.api.images import ImageServicer
 from agent.api.interceptor import ApiInterceptor
 from agent.api.limits import CallLimiter
 from agent.api.runtime_service import RuntimeServicer
+from agent.domain.errors import InvalidArgument
 
 # kubelet sends and accepts messages up to 16 MiB.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -36,6 +38,38 @@ def _serialize(message: Any) -> bytes:
     return message.SerializeToString()  # type: ignore[no-any-return]
 
 
+class _Undecodable:
+    """A request whose bytes are not its message (bad UTF-8, corrupt wire format, nested too deeply)."""
+
+    def __init__(self, type_name: str, problem: str) -> None:
+        self.type_name = type_name
+        self.problem = problem
+
+
+def _deserializer(request_cls: Any) -> Callable[[bytes], Any]:
+    """Parse a request; never raise. grpc answers INTERNAL when a deserializer
+    raises, but an undecodable request is the client's mistake: the handler
+    (inside the interceptor) turns the marker into INVALID_ARGUMENT."""
+    type_name = request_cls.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return request_cls.FromString(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and whatever upb raises: all the client's
+            return _Undecodable(type_name, str(exc) or type(exc).__name__)
+
+    return parse
+
+
+def _decoded(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def handler(request: Any, context: Any) -> Any:
+        if isinstance(request, _Undecodable):
+            raise InvalidArgument("request", f"is not a valid {request.type_name} message ({request.problem})")
+        return behavior(request, context)
+
+    return handler
+
+
 def _generic_handler(servicer: object, service: ServiceDescriptor) -> grpc.GenericRpcHandler:
     """Register every method of a service from its descriptor.
 
@@ -52,8 +86,8 @@ def _generic_handler(servicer: object, service: ServiceDescriptor) -> grpc.Gener
             (True, True): grpc.stream_stream_rpc_method_handler,
         }[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = kind(
-            getattr(servicer, method.name),
-            request_deserializer=request_cls.FromString,
+            _decoded(getattr(servicer, method.name)),
+            request_deserializer=_deserializer(request_cls),
             response_serializer=_serialize,
         )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)

@@ -9,11 +9,11 @@ a sane virtual size.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from agent.domain import jsontext
 from agent.domain.errors import FailedPrecondition
 
 FORMATS = ("qcow2", "raw")
@@ -30,7 +30,7 @@ def check(raw_json: bytes | str, *, source: str, max_virtual_size: int,
           declared_format: str | None = None) -> DiskInfo:
     """Judge ``qemu-img info --output=json``; FailedPrecondition says what is wrong."""
     try:
-        info: Any = json.loads(raw_json)
+        info: Any = jsontext.loads(raw_json)
     except ValueError:
         raise FailedPrecondition(f"{source}: qemu-img info gave no readable answer") from None
     if not isinstance(info, dict):
@@ -45,7 +45,7 @@ def check(raw_json: bytes | str, *, source: str, max_virtual_size: int,
             raise FailedPrecondition(
                 f"{source}: refusing a disk with a backing file ({info.get('backing-filename') or info[key]!r})"
             )
-    specific = (info.get("format-specific") or {}).get("data") or {}
+    specific = _mapping(_mapping(info.get("format-specific")).get("data"))
     if specific.get("data-file"):
         raise FailedPrecondition(
             f"{source}: refusing a qcow2 with an external data file ({specific['data-file']!r})"
@@ -61,6 +61,11 @@ def check(raw_json: bytes | str, *, source: str, max_virtual_size: int,
         )
     actual = info.get("actual-size")
     return DiskInfo(format=fmt, virtual_size=size, actual_size=actual if isinstance(actual, int) else 0)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """A JSON object, or an empty one for anything else (qemu-img's optional sections)."""
+    return value if isinstance(value, dict) else {}
 
 
 # Choosing the format without letting qemu-img probe -----------------------------------

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from agent.domain import jsontext
 from agent.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 
 # --- media types ---------------------------------------------------------------
@@ -219,8 +220,8 @@ def parse_manifest_document(
     """
     header_type = strip_media_type_parameters(media_type)
     try:
-        document = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        document = jsontext.loads(data)
+    except ValueError as exc:
         raise FailedPrecondition(f"{source}: the manifest is not valid JSON ({exc})") from None
     if not isinstance(document, dict):
         raise FailedPrecondition(f"{source}: the manifest is not a JSON object")
@@ -512,7 +513,7 @@ def parse_image_config(data: bytes, *, source: str = "image") -> ImageConfig:
     """
     document: Any
     try:
-        document = json.loads(data)
+        document = jsontext.loads(data)
     except ValueError:
         document = None
     try:

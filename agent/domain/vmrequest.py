@@ -66,7 +66,8 @@ class CRIResources:
     cpu_shares: int = 0
 
 
-# The kernel's CFS bandwidth limits (kernel/sched/core.c) and cpu.shares range.
+# The kernel's CFS bandwidth limits (kernel/sched/core.c) and the cpu.shares
+# range (libvirt's <cputune><shares> too; kubelet sends at least 2).
 CFS_MIN_PERIOD_US = 1_000
 CFS_MAX_PERIOD_US = 1_000_000
 CFS_MIN_QUOTA_US = 1_000

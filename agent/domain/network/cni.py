@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import copy
 import ipaddress
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.domain import jsontext
 from agent.domain.errors import FailedPrecondition, InvalidArgument
 from agent.domain.sandbox import DNSConfig, PortMapping
 
@@ -44,10 +44,7 @@ class NetworkConfig:
 def load_config(raw: bytes) -> tuple[dict[str, Any], NetworkConfig]:
     """The document of a .conflist (or a single-plugin .conf) and its
     summary; ValueError says what is wrong."""
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
+    doc = jsontext.loads(raw)  # ValueError "not JSON: ..."
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
     name = doc.get("name")

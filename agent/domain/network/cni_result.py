@@ -11,11 +11,12 @@ Anything malformed is a ValueError whose message names the offending field.
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from agent.domain import jsontext
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -112,9 +113,9 @@ def _load(raw: bytes | str | Mapping[str, Any], what: str) -> Mapping[str, Any]:
     if isinstance(raw, Mapping):
         return raw
     try:
-        doc = json.loads(raw)
+        doc = jsontext.loads(raw)
     except ValueError as exc:
-        raise ValueError(f"{what} is not JSON: {exc}") from None
+        raise ValueError(f"{what} is {exc}") from None
     if not isinstance(doc, dict):
         raise ValueError(f"{what} is not a JSON object")
     return doc
@@ -240,7 +241,7 @@ def parse_error(raw: bytes | str) -> CNIErrorInfo | None:
     then falls back to stderr and the exit status.
     """
     try:
-        doc = json.loads(raw)
+        doc = jsontext.loads(raw)
     except ValueError:
         return None
     if not isinstance(doc, dict):
