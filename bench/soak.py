@@ -127,11 +127,26 @@ class Soak:
             self.rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
             step("remove", t)
         except grpc.RpcError as exc:
+            self._clean_up_after_failure(sid)
             return Cycle(i, time.perf_counter() - t_start, steps,
                          f"cycle {i} (sandbox {sid[:12]}): {exc.code().name}: {exc.details()}")
         except Exception:  # noqa: BLE001 - reported, the run goes on
+            self._clean_up_after_failure(sid)
             return Cycle(i, time.perf_counter() - t_start, steps, f"cycle {i}: {traceback.format_exc()}")
         return Cycle(i, time.perf_counter() - t_start, steps)
+
+    def _clean_up_after_failure(self, sid: str) -> None:
+        """What kubelet does with a pod whose start failed: remove its sandbox,
+        retrying while the runtime is briefly unavailable. The cycle still
+        counts as failed; only what even this cannot remove counts as a leak."""
+        if not sid:
+            return
+        for _ in range(10):
+            try:
+                self.rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+                return
+            except grpc.RpcError:
+                time.sleep(3)
 
 
 def write_cni(work: Path) -> dict[str, Any]:
