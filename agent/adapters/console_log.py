@@ -9,12 +9,21 @@ No output is lost or written twice across agent restarts: the raw offset
 consumed and the CRI log's size after the last write are saved together
 after each batch. On restart, a CRI log longer than the saved size means the
 last batch was written but not recorded: it is cut back and redone.
+
+The CRI log lives in a directory kubelet (anyone with the CRI socket) names:
+it is only ever opened relative to its opened directory with ``O_NOFOLLOW``,
+so a symbolic link planted at its last component is never followed (the call
+fails with FAILED_PRECONDITION naming the path; the link's target is
+untouched), and never as a FIFO or device (``O_NONBLOCK``, then checked to be
+a regular file).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +32,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
+
+from agent.adapters.atomic import write_atomic
+from agent.domain.errors import FailedPrecondition, PodvisorError
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +75,26 @@ def format_lines(data: bytes, now_ns: int, *, flush_partial: bool) -> tuple[byte
     return b"".join(out), consumed
 
 
+def open_cri_log(path: Path, flags: int = os.O_WRONLY | os.O_APPEND | os.O_CREAT) -> int:
+    """Open (by default create, for appending) a CRI log file without
+    following a symlink at its last component; FailedPrecondition naming the
+    path for a symlink or anything but a regular file."""
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(path.name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o640, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise FailedPrecondition(f"container log {path} is a symbolic link or not a regular file; "
+                                     "refusing to write through it") from None
+        raise
+    finally:
+        os.close(dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FailedPrecondition(f"container log {path} is not a regular file; refusing to write to it")
+    return fd
+
+
 @dataclass
 class _Follower:
     container_id: str
@@ -73,6 +105,7 @@ class _Follower:
     log_size: int = 0  # CRI log size after our last write
     inode: int = 0  # of the raw file ``offset`` refers to (virtlogd rotates it)
     pending_since: float = 0.0
+    last_error: str = ""  # logged once, not at every pass
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def load(self) -> None:
@@ -84,18 +117,21 @@ class _Follower:
         except (OSError, ValueError, KeyError):
             self.offset = self.log_size = 0
             recorded = False
-        try:
-            size = self.cri.stat().st_size
-        except (FileNotFoundError, IsADirectoryError):
+        if not self.cri.name:
             return
-        if recorded and size > self.log_size:
-            # Written but not recorded before a crash: undo, it will be redone.
-            os.truncate(self.cri, self.log_size)
+        self.cri.parent.mkdir(parents=True, exist_ok=True)
+        # Created now (StartContainer fails here, clearly, on a planted link).
+        fd = open_cri_log(self.cri)
+        try:
+            if recorded and os.fstat(fd).st_size > self.log_size:
+                # Written but not recorded before a crash: undo, it will be redone.
+                os.ftruncate(fd, self.log_size)
+        finally:
+            os.close(fd)
 
     def save(self) -> None:
-        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-        tmp.write_text(json.dumps({"offset": self.offset, "log_size": self.log_size, "inode": self.inode}))
-        os.replace(tmp, self.state_file)
+        state = {"offset": self.offset, "log_size": self.log_size, "inode": self.inode}
+        write_atomic(self.state_file, json.dumps(state).encode())
 
     def _read(self) -> bytes:
         try:
@@ -143,7 +179,7 @@ class _Follower:
                 return 0
             if self.cri.name:
                 self.cri.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.cri, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+                fd = open_cri_log(self.cri)
                 try:
                     os.write(fd, records)
                     self.log_size = os.fstat(fd).st_size
@@ -174,14 +210,19 @@ class ConsoleLogs:
         if self._thread is not None:
             self._thread.join(5)
         for f in list(self._followers.values()):
-            f.pump(self._now_ns())
+            self._last_pump(f, final=False)
 
     def follow(self, container_id: str, raw: str, cri: str, state_file: str) -> None:
+        """Start following; the CRI log is created now. FailedPrecondition
+        naming the path when it cannot be (a symlink planted there, say)."""
         with self._lock:
             if container_id in self._followers:
                 return
             f = _Follower(container_id, Path(raw), Path(cri) if cri else Path(""), Path(state_file))
-            f.load()
+            try:
+                f.load()
+            except OSError as exc:
+                raise FailedPrecondition(f"cannot open the container log {cri}: {exc.strerror}") from None
             self._followers[container_id] = f
 
     def unfollow(self, container_id: str) -> None:
@@ -189,7 +230,15 @@ class ConsoleLogs:
         with self._lock:
             f = self._followers.pop(container_id, None)
         if f is not None:
-            f.pump(self._now_ns(), final=True)
+            self._last_pump(f, final=True)
+
+    def _last_pump(self, f: _Follower, *, final: bool) -> None:
+        # A log that cannot be written must not stop the VM's stop or removal.
+        try:
+            f.pump(self._now_ns(), final=final)
+        except (OSError, PodvisorError) as exc:
+            log.warning("console log copy failed", container_id=f.container_id,
+                        error=exc.message if isinstance(exc, PodvisorError) else str(exc))
 
     def flush(self, container_id: str) -> None:
         with self._lock:
@@ -201,9 +250,10 @@ class ConsoleLogs:
         """ReopenContainerLog: kubelet moved the file away; start a new one now."""
         with self._lock:
             f = self._followers.get(container_id)
-        target = Path(cri)
-        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        os.close(fd)
+        try:
+            os.close(open_cri_log(Path(cri)))
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot reopen the container log {cri}: {exc.strerror}") from None
         if f is not None:
             with f.lock:
                 f.log_size = 0
@@ -216,5 +266,9 @@ class ConsoleLogs:
             for f in followers:
                 try:
                     f.pump(self._now_ns())
-                except OSError as exc:
-                    log.warning("console log copy failed", container_id=f.container_id, error=str(exc))
+                    f.last_error = ""
+                except (OSError, PodvisorError) as exc:
+                    error = exc.message if isinstance(exc, PodvisorError) else str(exc)
+                    if error != f.last_error:
+                        log.warning("console log copy failed", container_id=f.container_id, error=error)
+                    f.last_error = error

@@ -6,26 +6,44 @@ Layout under ``<state>/images``::
     blobs/sha256/<hex>     manifests, configs, layers (content-addressed)
     disks/<config hex>/    validated base disks of one image (read-only files)
     tmp/                   scratch for pulls in progress; emptied at start
+
+Nothing here is readable by other local users: blobs and scratch are 0700
+directories of 0600 files; base disks are 0640 ``root:<QEMU's group>``
+(``kvm`` on Debian: libvirt's QEMU user reads them as backing files) in a
+0750 directory of that group.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from agent.adapters.atomic import fsync_dir, write_atomic
+from agent.adapters.kvm import QEMU_USER
 from agent.adapters.nospace import no_space_is_exhausted
 from agent.domain.oci import digest_hex, parse_digest
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
+def qemu_group(user: str = QEMU_USER) -> int | None:
+    """The primary group of libvirt's QEMU user (None when there is no such user)."""
+    try:
+        return pwd.getpwnam(user).pw_gid
+    except KeyError:
+        return None
+
+
 class ImageFiles:
-    def __init__(self, images_dir: Path) -> None:
+    def __init__(self, images_dir: Path, *, group: int | None = None) -> None:
         self.root = images_dir
+        # Base disks are shared with QEMU through this group, no one else.
+        self.group = qemu_group() if group is None else group
         self.blobs = images_dir / "blobs" / "sha256"
         self.disks = images_dir / "disks"
         self.tmp = images_dir / "tmp"
@@ -49,14 +67,8 @@ class ImageFiles:
         path = self.blob_path(digest)
         if path.is_file():
             return
-        fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix=f".{path.name}.", suffix=".partial")
-        try:
-            with no_space_is_exhausted(f"storing blob {digest}", self.blobs), os.fdopen(fd, "wb") as out:
-                out.write(data)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        os.replace(tmp, path)
+        with no_space_is_exhausted(f"storing blob {digest}", self.blobs):
+            write_atomic(path, data)
 
     def blob_digests(self) -> list[str]:
         return ["sha256:" + p.name for p in self.blobs.iterdir() if _HEX.fullmatch(p.name)]
@@ -79,7 +91,7 @@ class ImageFiles:
                 p.unlink(missing_ok=True)
             removed.append(str(p))
         for p in self.blobs.iterdir():
-            if p.name.endswith(".partial"):
+            if p.name.endswith(".partial") or p.name.startswith(".") and p.name.endswith(".tmp"):
                 p.unlink(missing_ok=True)
                 removed.append(str(p))
         for p in self.disks.iterdir():
@@ -104,20 +116,26 @@ class ImageFiles:
         for name, src in files.items():
             dest = staging / name
             os.replace(src, dest)
-            dest.chmod(0o444)  # shared by every VM of the image: never written
+            # Shared by every VM of the image, never written; private to root and QEMU.
+            self._share_with_qemu(dest, 0o640)
             # Durable before the image record says it exists.
             fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        staging.chmod(0o755)
+        self._share_with_qemu(staging, 0o750)
         os.replace(staging, final)
-        dirfd = os.open(self.disks, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        fsync_dir(self.disks)
+
+    def _share_with_qemu(self, path: Path, mode: int) -> None:
+        """``mode`` with QEMU's group; without one (no QEMU user), owner only
+        (libvirt's DAC relabelling then gives QEMU its access)."""
+        if self.group is None:
+            path.chmod(mode & 0o700)
+            return
+        os.chown(path, 0 if os.geteuid() == 0 else -1, self.group)
+        path.chmod(mode)
 
     def disk_path(self, image_id: str, file: str) -> Path:
         return self._disk_dir(image_id) / file

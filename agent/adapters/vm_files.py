@@ -4,7 +4,9 @@ Layout: ``<state>/sandboxes/<sandbox>/containers/<container>/`` holds the
 qcow2 overlay, the NoCloud seed ISO, the raw console copy and its follower
 state; unix sockets live under a short runtime directory (socket paths are
 limited to 107 bytes). Directories are 0711 so libvirt's QEMU user can reach
-files libvirt hands it, but cannot list them.
+files libvirt hands it, but cannot list them. The guest's disks (overlay,
+seed) are 0600 root: libvirt's DAC driver (``dynamic_ownership``, on by
+default) hands them to QEMU's user while the VM runs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from agent.adapters import qemu_img
+from agent.adapters.atomic import write_atomic
 from agent.adapters.nospace import no_space_is_exhausted
 from agent.domain.errors import InvalidArgument, ResourceExhausted
 from agent.domain.vm import ContainerPaths
@@ -57,12 +60,13 @@ class VMFiles:
     def create_overlay(self, base: Path, base_format: str, overlay: str) -> None:
         with no_space_is_exhausted("creating the VM's disk overlay", Path(overlay).parent):
             qemu_img.create_overlay(base, base_format, Path(overlay))
+        # qemu-img creates it under the umask (0644): the guest's disk is
+        # private to root, and to QEMU once libvirt relabels it (DAC).
+        os.chmod(overlay, 0o600)
 
     def write_seed(self, path: str, data: bytes) -> None:
         with no_space_is_exhausted("writing the VM's cloud-init seed", Path(path).parent):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            write_atomic(path, data)
 
     def remove_container_dir(self, directory: str) -> None:
         d = Path(directory)

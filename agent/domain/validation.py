@@ -89,12 +89,27 @@ def validate_host_path(value: str, field_name: str) -> None:
         return
     if len(value) > MAX_PATH or "\x00" in value:
         raise InvalidArgument(field_name, "not a valid path")
+    check_characters(value, field_name)
     if not value.startswith("/"):
         raise InvalidArgument(field_name, f"{value!r} must be an absolute path")
     if "//" in value or (os.path.normpath(value) != value.rstrip("/") and value != "/"):
         raise InvalidArgument(field_name, f"{value!r} must be a normalised path (no '..', '//')")
     if ".." in value.split("/"):
         raise InvalidArgument(field_name, f"{value!r} must not contain '..'")
+
+
+def validate_log_path(value: str, field_name: str) -> None:
+    """CreateContainer's log path: relative to the sandbox's log directory,
+    no '..', no NUL or control characters (it becomes a file name)."""
+    if not value:
+        return
+    if len(value) > MAX_PATH or "\x00" in value:
+        raise InvalidArgument(field_name, "must not contain NUL characters")
+    check_characters(value, field_name)
+    if value.startswith("/") or ".." in value.split("/"):
+        raise InvalidArgument(field_name, "must be relative to the sandbox's log directory, without '..'")
+    if value.endswith("/"):
+        raise InvalidArgument(field_name, "must name a file")
 
 
 def validate_cgroup_parent(value: str) -> None:
@@ -166,6 +181,7 @@ def validate_container_spec(spec: ContainerSpec) -> None:
     """
     _text(spec.name, "config.metadata.name", required=True, limit=MAX_NAME)
     _text(spec.image, "config.image.image", required=True, limit=MAX_IMAGE)
+    validate_log_path(spec.log_path, "config.log_path")
     validate_string_map(spec.labels, "config.labels", total_limit=MAX_LABELS_TOTAL, value_limit=MAX_LABEL_VALUE)
     validate_string_map(spec.annotations, "config.annotations", total_limit=MAX_ANNOTATIONS_TOTAL,
                         value_limit=MAX_CONTAINER_ANNOTATION_VALUE, multiline_values=True)

@@ -142,11 +142,17 @@ class ContainerService:
 
     def create(self, spec: ContainerSpec) -> Container:
         validate_container_spec(spec)
-        if spec.log_path and (spec.log_path.startswith("/") or ".." in spec.log_path.split("/")):
-            raise InvalidArgument("config.log_path", "must be relative to the sandbox's log directory, without '..'")
-        sandbox = self._p.sandboxes.get(spec.sandbox_id)
-        if sandbox.state is not SandboxState.READY:
-            raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
+        sandbox_id = self._p.sandboxes.get(spec.sandbox_id).id
+        # The sandbox's lock, from the READY check to the end: a concurrent
+        # Stop/RemovePodSandbox waits, then stops and removes this VM, or
+        # took the sandbox down first and this create is refused.
+        with self._p.sandboxes.hold(sandbox_id):
+            sandbox = self._p.sandboxes.get(sandbox_id)
+            if sandbox.state is not SandboxState.READY:
+                raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
+            return self._create_in(spec, sandbox)
+
+    def _create_in(self, spec: ContainerSpec, sandbox: Sandbox) -> Container:
         image = self._p.images.get(spec.image)
         request = self._p.vm.request(spec, sandbox)
         self._check_cgroup(sandbox)
@@ -551,7 +557,11 @@ class ContainerService:
             if c.state is ContainerState.REMOVING:
                 self.finish_removal(c)
             elif c.state is ContainerState.RUNNING:
-                self._p.console.follow(c.id, c.console_log, c.log_path, self._p.files.console_state(c.directory))
+                try:
+                    self._p.console.follow(c.id, c.console_log, c.log_path,
+                                           self._p.files.console_state(c.directory))
+                except PodvisorError as exc:
+                    log.warning("container log not followed", container_id=c.id, error=exc.message)
                 self._reconcile(c)
         if domains is not None:
             known = {c.domain_name for c in keep}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -187,9 +188,15 @@ class ConsoleLogs(Protocol):
 
 class SandboxLookup(Protocol):
     """Sandboxes as the container service reads them
-    (agent.services.sandboxes.SandboxService)."""
+    (agent.services.sandboxes.SandboxService).
+
+    ``hold`` is the sandbox's lock: CreateContainer holds it from its READY
+    check to its last step, Stop/RemovePodSandbox across their handling of
+    the sandbox's members and state, so no VM is made in a sandbox being
+    taken down."""
 
     def get(self, sandbox_id: str) -> Sandbox: ...
+    def hold(self, sandbox_id: str) -> AbstractContextManager[None]: ...
 
 
 class ContainerImages(Protocol):

@@ -12,6 +12,11 @@ other (the container service looks sandboxes up), so the composition root
 builds the sandbox service with a ``LateMembers`` and binds it, once, to the
 container service as soon as that exists, before any call is served or any
 recovery runs. Until it is bound a sandbox has no members.
+
+Each sandbox has a lock (``hold``): Stop and Remove hold it across their
+handling of the sandbox's members and state, CreateContainer across its
+READY check and the whole creation, so a VM is either created before the
+sandbox goes (and then stopped and removed with it) or refused.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ import dataclasses
 import secrets
 import threading
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 
 import structlog
 
 from agent import faults
+from agent.concurrency import KeyedLock
 from agent.domain.errors import AlreadyExists, InvalidArgument, NotFound
 from agent.domain.sandbox import (
     NetworkMode,
@@ -78,6 +85,7 @@ class SandboxService:
         self._ports = ports
         self._members = members
         self._lock = threading.RLock()
+        self._sandbox_locks = KeyedLock()
         self._by_id: dict[str, Sandbox] = {}
         self._by_name: dict[str, str] = {}
         # Immutable snapshot for lock-free reads; replaced on every change.
@@ -116,6 +124,10 @@ class SandboxService:
         if full is None:
             return None
         return self._by_id.get(full)
+
+    def hold(self, sandbox_id: str) -> AbstractContextManager[None]:
+        """The sandbox's lock (see the module docstring); ``sandbox_id`` is a full id."""
+        return self._sandbox_locks.hold(sandbox_id)
 
     # Use cases -----------------------------------------------------------
 
@@ -186,16 +198,17 @@ class SandboxService:
         # CRI: any running container is forcibly stopped (kubelet normally
         # stopped it gracefully before); then the pod network goes (CNI DEL,
         # idempotent, from the on-disk cache).
-        self._members.stop_in_sandbox(sb.id)
-        self.remove_network(sb)
-        with self._lock:
-            sb = self._by_id.get(sb.id)
-            if sb is None or sb.state is not SandboxState.READY:
-                return
-            stopped = dataclasses.replace(sb, state=SandboxState.NOTREADY,
-                                          stopped_at_ns=self._ports.clock.now_ns())
-            self._ports.store.update_sandbox(stopped)
-            self._put(stopped)
+        with self.hold(sb.id):
+            self._members.stop_in_sandbox(sb.id)
+            self.remove_network(sb)
+            with self._lock:
+                sb = self._by_id.get(sb.id)
+                if sb is None or sb.state is not SandboxState.READY:
+                    return
+                stopped = dataclasses.replace(sb, state=SandboxState.NOTREADY,
+                                              stopped_at_ns=self._ports.clock.now_ns())
+                self._ports.store.update_sandbox(stopped)
+                self._put(stopped)
         log.info("sandbox stopped", sandbox_id=sb.id)
 
     def remove(self, sandbox_id: str) -> None:
@@ -203,16 +216,19 @@ class SandboxService:
         sb = self._find(sandbox_id, "pod_sandbox_id")
         if sb is None:
             return
-        self._members.stop_in_sandbox(sb.id)
-        self._members.remove_in_sandbox(sb.id)
-        with self._lock:
-            sb = self._by_id.get(sb.id)
-            if sb is None:
-                return
-            removing = dataclasses.replace(sb, state=SandboxState.REMOVING)
-            self._ports.store.update_sandbox(removing)
-            faults.point("sandbox.remove.recorded")
-            self._put(removing)
+        # Held until the sandbox is REMOVING: a CreateContainer waiting for
+        # it then finds the sandbox not ready (or gone) and creates nothing.
+        with self.hold(sb.id):
+            self._members.stop_in_sandbox(sb.id)
+            self._members.remove_in_sandbox(sb.id)
+            with self._lock:
+                sb = self._by_id.get(sb.id)
+                if sb is None:
+                    return
+                removing = dataclasses.replace(sb, state=SandboxState.REMOVING)
+                self._ports.store.update_sandbox(removing)
+                faults.point("sandbox.remove.recorded")
+                self._put(removing)
         self.finish_removal(removing)
 
     def remove_network(self, sb: Sandbox) -> None:

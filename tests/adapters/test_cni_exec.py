@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from agent.adapters.network.cni import CNIError, CNIExec
+from agent.adapters.network.cni import CacheEntry, CNIError, CNIExec
 from agent.domain.errors import FailedPrecondition, InvalidArgument
 from agent.domain.network.cni import Attachment, builtin_default_config, normalize_config, plugin_stdin, runtime_config
 from agent.domain.sandbox import DNSConfig, PortMapping
@@ -222,8 +222,39 @@ def test_bin_dirs_are_searched_in_order(env: dict[str, Path], tmp_path: Path) ->
 def test_unreadable_cache_is_an_error_not_nothing(env: dict[str, Path]) -> None:
     env["cache"].mkdir()
     (env["cache"] / "abc123.json").write_text("{garbage")
+    cni = CNIExec([env["bin"]], env["cache"])
     with pytest.raises(Exception, match="unreadable"):
-        CNIExec([env["bin"]], env["cache"]).delete("abc123")
+        cni.cached("abc123")
+    assert cni.cache_exists("abc123")
+
+
+def test_unreadable_cache_never_wedges_del(env: dict[str, Path]) -> None:
+    """A torn cache entry: DEL runs with the fallback (the configuration in
+    use now), the entry is dropped, and a second DEL has nothing to do."""
+    env["cache"].mkdir()
+    (env["cache"] / "abc123.json").write_text('{"kind": "podvisor.io/cni-ca')
+    cni = CNIExec([env["bin"]], env["cache"])
+    fallback = CacheEntry(attachment=_attachment(env), config=normalize_config(
+        _conflist(env["log"], {"type": "fa"}, {"type": "fb"})), runtime_config={}, result=None)
+    assert cni.delete("abc123", fallback=lambda: fallback) is True
+    assert [(c["type"], c["cmd"]) for c in _calls(env["log"])] == [("fb", "DEL"), ("fa", "DEL")]
+    assert not cni.cache_exists("abc123")
+    assert cni.delete("abc123") is False
+
+
+def test_cache_is_written_durably_with_the_atomic_helper(env: dict[str, Path],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd))[1])
+    cni = CNIExec([env["bin"]], env["cache"])
+    cni.add(_conflist(env["log"], {"type": "fa"}), _attachment(env), {})
+    # Both writes (before ADD, with the result): the file and the directory, each time.
+    assert synced.count(str(env["cache"])) == 2
+    assert len([p for p in synced if p.startswith(str(env["cache"] / ".abc123.json."))]) == 2
+    assert sorted(p.name for p in env["cache"].iterdir()) == ["abc123.json"]
+    assert stat.S_IMODE((env["cache"] / "abc123.json").stat().st_mode) == 0o600
 
 
 @pytest.mark.parametrize("cid", ["", "../x", "a/b", "a;b", "-x"])

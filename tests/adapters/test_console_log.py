@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from agent.adapters import console_log
 from agent.adapters.console_log import ConsoleLogs, cri_timestamp, format_lines
+from agent.domain.errors import FailedPrecondition
 
 NS = 1_764_000_000_123_456_789
 
@@ -109,3 +111,90 @@ def test_virtlogd_rotation_of_the_raw_file(tmp_path: Path) -> None:
     logs.unfollow("c1")
     lines = [line.split(b" ", 3)[3] for line in cri.read_bytes().splitlines()]
     assert lines == [b"first", b"tail of old", b"new file"]
+
+
+# Hostile log paths (issue #10, item 6): whoever names the log path (anyone
+# with the CRI socket) must not make the agent write through a planted link.
+# Choice: the call fails clearly (FAILED_PRECONDITION naming the path) and
+# the link's target is untouched; the link itself is left as it is.
+
+
+def test_a_symlink_planted_at_the_log_path_is_not_followed(tmp_path: Path) -> None:
+    logs, raw, cri, state = _logs(tmp_path)
+    victim = tmp_path / "elsewhere" / "shadow"
+    victim.parent.mkdir()
+    victim.write_bytes(b"root:x:0:0\n")
+    cri.parent.mkdir()
+    cri.symlink_to(victim)
+    raw.write_bytes(b"boot\n")
+    with pytest.raises(FailedPrecondition, match=str(cri)):
+        logs.follow("c1", str(raw), str(cri), str(state))
+    assert victim.read_bytes() == b"root:x:0:0\n"
+    assert cri.is_symlink()
+
+
+def test_a_symlink_planted_after_start_is_not_followed_and_stop_still_works(tmp_path: Path) -> None:
+    logs, raw, cri, state = _logs(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    raw.write_bytes(b"one\n")
+    logs.follow("c1", str(raw), str(cri), str(state))
+    logs.flush("c1")
+    cri.unlink()
+    cri.symlink_to(victim)
+    with open(raw, "ab") as f:
+        f.write(b"two\n")
+    with pytest.raises(FailedPrecondition):
+        logs.flush("c1")
+    logs.unfollow("c1")  # logged, never raised: a bad log must not block StopContainer
+    assert victim.read_bytes() == b"keep"
+
+
+def test_reopen_refuses_a_symlink(tmp_path: Path) -> None:
+    logs, raw, cri, state = _logs(tmp_path)
+    raw.write_bytes(b"")
+    logs.follow("c1", str(raw), str(cri), str(state))
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    cri.unlink()
+    cri.symlink_to(victim)
+    with pytest.raises(FailedPrecondition, match="symbolic link"):
+        logs.reopen("c1", str(cri))
+    assert victim.read_bytes() == b"keep"
+
+
+def test_a_fifo_at_the_log_path_is_refused_without_blocking(tmp_path: Path) -> None:
+    logs, raw, cri, state = _logs(tmp_path)
+    cri.parent.mkdir()
+    os.mkfifo(cri)
+    raw.write_bytes(b"x\n")
+    with pytest.raises(FailedPrecondition, match=str(cri)):
+        logs.follow("c1", str(raw), str(cri), str(state))
+
+
+def test_a_dangling_symlink_creates_nothing_at_its_target(tmp_path: Path) -> None:
+    logs, raw, cri, state = _logs(tmp_path)
+    target = tmp_path / "created-through-link"
+    cri.parent.mkdir()
+    cri.symlink_to(target)
+    with pytest.raises(FailedPrecondition):
+        logs.follow("c1", str(raw), str(cri), str(state))
+    assert not target.exists()
+
+
+def test_offsets_are_saved_with_the_atomic_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    saved: list[tuple[Path, bytes]] = []
+    real = console_log.write_atomic
+
+    def spy(path: Path | str, data: bytes, *, mode: int = 0o600) -> None:
+        saved.append((Path(path), data))
+        real(path, data, mode=mode)
+
+    monkeypatch.setattr(console_log, "write_atomic", spy)
+    logs, raw, cri, state = _logs(tmp_path)
+    raw.write_bytes(b"a\n")
+    logs.follow("c1", str(raw), str(cri), str(state))
+    logs.unfollow("c1")
+    assert saved and all(p == state for p, _ in saved)
+    assert json.loads(state.read_text())["offset"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

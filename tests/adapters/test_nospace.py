@@ -4,6 +4,7 @@ integration side, a real full tmpfs, is tests/integration/test_full_filesystem.p
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
 from pathlib import Path
 
@@ -50,8 +51,16 @@ def test_a_full_database_is_resource_exhausted_and_the_store_stays_usable(tmp_pa
         store.close()
 
 
-def test_a_seed_that_cannot_be_written_is_resource_exhausted(tmp_path: Path) -> None:
+def test_a_seed_that_cannot_be_written_is_resource_exhausted(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     files = VMFiles(tmp_path / "sandboxes", tmp_path / "run")
-    # /dev/full answers every write with ENOSPC.
+
+    def full(fd: int) -> None:
+        # Where a full filesystem shows with delayed allocation: at the sync.
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(ResourceExhausted, match="cloud-init seed"):
-        files.write_seed("/dev/full", b"x" * 4096)
+        files.write_seed(str(tmp_path / "cloudinit.iso"), b"x" * 4096)
+    # Written atomically: no seed and no temporary file are left.
+    assert list(tmp_path.iterdir()) == []

@@ -110,7 +110,7 @@ def test_pull_by_tag_and_digest(running_agent: AgentProcess, registry: RunningRe
     assert disk_info["format"] == "qcow2" and disk_info["virtualSize"] == 16 << 20
     base = Path(disk_info["hostPath"])
     assert base.read_bytes() == disk
-    assert base.stat().st_mode & 0o777 == 0o444
+    assert base.stat().st_mode & 0o777 == 0o640  # root:kvm, never world-readable
     # The same image by id, by short id and by digest reference.
     assert status(running_agent, image_id).image.id == image_id
     assert status(running_agent, image_id[7:]).image.id == image_id

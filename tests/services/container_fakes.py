@@ -9,9 +9,11 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from agent.concurrency import KeyedLock
 from agent.domain.errors import NotFound
 from agent.domain.hypervisor import DomainState, DomainStats
 from agent.domain.image import BaseDisk, Image
@@ -250,6 +252,10 @@ class FakeConsole:
 class FakeSandboxes:
     def __init__(self, *sandboxes: Sandbox) -> None:
         self.by_id = {s.id: s for s in sandboxes}
+        self.locks = KeyedLock()
+
+    def hold(self, sandbox_id: str) -> AbstractContextManager[None]:
+        return self.locks.hold(sandbox_id)
 
     def get(self, sandbox_id: str) -> Sandbox:
         try:

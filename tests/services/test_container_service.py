@@ -130,7 +130,9 @@ def test_create_requires_name_and_image(fakes: ContainerFakes, service: Containe
     assert fakes.store.rows == {}
 
 
-@pytest.mark.parametrize("log_path", ["/var/log/x.log", "../escape.log", "vm/../../x.log", ".."])
+@pytest.mark.parametrize("log_path", ["/var/log/x.log", "../escape.log", "vm/../../x.log", "..",
+                                      "0\x00.log", "vm/0\x01.log", "vm/0.log\n", "vm\x1b[2J/0.log",
+                                      "vm/0\x9b.log", "vm/"])
 def test_create_rejects_absolute_or_escaping_log_path(fakes: ContainerFakes, service: ContainerService,
                                                       log_path: str) -> None:
     with pytest.raises(InvalidArgument) as exc:

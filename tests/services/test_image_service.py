@@ -392,7 +392,8 @@ def test_pull_records_the_image_with_tag_and_digest_refs(env: Env) -> None:
     assert env.disk_bytes(img) == disk
     path = env.service.base_disk_path(img, img.disks[0])
     assert path == env.files.disks / pub.id.removeprefix("sha256:") / "disk0.qcow2"
-    assert path.stat().st_mode & 0o777 == 0o444
+    # Private to root and QEMU's group: never world-readable (issue #10, item 11).
+    assert path.stat().st_mode & 0o777 == 0o640 and path.parent.stat().st_mode & 0o777 == 0o750
     for blob in img.blobs:
         assert env.files.has_blob(blob)
     assert env.files.blob_path(pub.digest).read_bytes() == pub.resolved.manifest_bytes

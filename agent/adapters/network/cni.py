@@ -27,14 +27,14 @@ import errno
 import json
 import os
 import subprocess
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from agent.adapters.atomic import write_atomic
 from agent.adapters.network import netns
 from agent.domain.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from agent.domain.network import cni_result
@@ -123,39 +123,18 @@ class CNIExec:
             raise InvalidArgument("pod_sandbox_id", f"{container_id!r} is not a valid CNI container id")
         return self.cache_dir / f"{container_id}.json"
 
-    def _write_cache(self, entry: CacheEntry, *, durable: bool = True) -> None:
+    def _write_cache(self, entry: CacheEntry) -> None:
         try:
-            self._write_cache_file(entry, durable)
+            self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            doc = {"kind": CACHE_KIND, "version": CACHE_VERSION, "attachment": entry.attachment.to_json(),
+                   "config": entry.config, "runtimeConfig": entry.runtime_config, "result": entry.result}
+            # Synced: DEL after a crash or a power cut needs what ADD used.
+            write_atomic(self._cache_path(entry.attachment.container_id),
+                         json.dumps(doc, indent=1, sort_keys=True).encode())
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise ResourceExhausted(f"cannot write the CNI cache in {self.cache_dir}: {exc.strerror}") from None
             raise Internal(f"cannot write the CNI cache in {self.cache_dir}: {exc.strerror}") from None
-
-    def _write_cache_file(self, entry: CacheEntry, durable: bool) -> None:
-        self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        doc = {"kind": CACHE_KIND, "version": CACHE_VERSION, "attachment": entry.attachment.to_json(),
-               "config": entry.config, "runtimeConfig": entry.runtime_config, "result": entry.result}
-        target = self._cache_path(entry.attachment.container_id)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=self.cache_dir)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f, indent=1, sort_keys=True)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        if not durable:
-            return
-        # The rename itself must survive a power cut, or DEL would not know
-        # what to undo after a reboot.
-        dir_fd = os.open(self.cache_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
     def cached(self, container_id: str) -> CacheEntry | None:
         """The cache entry of a sandbox, None if there is none.
@@ -181,6 +160,10 @@ class CNIExec:
         except (KeyError, TypeError, FailedPrecondition) as exc:
             raise Internal(f"CNI cache {path} is malformed: {exc}") from None
 
+    def cache_exists(self, container_id: str) -> bool:
+        """Whether a cache entry is there, readable or not."""
+        return self._cache_path(container_id).exists()
+
     def cached_ids(self) -> list[str]:
         """Container ids with a cache entry (for start-up reconciliation)."""
         try:
@@ -188,6 +171,16 @@ class CNIExec:
         except OSError:
             return []
         return [n for n in names if CONTAINER_ID.match(n)]
+
+    def _delete_unreadable(self, container_id: str, exc: Internal,
+                           fallback: Callable[[], CacheEntry | None] | None) -> None:
+        log.error("CNI cache unreadable; DEL with the current network configuration", sandbox_id=container_id,
+                  error=exc.message)
+        substitute = fallback() if fallback is not None else None
+        if substitute is not None:
+            for err in self._del_all(substitute):
+                log.warning("CNI DEL without a cache failed", sandbox_id=container_id, error=err.message)
+        self._drop_cache(container_id)
 
     def _drop_cache(self, container_id: str) -> None:
         self._cache_path(container_id).unlink(missing_ok=True)
@@ -301,12 +294,7 @@ class CNIExec:
             else:
                 self._drop_cache(attachment.container_id)
             raise
-        # Atomic, but not synced: what a power cut could lose is only the
-        # result, and DEL after a reboot needs just the synced entry above
-        # (the namespace, links and iptables rules do not survive a reboot;
-        # IPAM leases are released by container id). libcni syncs neither.
-        self._write_cache(CacheEntry(attachment=attachment, config=conflist, runtime_config=dict(rc), result=prev),
-                          durable=False)
+        self._write_cache(CacheEntry(attachment=attachment, config=conflist, runtime_config=dict(rc), result=prev))
         return parsed
 
     def check(self, container_id: str) -> None:
@@ -321,14 +309,21 @@ class CNIExec:
             self._invoke("CHECK", entry.config, plugin, entry.attachment, str(entry.attachment.netns),
                          entry.runtime_config, entry.result)
 
-    def delete(self, container_id: str) -> bool:
+    def delete(self, container_id: str, *, fallback: Callable[[], CacheEntry | None] | None = None) -> bool:
         """DEL with what the cache says was added; idempotent.
 
         False when there is nothing to delete (no cache entry: ADD never
         started, or DEL already completed). A failing plugin raises CNIError
-        and keeps the cache entry so that the call can be retried.
+        and keeps the cache entry so that the call can be retried. An
+        unreadable entry never wedges teardown: DEL runs, best effort, with
+        ``fallback()``'s entry (the network configuration in use now, as
+        libcni does without a cache) and the entry is dropped.
         """
-        entry = self.cached(container_id)
+        try:
+            entry = self.cached(container_id)
+        except Internal as exc:
+            self._delete_unreadable(container_id, exc, fallback)
+            return True
         if entry is None:
             return False
         errors = self._del_all(entry)

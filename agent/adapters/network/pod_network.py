@@ -28,11 +28,11 @@ import structlog
 
 from agent import faults
 from agent.adapters.network import dhcp, firewall, links, netns, state
-from agent.adapters.network.cni import CNIExec, find_configs
-from agent.domain.errors import FailedPrecondition, PodvisorError, Unavailable
+from agent.adapters.network.cni import CacheEntry, CNIExec, find_configs
+from agent.domain.errors import FailedPrecondition, Internal, PodvisorError, Unavailable
 from agent.domain.network import cni_result
 from agent.domain.network.choice import NetworkChoice, NetworkSettings, choose
-from agent.domain.network.cni import Attachment, builtin_default_config, runtime_config
+from agent.domain.network.cni import Attachment, builtin_default_config, normalize_config, runtime_config
 from agent.domain.network.cni_result import CNIResult
 from agent.domain.network.wiring import (
     DEFAULT_MTU,
@@ -103,7 +103,7 @@ class PodNetworkManager:
         attachment = Attachment(container_id=sandbox_id, netns=netns.path(ns_name), ifname=IFNAME, pod_name=name,
                                 pod_namespace=namespace, pod_uid=uid)
         attachment.validate()
-        if self.cni.cached(sandbox_id) is not None or state.load_state(workdir) is not None:
+        if self.cni.cache_exists(sandbox_id) or state.exists(workdir):
             # Leftovers of an earlier attempt (a crash mid-add): start clean.
             self.remove(sandbox_id, workdir)
         try:
@@ -143,8 +143,13 @@ class PodNetworkManager:
 
     def status(self, sandbox_id: str, workdir: Path) -> PodNetworkStatus | None:
         """The pod network of a sandbox from what is on disk (None if it has none)."""
-        entry = self.cni.cached(sandbox_id)
-        wiring = state.load(workdir)
+        try:
+            entry = self.cni.cached(sandbox_id)
+            wiring = state.load(workdir)
+        except Internal as exc:
+            log.warning("pod network records unreadable; reported as none", sandbox_id=sandbox_id,
+                        error=exc.message)
+            return None
         if entry is None or entry.result is None or wiring is None:
             return None
         return PodNetworkStatus.of(netns_name=netns_name(sandbox_id), netns_path=entry.attachment.netns,
@@ -168,7 +173,7 @@ class PodNetworkManager:
         raises Unavailable when it is gone (a host reboot empties /run/netns),
         and restarts a DHCP server that was running and died since."""
         ns_name = netns_name(sandbox_id)
-        if state.load_state(workdir) is None and self.cni.cached(sandbox_id) is None:
+        if not state.exists(workdir) and not self.cni.cache_exists(sandbox_id):
             return  # made while pod networking was off: it never had one
         if not netns.exists(ns_name):
             raise Unavailable(f"the pod network namespace {ns_name} is gone (host rebooted?)")
@@ -199,6 +204,19 @@ class PodNetworkManager:
         with self._locks_guard:
             self._locks.pop(sandbox_id, None)
 
+    def _uncached_entry(self, sandbox_id: str) -> CacheEntry | None:
+        """What DEL can use when the cache entry is unreadable: the network
+        configuration ADD would use now, for the sandbox's namespace."""
+        conflist = self.readiness().conflist
+        if conflist is None:
+            return None
+        try:
+            config = normalize_config(conflist)
+        except PodvisorError:
+            return None
+        attachment = Attachment(container_id=sandbox_id, netns=netns.path(netns_name(sandbox_id)), ifname=IFNAME)
+        return CacheEntry(attachment=attachment, config=config, runtime_config={}, result=None)
+
     def _remove(self, sandbox_id: str, workdir: Path) -> None:
         ns_name = netns_name(sandbox_id)
         names = LinkNames.for_sandbox(sandbox_id, IFNAME)
@@ -210,7 +228,7 @@ class PodNetworkManager:
         except (PodvisorError, ValueError) as exc:
             log.warning("CNI cache unusable for restoring eth0", sandbox_id=sandbox_id, error=str(exc))
             entry, result, unusable = None, None, True
-        if entry is None and not unusable and state.load_state(workdir) is None and not netns.exists(ns_name) \
+        if entry is None and not unusable and not state.exists(workdir) and not netns.exists(ns_name) \
                 and not links.host_links_exist(names):
             # A completed teardown (RemovePodSandbox after StopPodSandbox):
             # each step below cleans up after the one before it, so with no
@@ -227,7 +245,7 @@ class PodNetworkManager:
         with ThreadPoolExecutor(1, thread_name_prefix="podnet-teardown") as pool:
             host = pool.submit(_teardown_host, sandbox_id, names)
             try:
-                self.cni.delete(sandbox_id)
+                self.cni.delete(sandbox_id, fallback=lambda: self._uncached_entry(sandbox_id))
             except PodvisorError as exc:
                 errors.append(exc)
                 cni_ok = False
@@ -333,7 +351,7 @@ def _teardown_pod(names: LinkNames, ns_name: str, workdir: Path, cached: CNIResu
     True when ``eth0`` got its addresses back (then CNI DEL can clean up
     after them itself).
     """
-    recorded = state.load_state(workdir)
+    recorded = state.load_for_teardown(workdir)
     # Without a state file (lost with the sandbox directory) a dnsmasq may
     # still run: only then is /proc searched for it.
     dhcp.stop(workdir, scan=recorded is None or recorded.dhcp)

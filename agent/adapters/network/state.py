@@ -1,15 +1,26 @@
 """podnet.json in the sandbox directory: the wiring of one sandbox and how
 CNI left its pod interface (``WiringState``), so that the DHCP server and
-teardown work with nothing in memory."""
+teardown work with nothing in memory.
+
+Written with :func:`agent.adapters.atomic.write_atomic` (synced); a file that
+is unreadable all the same (a disk fault, a hand edit) is, for teardown, a
+lost record: :func:`load_for_teardown` returns None and teardown goes by what
+it can find (the namespace and links named after the sandbox id, the CNI
+cache), never failing forever on it.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+import structlog
+
+from agent.adapters.atomic import write_atomic
 from agent.domain.errors import Internal
 from agent.domain.network.wiring import PodWiring, WiringState
+
+log = structlog.get_logger(__name__)
 
 STATE_FILE = "podnet.json"
 
@@ -25,6 +36,21 @@ def load_state(workdir: Path) -> WiringState | None:
         raise Internal(f"{path} is unreadable: {exc}") from None
 
 
+def exists(workdir: Path) -> bool:
+    """Whether a state file is there, readable or not."""
+    return (workdir / STATE_FILE).exists()
+
+
+def load_for_teardown(workdir: Path) -> WiringState | None:
+    """The recorded state, or None when there is none or it is unreadable
+    (then logged: teardown proceeds as for a lost network)."""
+    try:
+        return load_state(workdir)
+    except Internal as exc:
+        log.error("pod network state unreadable; tearing down by what can be found", error=exc.message)
+        return None
+
+
 def load(workdir: Path) -> PodWiring | None:
     """The wiring recorded for a sandbox (None if there is none)."""
     state = load_state(workdir)
@@ -32,11 +58,8 @@ def load(workdir: Path) -> PodWiring | None:
 
 
 def save(state: WiringState, workdir: Path) -> None:
-    """Record the state (atomically replaced, not synced: the links it
-    describes do not survive a power cut either)."""
-    tmp = workdir / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state.to_json(), indent=1))
-    os.replace(tmp, workdir / STATE_FILE)
+    """Record the state (atomically replaced and synced)."""
+    write_atomic(workdir / STATE_FILE, json.dumps(state.to_json(), indent=1).encode())
 
 
 def forget(workdir: Path) -> None:
