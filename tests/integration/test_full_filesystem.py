@@ -42,7 +42,9 @@ def full_fs_agent(agent_factory: Any) -> Iterator[AgentProcess]:
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_MIB}m,mode=0711", "pvfullfs", str(mount)],
                    check=True)
-    agent: AgentProcess = agent_factory(state_dir=mount)
+    # No free-space reserve: this tests ENOSPC itself (the reserve has tests
+    # of its own in test_image_limits.py and would refuse first here).
+    agent: AgentProcess = agent_factory(state_dir=mount, extra_config="[images]\nmin_free_bytes = 0\n")
     agent.config_path.write_text(agent.config_path.read_text().replace(
         "[libvirt]\n", '[libvirt]\nvirt_type = "qemu"\n'))
     try:
