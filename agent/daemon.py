@@ -180,7 +180,10 @@ class Daemon:
         recover(ports, sandboxes, images, containers)
         # Fault-injection tests only: armed after recovery, so a restart
         # with the same environment recovers before it can crash again.
-        faults.arm_from_environment()
+        try:
+            faults.arm_from_environment()
+        except ValueError as exc:  # an unknown crash point: a clear start-up error, not a traceback
+            raise StartupError(str(exc)) from None
         if os.environ.get(faults.ENV):
             log.warning("crash point armed: this agent kills itself there (tests only)",
                         crash_at=os.environ[faults.ENV])
