@@ -88,6 +88,9 @@ class ContainerService:
         # Containers a StopContainer is handling right now: reconciliation
         # leaves them to it.
         self._stopping: set[str] = set()
+        # Domains a rollback could not undefine (libvirtd went away between
+        # defining and answering): undefined once libvirtd is back.
+        self._undefine_later: set[str] = set()
         # Work a create does beside its own (the DHCP server's start).
         self._aside = ThreadPoolExecutor(4, thread_name_prefix="container-aside")
 
@@ -240,7 +243,10 @@ class ContainerService:
         try:
             self._p.hypervisor.undefine_domain(c.domain_name)
         except PodvisorError as exc:
-            log.warning("could not undefine during rollback", container_id=c.id, error=exc.message)
+            log.warning("could not undefine during rollback; retried when libvirtd is back",
+                        container_id=c.id, error=exc.message)
+            with self._lock:
+                self._undefine_later.add(c.domain_name)
         self._p.files.remove_container_dir(c.directory)
         self._p.store.delete_container(c.id)
         with self._lock:
@@ -386,6 +392,19 @@ class ContainerService:
         return self._exit_from(c, state.reason or state.state)
 
     def reconcile_all(self) -> None:
+        """After libvirtd came back: undefine what rollbacks left, then check every running VM."""
+        with self._lock:
+            pending = sorted(self._undefine_later)
+        for name in pending:
+            try:
+                self._p.hypervisor.destroy_domain(name)
+                self._p.hypervisor.undefine_domain(name)
+            except PodvisorError as exc:
+                log.warning("rolled-back domain still not undefined", domain=name, error=exc.message)
+                continue
+            log.info("rolled-back domain undefined", domain=name)
+            with self._lock:
+                self._undefine_later.discard(name)
         with self._lock:
             running = [c for c in self._by_id.values() if c.state is ContainerState.RUNNING]
         for c in running:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from agent.domain.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
+from agent.domain.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable
 from agent.domain.hypervisor import DomainState
 from agent.domain.vm import Container, ContainerState
 from agent.domain.vmrequest import CRIResources, cri_sizes
@@ -226,6 +226,31 @@ def test_failure_in_define_rolls_back(fakes: ContainerFakes, service: ContainerS
     # The slot is free again.
     del fakes.libvirt.fail["define_domain"]
     assert service.create(cspec()).state is ContainerState.CREATED
+
+
+def test_a_domain_defined_as_libvirtd_went_away_is_undefined_once_it_is_back(
+        fakes: ContainerFakes, service: ContainerService) -> None:
+    """libvirtd defined the domain but the answer was lost with the connection;
+    the rollback cannot undefine it then. The reconnect hook does, later."""
+    real_define = fakes.libvirt.define_domain
+
+    def define_and_lose_the_answer(xml: str) -> None:
+        real_define(xml)
+        fakes.libvirt.fail["undefine_domain"] = Unavailable("libvirtd connection lost")
+        raise Unavailable("libvirtd connection lost")
+    fakes.libvirt.define_domain = define_and_lose_the_answer  # type: ignore[method-assign]
+    with pytest.raises(Unavailable):
+        service.create(cspec())
+    [dom] = fakes.libvirt.xml
+    assert service.list() == [] and fakes.store.rows == {}
+    service.reconcile_all()  # still down: kept for the next reconnect
+    assert list(fakes.libvirt.xml) == [dom]
+    del fakes.libvirt.fail["undefine_domain"]
+    service.reconcile_all()  # libvirtd is back
+    assert fakes.libvirt.xml == {}
+    fakes.journal.events.clear()
+    service.reconcile_all()  # done once
+    assert fakes.journal.of("libvirt.undefine_domain") == []
 
 
 def test_failure_in_seed_rolls_back_and_never_defines(fakes: ContainerFakes,
