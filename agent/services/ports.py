@@ -12,6 +12,7 @@ fakes while the daemon hands in the adapters.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -332,3 +333,38 @@ class ImagePorts:
     new_extractor: ExtractorFactory
     inspect_disk: DiskInspector
     clock: Clock
+
+
+# --- attach and port forward ------------------------------------------------------------
+# What agent.services.attach and agent.services.port_forward need.
+
+
+class ContainerLookup(Protocol):
+    """Containers as attach reads them, state reconciled with the hypervisor
+    (agent.services.containers.ContainerService)."""
+
+    def get(self, container_id: str) -> Container: ...
+
+
+class ConsoleSession(Protocol):
+    """One client's share of a VM's serial console (agent.adapters.console.ConsoleSession)."""
+
+    @property
+    def ended_reason(self) -> str: ...  # "" (open, or closed by the client), "eof", "slow"
+    def read(self, timeout: float | None = None) -> bytes | None: ...  # b"": ended; None: timeout
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+
+
+class Consoles(Protocol):
+    """Serial consoles shared by every attached client, one connection per VM
+    (agent.adapters.console.ConsoleHub)."""
+
+    def join(self, key: str, socket_path: str) -> ConsoleSession: ...
+
+
+class PodDialer(Protocol):
+    """TCP connections to a pod's VM (agent.adapters.network.dial.PodDialer):
+    a connected socket, or a domain error saying why not."""
+
+    def dial(self, sandbox_id: str, ip: str, port: int, timeout: float) -> socket.socket: ...
