@@ -23,7 +23,7 @@ import structlog
 
 from agent.domain.errors import FailedPrecondition, InvalidArgument, PodvisorError, ResourceExhausted
 from agent.domain.vm import ContainerState
-from agent.services.ports import ConsoleSession, Consoles, ContainerLookup
+from agent.services.ports import Consoles, ConsoleSession, ContainerLookup
 from agent.streaming.backend import Input, Output, Resizes, Streams
 
 log = structlog.get_logger(__name__)
