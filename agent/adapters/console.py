@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections import deque
 
 import structlog
 
+from agent.concurrency import KeyedLock
 from agent.domain.errors import FailedPrecondition, Unavailable
 
 log = structlog.get_logger(__name__)
@@ -202,38 +204,69 @@ class ConsoleHub:
         self._connect_timeout = connect_timeout
         self._lock = threading.Lock()
         self._consoles: dict[str, _Console] = {}
+        self._connecting = KeyedLock()
 
     def join(self, key: str, socket_path: str) -> ConsoleSession:
         """Attach one more client to the console of ``key`` (a container id),
         connecting to ``socket_path`` if no client is attached yet.
         FailedPrecondition when nothing listens there (the VM is not
         running), Unavailable for other connection failures."""
+        session = self._join_open(key)
+        if session is not None:
+            return session
+        # One connect per VM at a time (QEMU's listen backlog is 1: a second
+        # concurrent connect would be refused with EAGAIN), and outside the
+        # hub's lock, so a slow connect to one VM does not hold up the others.
+        with self._connecting.hold(key):
+            session = self._join_open(key)
+            if session is not None:
+                return session
+            sock = self._connect(socket_path)
+            with self._lock:
+                console = _Console(self, key, sock)
+                self._consoles[key] = console
+                console.start()
+                session = ConsoleSession(console, self._client_buffer)
+                if not console.add(session):  # QEMU closed it at once
+                    session._end("eof")
+                return session
+
+    def _join_open(self, key: str) -> ConsoleSession | None:
         with self._lock:
             console = self._consoles.get(key)
             if console is None or console.closed:
-                console = _Console(self, key, self._connect(socket_path))
-                self._consoles[key] = console
-                console.start()
+                return None
             session = ConsoleSession(console, self._client_buffer)
-            if not console.add(session):  # closed between the lookup and now
-                session._end("eof")
+            if not console.add(session):
+                return None
             return session
 
     def _connect(self, path: str) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(self._connect_timeout)
-        try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            raise FailedPrecondition(f"the VM's serial console ({path}) is not listening: "
-                                     "is the VM running?") from None
-        except OSError as exc:
-            sock.close()
-            raise Unavailable(f"cannot connect to the VM's serial console ({path}): "
-                              f"{exc.strerror or exc}") from None
-        sock.settimeout(None)
-        return sock
+        deadline = time.monotonic() + self._connect_timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.settimeout(self._connect_timeout)
+            try:
+                sock.connect(path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                raise FailedPrecondition(f"the VM's serial console ({path}) is not listening: "
+                                         "is the VM running?") from None
+            except BlockingIOError:
+                # QEMU's backlog is full: someone else's connection (a socat,
+                # say) is waiting for the console. Retried until the timeout.
+                sock.close()
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                raise Unavailable(f"the VM's serial console ({path}) is busy: another client outside "
+                                  "the agent holds it") from None
+            except OSError as exc:
+                sock.close()
+                raise Unavailable(f"cannot connect to the VM's serial console ({path}): "
+                                  f"{exc.strerror or exc}") from None
+            sock.settimeout(None)
+            return sock
 
     def _release(self, console: _Console, *, only_if_unused: bool) -> None:
         with self._lock:

@@ -42,6 +42,8 @@ class FakeSerial:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
+            # A multiplexer that stopped reading makes send() fail, not hang.
+            conn.settimeout(10)
             with self._lock:
                 self.accepted += 1
                 self.conn = conn
@@ -50,6 +52,8 @@ class FakeSerial:
             while True:
                 try:
                     data = conn.recv(65536)
+                except TimeoutError:
+                    continue
                 except OSError:
                     data = b""
                 if not data:
@@ -240,4 +244,30 @@ def test_close_ends_every_session(serial: FakeSerial) -> None:
     a = hub.join(KEY, str(serial.path))
     hub.close()
     assert a.read(5) == b""
+    assert serial.disconnected.wait(5)
+
+
+def test_clients_joining_at_the_same_moment_end_up_on_one_connection(serial: FakeSerial) -> None:
+    hub = ConsoleHub()
+    start = threading.Barrier(8)
+    sessions: list[ConsoleSession] = []
+    lock = threading.Lock()
+
+    def join() -> None:
+        start.wait()
+        s = hub.join(KEY, str(serial.path))
+        with lock:
+            sessions.append(s)
+
+    threads = [threading.Thread(target=join) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(sessions) == 8
+    assert hub.connected() == [KEY]
+    serial.send(b"to-all\n")
+    assert [read_until(s, b"to-all\n") for s in sessions] == [b"to-all\n"] * 8
+    for s in sessions:
+        s.close()
     assert serial.disconnected.wait(5)
