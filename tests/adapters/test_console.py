@@ -271,3 +271,19 @@ def test_clients_joining_at_the_same_moment_end_up_on_one_connection(serial: Fak
     for s in sessions:
         s.close()
     assert serial.disconnected.wait(5)
+
+
+def test_a_client_outside_the_agent_holding_the_console_delays_but_does_not_break_a_join(
+        serial: FakeSerial) -> None:
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.connect(str(serial.path))  # a socat on the host, say
+    assert serial.connected.wait(5)
+    session = ConsoleHub().join(KEY, str(serial.path))  # waits in the backlog
+    assert session.read(0.3) is None
+    other.close()  # the other client leaves: the agent's connection is served
+    deadline = time.monotonic() + 5
+    while serial.accepted < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    serial.send(b"now\n")
+    assert read_until(session, b"now\n") == b"now\n"
+    session.close()
