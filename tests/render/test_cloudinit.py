@@ -522,3 +522,16 @@ def test_the_workload_wrapper_refuses_an_unknown_mode(tmp_path: Path) -> None:
                           check=False)
     assert done.returncode == 2 and "usage" in done.stderr
     assert not (tmp_path / "poweroff").exists()
+
+
+def test_the_example_in_docs_annotations_md_is_what_the_renderer_writes() -> None:
+    out = render_user_data(CloudInit(
+        env={"GREETING": "hello world"}, command=("/usr/bin/app", "--port", "8080"),
+        dns=DNSConfig(("10.96.0.10",), ("default.svc.cluster.local",), ("ndots:5",)),
+        sysctls={"net.ipv4.ip_unprivileged_port_start": "0"}), "demo-vm").decode()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "annotations.md").read_text()
+    block = doc[doc.index("no user-data, gets (the wrapper's content shortened):"):]
+    block = block[block.index("```yaml\n") + len("```yaml\n"):]
+    block = block[:block.index("```\n")]
+    head, cut, tail = block.partition("    …\n")
+    assert cut and out.startswith(head) and out.endswith(tail)
