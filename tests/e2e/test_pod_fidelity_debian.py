@@ -50,6 +50,8 @@ PROBE = (
     "echo PROBE-SYSCTL shm_rmid_forced=$(cat /proc/sys/kernel/shm_rmid_forced) "
     "ip_unprivileged_port_start=$(cat /proc/sys/net/ipv4/ip_unprivileged_port_start); "
     "echo PROBE-ENV greeting=$GREETING; "
+    # The command runs detached from cloud-init: its final stage ends, without errors.
+    "echo PROBE-CLOUD-INIT $(cloud-init status --wait 2>&1 | tail -n 1); "
     "exit 3"
 )
 
@@ -173,3 +175,7 @@ def test_the_pods_sysctls_are_set_in_the_guest_kernel(jobs: dict[str, Ran]) -> N
 
 def test_the_command_sees_the_container_env(jobs: dict[str, Ran]) -> None:
     assert "PROBE-ENV greeting=hi there" in jobs["fail"].log
+
+
+def test_cloud_init_finishes_without_errors_while_the_command_runs(jobs: dict[str, Ran]) -> None:
+    assert "PROBE-CLOUD-INIT status: done" in jobs["fail"].log, jobs["fail"].log[-3000:]
