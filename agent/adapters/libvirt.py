@@ -396,3 +396,19 @@ class Libvirt:
                     continue  # vanished while listing
             return out
         return self.call(read)
+
+    def guest_shutdown(self, name: str) -> None:
+        """Ask the guest agent (QGA ``guest-shutdown``, powerdown) to power the guest off.
+
+        For a guest that ignores the ACPI button. libvirt returns once the
+        agent took the request, or fails at once when the domain has no agent
+        channel and after its agent timeout (seconds) when no agent answers.
+        """
+        def ask(c: Any) -> None:
+            dom = self._domain(c, name)
+            try:
+                dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # not running
+                    raise
+        self.call(ask)

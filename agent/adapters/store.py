@@ -271,6 +271,7 @@ def _sandbox_doc(sb: Sandbox) -> str:
         "runtime_handler": spec.runtime_handler,
         "network_mode": spec.network_mode.value,
         "cgroup_parent": spec.cgroup_parent,
+        "sysctls": dict(spec.sysctls),
         "stopped_at_ns": sb.stopped_at_ns,
         "ip": sb.ip,
         "additional_ips": list(sb.additional_ips),
@@ -293,6 +294,7 @@ def _sandbox_from_row(row: tuple[Any, ...]) -> Sandbox:
         runtime_handler=get("runtime_handler", ""),
         network_mode=NetworkMode(get("network_mode", "pod")),
         cgroup_parent=get("cgroup_parent", ""),
+        sysctls=get("sysctls", {}),
     )
     return Sandbox(
         id=sid,

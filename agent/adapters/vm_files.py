@@ -20,10 +20,13 @@ from agent.adapters import qemu_img
 from agent.adapters.atomic import write_atomic
 from agent.adapters.nospace import no_space_is_exhausted
 from agent.domain.errors import InvalidArgument, ResourceExhausted
-from agent.domain.vm import ContainerPaths
+from agent.domain.vm import ContainerPaths, WorkloadExit, parse_workload_exit
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 OVMF_CODE = ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd")
+WORKLOAD_EXIT_FILE = "workload.exit"
+# The wrapper writes one short line; more is the guest's noise, of which the end counts.
+_WORKLOAD_EXIT_READ = 4096
 OVMF_VARS = ("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd")
 
 
@@ -43,6 +46,7 @@ class VMFiles:
             seed=str(d / "cloudinit.iso"),
             console_log=str(d / "console.raw"),
             serial_socket=str(self.sockets / f"{container_id[:32]}.serial"),
+            workload_exit=str(d / WORKLOAD_EXIT_FILE),
         )
 
     def create_container_dir(self, paths: ContainerPaths) -> None:
@@ -74,6 +78,21 @@ class VMFiles:
             raise InvalidArgument("container_id", f"refusing to delete unexpected path {directory}")
         shutil.rmtree(d, ignore_errors=True)
         (self.sockets / f"{d.name[:32]}.serial").unlink(missing_ok=True)
+
+    def workload_exit(self, directory: str) -> WorkloadExit | None:
+        """What the VM's command reported (its exit port's file); None when the VM has no
+        command (libvirt creates the file when a VM with the port starts)."""
+        path = Path(directory) / WORKLOAD_EXIT_FILE
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(max(0, size - _WORKLOAD_EXIT_READ))
+                data = f.read(_WORKLOAD_EXIT_READ)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return WorkloadExit(code=None)
+        return WorkloadExit(code=parse_workload_exit(data))
 
     def console_state(self, directory: str) -> str:
         return str(Path(directory) / "console.state")

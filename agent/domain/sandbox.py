@@ -75,6 +75,8 @@ class SandboxSpec:
     runtime_handler: str = ""
     network_mode: NetworkMode = NetworkMode.POD
     cgroup_parent: str = ""
+    # linux.sysctls: applied in the guest's kernel (agent.domain.guest_settings).
+    sysctls: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 
 from agent.domain import annotations as podvisor_annotations
+from agent.domain import guest_settings
 from agent.domain.cgroups import pod_cgroup
 from agent.domain.errors import InvalidArgument
 from agent.domain.sandbox import SandboxSpec
@@ -25,7 +26,6 @@ MAX_LABELS_TOTAL = 64 * 1024
 # Kubernetes caps all annotations of an object at 256 KiB.
 MAX_ANNOTATIONS_TOTAL = 256 * 1024
 MAX_ENTRIES = 1024
-MAX_DNS_ENTRIES = 32
 MAX_PORT_MAPPINGS = 256
 MAX_PATH = 4096
 
@@ -142,15 +142,10 @@ def validate_sandbox_spec(spec: SandboxSpec) -> None:
     dns = spec.dns
     for name, items in (("servers", dns.servers), ("searches", dns.searches),
                         ("options", dns.options)):
-        if len(items) > MAX_DNS_ENTRIES:
-            raise InvalidArgument(f"config.dns_config.{name}", f"more than {MAX_DNS_ENTRIES} entries")
         for item in items:
-            _text(item, f"config.dns_config.{name}", required=True, limit=MAX_NAME)
-    for server in dns.servers:
-        try:
-            ipaddress.ip_address(server)
-        except ValueError:
-            raise InvalidArgument("config.dns_config.servers", f"{server!r} is not an IP address") from None
+            _text(item, f"config.dns_config.{name}", required=True, limit=MAX_NAME + 1)
+    guest_settings.validate_dns(dns)
+    guest_settings.validate_sysctls(spec.sysctls)
     if len(spec.port_mappings) > MAX_PORT_MAPPINGS:
         raise InvalidArgument("config.port_mappings", f"more than {MAX_PORT_MAPPINGS} entries")
     for i, pm in enumerate(spec.port_mappings):

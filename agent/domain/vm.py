@@ -15,6 +15,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from agent.domain.sandbox import DNSConfig
+
 METADATA_NAMESPACE = "https://podvisor.io/xmlns/domain/1"
 METADATA_PREFIX = "podvisor"
 
@@ -58,7 +60,9 @@ class CloudInit:
     network_config: bytes | None = None  # verbatim network-config (v1 or v2, no top-level "network:")
     ssh_authorized_keys: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)  # container env → /etc/environment
-    command: tuple[str, ...] = ()  # command + args → runcmd
+    command: tuple[str, ...] = ()  # command + args → the VM's workload (runcmd through a wrapper)
+    dns: DNSConfig = field(default_factory=DNSConfig)  # the pod's dns_config → /etc/resolv.conf
+    sysctls: Mapping[str, str] = field(default_factory=dict)  # the pod's linux.sysctls → the guest kernel
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,7 @@ class DomainSpec:
     uefi_nvram: str = ""  # per-VM copy of the vars
     interfaces: tuple[InterfaceSpec, ...] = ()
     guest_agent_socket: str = ""  # virtio-serial channel org.qemu.guest_agent.0; "" for none
+    workload_exit: str = ""  # file behind the WORKLOAD_EXIT_CHANNEL port (a VM with a command); "" for none
     machine: str = "q35"
     emulator: str = ""  # "" lets libvirt choose
     # libvirt resource partition (<resource><partition>): the pod's slice for
@@ -161,6 +166,14 @@ class ContainerPaths:
     seed: str
     console_log: str
     serial_socket: str
+    workload_exit: str = ""  # the command's exit code, as the guest reports it (WORKLOAD_EXIT_CHANNEL)
+
+
+@dataclass(frozen=True)
+class WorkloadExit:
+    """What a VM with a command reported through its exit port."""
+
+    code: int | None  # None: nothing reported (the command had not ended when the guest stopped)
 
 
 @dataclass(frozen=True)
@@ -203,6 +216,22 @@ class Container:
     def live(self) -> bool:
         """Occupies its sandbox's VM slot (DESIGN: one VM per sandbox)."""
         return self.state in (ContainerState.CREATING, ContainerState.CREATED, ContainerState.RUNNING)
+
+
+# The virtio-serial port a VM with a command gets: the guest's workload
+# wrapper writes the command's exit code to it, QEMU to a file in the
+# container's directory (``ContainerPaths.workload_exit``), the agent reads
+# it when the domain stops.
+WORKLOAD_EXIT_CHANNEL = "io.podvisor.exit.0"
+
+
+def parse_workload_exit(data: bytes) -> int | None:
+    """The exit code the guest's wrapper reported: the last line that is a number 0..255."""
+    for line in reversed(data.decode("ascii", "replace").splitlines()):
+        text = line.strip()
+        if text.isdigit() and len(text) <= 3 and int(text) <= 255:
+            return int(text)
+    return None
 
 
 def domain_name(container_id: str) -> str:

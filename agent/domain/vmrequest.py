@@ -53,7 +53,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 CLOUD_CONFIG_HEADER = b"#cloud-config"
 # Lists the seed merge appends to; anything else there is not valid cloud-config.
-_CLOUD_CONFIG_LISTS = ("runcmd", "write_files")
+_CLOUD_CONFIG_LISTS = ("bootcmd", "runcmd", "write_files")
 
 
 @dataclass(frozen=True)

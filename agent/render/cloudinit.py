@@ -45,11 +45,85 @@ from typing import Any
 
 import yaml
 
-from agent.domain.vm import CloudInit
+from agent.domain.guest_settings import has_dns, resolv_conf_lines, sysctl_proc_path
+from agent.domain.vm import WORKLOAD_EXIT_CHANNEL, CloudInit
 from agent.domain.vmrequest import CLOUD_CONFIG_HEADER, UserDataFormat, parse_cloud_config, user_data_format
 from agent.render.nocloud import render_meta_data
 
 ENVIRONMENT_FILE = "/etc/environment"
+
+# The pod's dns_config: /etc/resolv.conf written at every boot by a bootcmd
+# (cloud-init's resolv_conf module does not run on Debian, and network-config
+# carries no resolver options); dhclient, where a DHCP lease would rewrite it,
+# is told to leave it alone.
+RESOLV_CONF_HEADER = ("# Written by Podvisor at every boot from the pod's dns_config.",)
+RESOLV_CONF_SCRIPT = ('printf "%s\\n" "$@" > /etc/resolv.conf.podvisor && '
+                      'mv -f /etc/resolv.conf.podvisor /etc/resolv.conf')
+DHCLIENT_HOOK = "/etc/dhcp/dhclient-enter-hooks.d/podvisor-resolv-conf"
+DHCLIENT_HOOK_CONTENT = ("# Podvisor: /etc/resolv.conf holds the pod's dns_config; dhclient leaves it alone.\n"
+                         "make_resolv_conf() { :; }\n")
+
+# The pod's linux.sysctls: in sysctl.d (systemd-sysctl applies them early at
+# every later boot) and written to /proc/sys by a bootcmd at every boot, the
+# first one included (bootcmd runs before write_files).
+SYSCTL_FILE = "/etc/sysctl.d/90-podvisor-pod.conf"
+SYSCTL_HEADER = "# Podvisor: the pod's linux.sysctls.\n"
+SYSCTL_SCRIPT = ('rc=0; while [ "$#" -ge 2 ]; do printf "%s\\n" "$2" > "$1" || '
+                 '{ echo "podvisor: cannot set $1" >&2; rc=1; }; shift 2; done; exit "$rc"')
+
+# The container's command as the VM's workload.
+WORKLOAD_SCRIPT = "/var/lib/podvisor/workload"
+WORKLOAD_SCRIPT_CONTENT = f"""#!/bin/sh
+# Podvisor: the container's command is this VM's workload (docs/annotations.md).
+# "start CMD [ARG]...": run it detached from cloud-init (a transient systemd
+# unit where systemd runs), so that cloud-init's final stage ends.
+# "run CMD [ARG]...": run it with stdin from /dev/null and stdout and stderr
+# on the serial console (the container log), hand its exit code to the host
+# on the virtio-serial port {WORKLOAD_EXIT_CHANNEL}, and power the guest off.
+port=/dev/virtio-ports/{WORKLOAD_EXIT_CHANNEL}
+console=/dev/ttyS0
+[ -c "$console" ] || console=/dev/console
+case "${{1:-}}" in
+start)
+    shift
+    if command -v systemd-run >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        exec systemd-run --quiet --collect --unit=podvisor-workload /bin/sh "$0" run "$@"
+    fi
+    setsid /bin/sh "$0" run "$@" </dev/null >/dev/null 2>&1 &
+    exit 0
+    ;;
+run)
+    shift
+    ;;
+*)
+    echo "usage: $0 start|run COMMAND [ARG]..." >&2
+    exit 2
+    ;;
+esac
+out=/run/podvisor-workload.out
+rm -f "$out"
+mkfifo -m 600 "$out"
+(
+    # A getty's hangup of the console ends cat: open it again.
+    while :; do
+        if cat >"$console" 2>/dev/null; then break; fi
+        sleep 1
+    done
+) <"$out" &
+relay=$!
+"$@" </dev/null >"$out" 2>&1
+code=$?
+# What is still in the pipe reaches the console; a child of the command
+# that keeps the pipe open does not hold the guest up (10 s at most).
+i=0
+while kill -0 "$relay" 2>/dev/null && [ "$i" -lt 100 ]; do
+    sleep 0.1
+    i=$((i + 1))
+done
+[ -c "$port" ] && printf '%s\\n' "$code" >"$port"
+sync
+poweroff
+"""
 # cloud-init's merge rules for Podvisor's part of a MIME user-data: append to
 # lists, recurse into them, never replace a value the user set.
 MERGE_TYPE = "list(append)+dict(no_replace,recurse_list)+str()"
@@ -162,7 +236,7 @@ def _cloud_config(doc: Mapping[str, Any]) -> bytes:
 def _has_additions(ci: CloudInit) -> bool:
     # The hostname alone does not justify wrapping a user's script: meta-data's
     # local-hostname already names the guest.
-    return bool(ci.ssh_authorized_keys or ci.env or ci.command)
+    return bool(ci.ssh_authorized_keys or ci.env or ci.command or has_dns(ci.dns) or ci.sysctls)
 
 
 def _merge_additions(base: Mapping[str, Any], ci: CloudInit, hostname: str) -> dict[str, Any]:
@@ -176,17 +250,41 @@ def _merge_additions(base: Mapping[str, Any], ci: CloudInit, hostname: str) -> d
         keys = doc.get("ssh_authorized_keys") or []
         keys = [keys] if isinstance(keys, str) else list(keys)  # cloud-init accepts one key as a string
         doc["ssh_authorized_keys"] = keys + [k for k in ci.ssh_authorized_keys if k not in keys]
+    bootcmd: list[Any] = []
+    files: list[dict[str, Any]] = []
     if ci.env:
-        doc["write_files"] = list(doc.get("write_files") or []) + [{
+        files.append({
             "path": ENVIRONMENT_FILE,
             "append": True,
             "content": "".join(f"{k}={_environment_value(v)}\n" for k, v in ci.env.items()),
-        }]
+        })
+    if has_dns(ci.dns):
+        # Every boot, after the network is up: the file replaces whatever is
+        # there (a symlink to systemd-resolved's or resolvconf's file
+        # included: mv replaces the link, not its target).
+        bootcmd.append(_Argv(["sh", "-c", RESOLV_CONF_SCRIPT, "podvisor-resolv-conf",
+                              *RESOLV_CONF_HEADER, *resolv_conf_lines(ci.dns)]))
+        files.append({"path": DHCLIENT_HOOK, "content": DHCLIENT_HOOK_CONTENT})
+    if ci.sysctls:
+        names = sorted(ci.sysctls)
+        files.append({"path": SYSCTL_FILE,
+                      "content": SYSCTL_HEADER + "".join(f"{n} = {ci.sysctls[n]}\n" for n in names)})
+        pairs = [word for n in names for word in (sysctl_proc_path(n), ci.sysctls[n])]
+        bootcmd.append(_Argv(["sh", "-c", SYSCTL_SCRIPT, "podvisor-sysctl", *pairs]))
+    if ci.command:
+        files.append({"path": WORKLOAD_SCRIPT, "permissions": "0700", "content": WORKLOAD_SCRIPT_CONTENT})
+    if bootcmd:
+        doc["bootcmd"] = list(doc.get("bootcmd") or []) + bootcmd
+    if files:
+        doc["write_files"] = list(doc.get("write_files") or []) + files
     if ci.command:
         # An argv list is run without a shell, so nothing in it needs quoting;
         # env(1) puts the container env in front, as a container would see it.
+        # The wrapper runs it detached from cloud-init, its output on the
+        # console, and reports its exit code before powering the guest off.
         env_prefix = ["env", *(f"{k}={v}" for k, v in ci.env.items())] if ci.env else []
-        doc["runcmd"] = list(doc.get("runcmd") or []) + [_Argv([*env_prefix, *ci.command])]
+        doc["runcmd"] = list(doc.get("runcmd") or []) + [
+            _Argv(["sh", WORKLOAD_SCRIPT, "start", *env_prefix, *ci.command])]
     return doc
 
 

@@ -17,7 +17,7 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 
-from agent.domain.vm import METADATA_NAMESPACE, METADATA_PREFIX, DiskSpec, DomainSpec
+from agent.domain.vm import METADATA_NAMESPACE, METADATA_PREFIX, WORKLOAD_EXIT_CHANNEL, DiskSpec, DomainSpec
 
 # Serialise our namespace as ``podvisor:`` rather than ``ns0:`` (process-wide
 # ElementTree registry; harmless, the prefix is ours).
@@ -316,6 +316,15 @@ def configure_guest_agent(domain: ET.Element, spec: DomainSpec) -> None:
     _sub(channel, "target", type="virtio", name=GUEST_AGENT_CHANNEL)
 
 
+def configure_workload_exit(domain: ET.Element, spec: DomainSpec) -> None:
+    """A VM with a command: the virtio-serial port its wrapper writes the exit code to, into a file."""
+    if not spec.workload_exit:
+        return
+    channel = _sub(_devices(domain), "channel", type="file")
+    _sub(channel, "source", path=spec.workload_exit)
+    _sub(channel, "target", type="virtio", name=WORKLOAD_EXIT_CHANNEL)
+
+
 def configure_rng(domain: ET.Element, spec: DomainSpec) -> None:
     """virtio-rng from /dev/urandom, so guests do not stall at boot waiting for entropy."""
     rng = _sub(_devices(domain), "rng", model="virtio")
@@ -348,6 +357,7 @@ CONFIGURATORS: tuple[Configurator, ...] = (
     configure_interfaces,
     configure_console,
     configure_guest_agent,
+    configure_workload_exit,
     configure_rng,
     configure_memballoon,
 )

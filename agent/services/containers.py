@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -76,9 +76,21 @@ class ContainerStats:
 # could hold a server thread for years.
 MAX_STOP_TIMEOUT = 300
 
+# StopContainer's timeline (``timeout`` seconds in all): the ACPI button at
+# once; the guest agent's guest-shutdown too once ACPI_ALONE_SHARE of the
+# graceful part has passed; the hard stop (destroy) when the graceful part
+# ends, DESTROY_RESERVE_S before the timeout (or DESTROY_RESERVE_SHARE of it,
+# when that is less), so that libvirt's destroy (SIGTERM to QEMU, SIGKILL
+# after a while) still ends within the timeout.
+DESTROY_RESERVE_S = 2.0
+DESTROY_RESERVE_SHARE = 0.25
+ACPI_ALONE_SHARE = 0.5
+POLL_S = 0.1
+
 
 class ContainerService:
-    def __init__(self, ports: ContainerPorts, max_stop_timeout: int = MAX_STOP_TIMEOUT) -> None:
+    def __init__(self, ports: ContainerPorts, max_stop_timeout: int = MAX_STOP_TIMEOUT,
+                 aside: Executor | None = None) -> None:
         self._p = ports
         self._max_stop_timeout = max_stop_timeout
         self._lock = threading.RLock()
@@ -91,8 +103,9 @@ class ContainerService:
         # Domains a rollback could not undefine (libvirtd went away between
         # defining and answering): undefined once libvirtd is back.
         self._undefine_later: set[str] = set()
-        # Work a create does beside its own (the DHCP server's start).
-        self._aside = ThreadPoolExecutor(4, thread_name_prefix="container-aside")
+        # Work done beside a call's own: the DHCP server's start in a create,
+        # and the guest agent's shutdown during a stop.
+        self._aside = aside or ThreadPoolExecutor(4, thread_name_prefix="container-aside")
 
     # In-memory view --------------------------------------------------------
 
@@ -284,10 +297,10 @@ class ContainerService:
         return c
 
     def stop(self, container_id: str, timeout: int) -> None:
-        """ACPI shutdown, then a hard stop once ``timeout`` seconds pass.
+        """ACPI shutdown, then the guest agent's, then a hard stop; all within ``timeout`` seconds.
 
-        ``timeout`` is capped at ``max_stop_timeout``. CRI: stopping a
-        stopped (or unknown) container is not an error.
+        ``timeout`` is capped at ``max_stop_timeout``; 0 is a hard stop at
+        once. CRI: stopping a stopped (or unknown) container is not an error.
         """
         if timeout > self._max_stop_timeout:
             log.info("stop timeout capped", container_id=container_id, requested=timeout,
@@ -316,14 +329,27 @@ class ContainerService:
                 self._stopping.discard(c.id)
 
     def _stop_domain(self, c: Container, timeout: int) -> None:
+        """ACPI button; halfway through the graceful part, the guest agent's shutdown too;
+        the hard stop early enough that destroying the domain ends within ``timeout``."""
+        timer = self._p.timer
+        asked_agent = False
         if timeout > 0:
+            begun = timer.monotonic()
+            graceful = timeout - min(DESTROY_RESERVE_S, timeout * DESTROY_RESERVE_SHARE)
+            hard_at = begun + graceful
+            agent_at = begun + graceful * ACPI_ALONE_SHARE
             self._p.hypervisor.shutdown_domain(c.domain_name)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
+            while True:
                 state = self._p.hypervisor.domain_state(c.domain_name)
                 if state.state in ("shutoff", "missing", "crashed"):
                     break
-                time.sleep(0.1)
+                now = timer.monotonic()
+                if now >= hard_at:
+                    break
+                if not asked_agent and now >= agent_at:
+                    asked_agent = True
+                    self._aside.submit(self._ask_guest_agent, c)
+                timer.sleep(min(POLL_S, hard_at - now))
         killed = self._p.hypervisor.destroy_domain(c.domain_name)
         faults.point("container.stop.destroyed")
         current = self._by_id.get(c.id, c)
@@ -332,8 +358,35 @@ class ContainerService:
         if killed:
             self._finish(current, exit_code=EXIT_KILLED, reason="Killed",
                          message=f"the guest did not shut down within {timeout}s; hard stop")
+            return
+        reported = self._workload_code(current)
+        if reported is not None:
+            self._finish(current, **reported)
+        elif asked_agent:
+            self._finish(current, exit_code=0, reason="Completed",
+                         message="shut down on request (ACPI ignored; the guest agent's guest-shutdown)")
         else:
             self._finish(current, exit_code=0, reason="Completed", message="shut down on ACPI request")
+
+    def _ask_guest_agent(self, c: Container) -> None:
+        """The guest ignores the ACPI button: ask its agent (runs aside; errors only logged)."""
+        try:
+            self._p.hypervisor.guest_shutdown(c.domain_name)
+            log.info("guest agent asked to shut down", container_id=c.id)
+        except PodvisorError as exc:
+            log.info("guest agent shutdown not possible", container_id=c.id, error=exc.message)
+
+    def _workload_code(self, c: Container) -> dict[str, Any] | None:
+        """The exit the VM's command reported (``_finish`` arguments); None when it has none."""
+        try:
+            reported = self._p.files.workload_exit(c.directory)
+        except PodvisorError:
+            return None
+        if reported is None or reported.code is None:
+            return None
+        code = reported.code
+        return {"exit_code": code, "reason": "Completed" if code == 0 else "Error",
+                "message": f"the command exited with code {code}; the guest powered off"}
 
     def _finish(self, c: Container, *, exit_code: int, reason: str, message: str) -> Container:
         with self._lock:
@@ -363,6 +416,12 @@ class ContainerService:
 
     def _exit_from(self, c: Container, why: str) -> Container:
         if why == "shutdown":
+            reported = self._workload_code(c)
+            if reported is not None:
+                return self._finish(c, **reported)
+            if not c.stop_requested and self._has_workload(c):
+                return self._finish(c, exit_code=EXIT_ERROR, reason="Error",
+                                    message="the guest powered off before the command reported its exit code")
             return self._finish(c, exit_code=0, reason="Completed", message="the guest powered off")
         if c.stop_requested and why in ("destroyed", "shutoff", "unknown"):
             # Our own hard stop (also one a crashed agent did not get to record).
@@ -376,6 +435,13 @@ class ContainerService:
         }
         return self._finish(c, exit_code=EXIT_ERROR, reason="Error",
                             message=messages.get(why, f"the domain stopped ({why})"))
+
+    def _has_workload(self, c: Container) -> bool:
+        """Whether the VM runs a command (it has the exit port)."""
+        try:
+            return self._p.files.workload_exit(c.directory) is not None
+        except PodvisorError:
+            return False
 
     def _reconcile(self, c: Container) -> Container:
         """Bring a record in line with libvirt (a missed event, a vanished domain)."""

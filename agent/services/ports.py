@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -32,7 +32,7 @@ from agent.domain.oci import Compression, Descriptor
 from agent.domain.registry import RegistryAuth, ResolvedImage
 from agent.domain.sandbox import DNSConfig, PortMapping, Sandbox
 from agent.domain.virt import KvmFacts
-from agent.domain.vm import Container, ContainerPaths, ContainerSpec, VMRequest
+from agent.domain.vm import Container, ContainerPaths, ContainerSpec, VMRequest, WorkloadExit
 
 # Shared ------------------------------------------------------------------------------
 
@@ -49,6 +49,25 @@ class SystemClock:
     def now_ns(self) -> int:
         """Nanoseconds since the epoch."""
         return time.time_ns()
+
+
+class Timer(Protocol):
+    """Monotonic time and waiting (``SystemTimer``; in tests a fake whose sleep advances it)."""
+
+    def monotonic(self) -> float: ...
+    def sleep(self, seconds: float) -> None: ...
+
+
+class SystemTimer:
+    """The real monotonic clock."""
+
+    def monotonic(self) -> float:
+        """Seconds on the monotonic clock."""
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``."""
+        time.sleep(seconds)
 
 
 # Sandboxes ------------------------------------------------------------------------------
@@ -144,6 +163,7 @@ class Hypervisor(Protocol):
     def set_domain_vcpus(self, name: str, count: int, *, live: bool) -> None: ...
     def list_domains(self) -> dict[str, str]: ...
     def domain_pid(self, name: str) -> int: ...
+    def guest_shutdown(self, name: str) -> None: ...
 
 
 class KvmProbe(Protocol):
@@ -174,6 +194,7 @@ class VMFiles(Protocol):
     def write_seed(self, path: str, data: bytes) -> None: ...
     def remove_container_dir(self, directory: str) -> None: ...
     def console_state(self, directory: str) -> str: ...
+    def workload_exit(self, directory: str) -> WorkloadExit | None: ...
     def firmware(self, kind: str, paths: ContainerPaths) -> dict[str, str]: ...
     def owns(self, domain_xml: str) -> bool: ...
     def allocated_bytes(self, path: str) -> int: ...
@@ -256,6 +277,8 @@ class ContainerPorts:
     vm: VMBuild
     clock: Clock
     cgroups: PodCgroups
+    # StopContainer's deadlines and polling.
+    timer: Timer = field(default_factory=SystemTimer)
 
 
 # --- images --------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ apart.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 from agent.domain import vmrequest
@@ -55,13 +56,16 @@ class VMBuilder:
         host's CPU count and memory, read now.
         """
         capacity = self._host.capacity()
-        return vmrequest.build_vm_request(
+        request = vmrequest.build_vm_request(
             cri_resources=vmrequest.CRIResources(
                 memory_limit_in_bytes=spec.memory_limit_in_bytes, cpu_quota=spec.cpu_quota,
                 cpu_period=spec.cpu_period, cpu_shares=spec.cpu_shares),
             pod_annotations=sandbox.spec.annotations, container_annotations=spec.annotations,
             env=spec.env, command=spec.command, args=spec.args, defaults=self._defaults,
             ceiling=self._defaults.ceiling(capacity.cpus, capacity.memory_bytes))
+        # The pod's resolver and kernel settings reach the guest through its seed.
+        return dataclasses.replace(request, cloud_init=dataclasses.replace(
+            request.cloud_init, dns=sandbox.spec.dns, sysctls=dict(sandbox.spec.sysctls)))
 
     def _wiring(self, sandbox: Sandbox) -> PodWiring | None:
         if self._network is None or sandbox.spec.network_mode is not NetworkMode.POD:
@@ -123,6 +127,8 @@ class VMBuilder:
             uefi_loader=firmware.get("loader", ""), uefi_vars_template=firmware.get("vars_template", ""),
             uefi_nvram=firmware.get("nvram", ""), interfaces=tuple(interfaces),
             partition=pc.partition if pc is not None else "",
+            # A command is the VM's workload: its wrapper reports the exit code on this port.
+            workload_exit=paths.workload_exit if request.cloud_init.command else "",
         )
 
     def domain_xml(self, container: Container, sandbox: Sandbox, request: VMRequest, paths: ContainerPaths) -> str:

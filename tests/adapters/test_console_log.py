@@ -198,3 +198,18 @@ def test_offsets_are_saved_with_the_atomic_helper(tmp_path: Path, monkeypatch: p
     assert saved and all(p == state for p, _ in saved)
     assert json.loads(state.read_text())["offset"] == 2
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_follow_creates_the_empty_log_before_any_console_output(tmp_path: Path) -> None:
+    # StartContainer follows before the domain starts: the CRI log exists,
+    # empty, when StartContainer returns (kubelet and `kubectl logs` open it
+    # at once), even before virtlogd made the raw file.
+    logs, raw, cri, state = _logs(tmp_path)
+    assert not raw.exists() and not cri.parent.exists()
+    logs.follow("c1", str(raw), str(cri), str(state))
+    assert cri.is_file() and cri.stat().st_size == 0
+    logs.flush("c1")  # nothing to copy yet
+    assert cri.stat().st_size == 0
+    raw.write_bytes(b"first\n")
+    logs.unfollow("c1")
+    assert cri.read_bytes().endswith(b" stdout F first\n")

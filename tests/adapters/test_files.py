@@ -11,6 +11,7 @@ import pytest
 from agent.adapters.files import SandboxFiles
 from agent.adapters.vm_files import VMFiles
 from agent.domain.errors import InvalidArgument
+from agent.domain.vm import WorkloadExit
 
 GOOD = "a" * 64
 BAD = ["../" + "a" * 61, "a" * 64 + "\n", "/etc", "", "A" * 64, "a" * 63, "a" * 64 + "/..", "a" * 63 + "\x00"]
@@ -45,3 +46,20 @@ def test_container_dir_removal_refuses_an_unexpected_path(tmp_path: Path, path: 
     files = VMFiles(tmp_path / "sandboxes", tmp_path / "run")
     with pytest.raises(InvalidArgument):
         files.remove_container_dir(path)
+
+
+def test_workload_exit_reads_what_the_guest_reported(tmp_path: Path) -> None:
+    files = VMFiles(tmp_path / "sandboxes", tmp_path / "run")
+    paths = files.container_paths("a" * 64, "b" * 64)
+    files.create_container_dir(paths)
+    assert paths.workload_exit == f"{paths.directory}/workload.exit"
+    # No file: the VM has no command (libvirt makes the file when the VM starts).
+    assert files.workload_exit(paths.directory) is None
+    exit_file = Path(paths.workload_exit)
+    exit_file.write_bytes(b"")
+    assert files.workload_exit(paths.directory) == WorkloadExit(code=None)
+    exit_file.write_bytes(b"0\n")
+    assert files.workload_exit(paths.directory) == WorkloadExit(code=0)
+    # Noise from the guest before the wrapper's line: only the end is read, the last number counts.
+    exit_file.write_bytes(b"x" * 100_000 + b"\n42\n")
+    assert files.workload_exit(paths.directory) == WorkloadExit(code=42)

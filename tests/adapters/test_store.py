@@ -47,6 +47,7 @@ def full_sandbox(
         runtime_handler="podvisor",
         network_mode=NetworkMode.NODE,
         cgroup_parent="/kubepods/burstable/pod5f0c",
+        sysctls={"net.ipv4.ip_local_port_range": "1024 65535", "kernel.shm_rmid_forced": "1"},
     )
     return Sandbox(
         id=sandbox_id,

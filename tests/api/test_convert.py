@@ -220,6 +220,7 @@ def test_sandbox_verbose_info_is_one_json_document() -> None:
         "portMappings": [{"protocol": "udp", "containerPort": 53, "hostPort": 5353,
                           "hostIp": "127.0.0.1"}],
         "cgroupParent": "/kubepods",
+        "sysctls": {},
         "vm": None,
     }
 

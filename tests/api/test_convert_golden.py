@@ -132,6 +132,7 @@ def _run_request() -> pb.RunPodSandboxRequest:
         annotations={"podvisor.io/vcpus": "2", "note": "x"},
         linux=pb.LinuxPodSandboxConfig(
             cgroup_parent="/kubepods/burstable/poduid-7",
+            sysctls={"net.ipv4.ip_unprivileged_port_start": "0", "kernel.shm_rmid_forced": "1"},
             security_context=pb.LinuxSandboxSecurityContext(
                 namespace_options=pb.NamespaceOption(network=pb.POD, pid=pb.CONTAINER, ipc=pb.POD))),
     ))

@@ -227,6 +227,19 @@ def test_label_size_counts_bytes() -> None:
          "config.dns_config.searches", "more than 32"),
         (DNSConfig(options=("ndots:5\x00",)), "config.dns_config.options", "NUL"),
         (DNSConfig(options=("n" * 254,)), "config.dns_config.options", "longer"),
+        (DNSConfig(searches=("bad domain",)), "config.dns_config.searches", "'bad domain' is not a domain name"),
+        (DNSConfig(searches=("-x.example",)), "config.dns_config.searches", "not a domain name"),
+        (DNSConfig(searches=("a..b",)), "config.dns_config.searches", "not a domain name"),
+        (DNSConfig(searches=("x\nnameserver 1.2.3.4",)), "config.dns_config.searches", "control"),
+        # kubelet's limits: 32 searches, 2048 characters on the search line.
+        (DNSConfig(searches=tuple(f"{c * 63}.{c * 63}.{c * 63}" for c in "abcdefghijk")),
+         "config.dns_config.searches", "2111 characters in all; at most 2048"),
+        (DNSConfig(options=("ndots 5",)), "config.dns_config.options", "not a resolv.conf option"),
+        (DNSConfig(options=("ndots:",)), "config.dns_config.options", "not a resolv.conf option"),
+        (DNSConfig(options=("ndots:five",)), "config.dns_config.options", "ndots takes a number"),
+        (DNSConfig(options=("timeout:-1",)), "config.dns_config.options", "timeout takes a number"),
+        (DNSConfig(options=("rotate\nnameserver 1.2.3.4",)), "config.dns_config.options", "control"),
+        (DNSConfig(options=tuple(f"opt{i}" for i in range(33))), "config.dns_config.options", "more than 32"),
     ],
 )
 def test_bad_dns(dns: DNSConfig, field: str, problem: str) -> None:
@@ -236,9 +249,47 @@ def test_bad_dns(dns: DNSConfig, field: str, problem: str) -> None:
 def test_good_dns() -> None:
     validate_sandbox_spec(make_spec(dns=DNSConfig(
         servers=("10.96.0.10", "fd00::a", "8.8.8.8"),
-        searches=("ns.svc.cluster.local", "svc.cluster.local"),
-        options=("ndots:5", "timeout:1"),
+        searches=("ns.svc.cluster.local", "svc.cluster.local", "example.com.", "Upper.Example"),
+        options=("ndots:5", "timeout:1", "attempts:2", "rotate", "edns0", "single-request-reopen",
+                 "use-vc", "trust-ad"),
     )))
+
+
+def test_dns_at_kubelets_limits_is_accepted() -> None:
+    searches = tuple(f"{c * 63}.{c * 63}.{c * 63}" for c in "abcdefghij")  # 10 × 191 + 9 spaces
+    validate_sandbox_spec(make_spec(dns=DNSConfig(searches=searches)))
+    validate_sandbox_spec(make_spec(dns=DNSConfig(searches=tuple(f"s{i}.local" for i in range(32)))))
+
+
+# Sysctls ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sysctls", "field", "problem"),
+    [
+        ({"Net.IPv4.ip_forward": "1"}, "config.linux.sysctls['Net.IPv4.ip_forward']", "not a sysctl name"),
+        ({"net..ipv4": "1"}, "config.linux.sysctls['net..ipv4']", "not a sysctl name"),
+        ({"net.ipv4.": "1"}, "config.linux.sysctls['net.ipv4.']", "not a sysctl name"),
+        ({"../../etc/passwd": "1"}, "config.linux.sysctls['../../etc/passwd']", "not a sysctl name"),
+        ({"kernel pid_max": "1"}, "config.linux.sysctls['kernel pid_max']", "not a sysctl name"),
+        ({"a" * 254: "1"}, f"config.linux.sysctls[{'a' * 64!r}]", "not a sysctl name"),
+        ({"kernel.pid_max": ""}, "config.linux.sysctls['kernel.pid_max']", "must not be empty"),
+        ({"kernel.pid_max": "1\nkernel.x = 2"}, "config.linux.sysctls['kernel.pid_max']", "one line"),
+        ({"kernel.pid_max": "1\r"}, "config.linux.sysctls['kernel.pid_max']", "U+000D"),
+        ({"kernel.pid_max": "1" * 4097}, "config.linux.sysctls['kernel.pid_max']", "longer than 4096"),
+        ({f"k.s{i}": "1" for i in range(257)}, "config.linux.sysctls", "more than 256"),
+    ],
+)
+def test_bad_sysctls(sysctls: dict[str, str], field: str, problem: str) -> None:
+    assert_invalid(make_spec(sysctls=sysctls), field, problem)
+
+
+def test_good_sysctls() -> None:
+    validate_sandbox_spec(make_spec(sysctls={
+        "net.ipv4.ip_forward": "1", "net.ipv4.ip_local_port_range": "1024 65535",
+        "net/ipv4/conf/eth0.100/rp_filter": "2", "net.ipv4.conf.eth0/100.rp_filter": "2",
+        "kernel.shm_rmid_forced": "1", "net.core.somaxconn": "4096",
+    }))
 
 
 # Port mappings ------------------------------------------------------------------

@@ -113,6 +113,7 @@ def test_user_data_script_runs_and_guest_poweroff_is_completed(vm_agent: VMAgent
     script = "#!/bin/sh\necho user-data-ran-$((6*7))\nsleep 1\npoweroff\n"
     vm = vm_agent.create("script", annotations={"podvisor.io/user-data": script})
     vm_agent.start(vm)
+    assert vm.log_path.is_file()  # there when StartContainer returns, before any console output is copied
     vm_agent.wait_log(vm, "user-data-ran-42")
     st = vm_agent.wait_state(vm, pb.CONTAINER_EXITED, timeout=120)
     assert (st.exit_code, st.reason) == (0, "Completed")

@@ -148,11 +148,13 @@ def _assert_libvirt_kept_our_settings(spec: DomainSpec, dumped: str) -> None:
     assert root.find("devices/console/target").get("type") == "serial"  # type: ignore[union-attr]
 
     channels = root.findall("devices/channel")
+    expected_channels = []
     if spec.guest_agent_socket:
-        assert [(c.find("source").get("path"), c.find("target").get("name")) for c in channels] == [  # type: ignore[union-attr]
-            (spec.guest_agent_socket, "org.qemu.guest_agent.0")]
-    else:
-        assert channels == []
+        expected_channels.append(("unix", spec.guest_agent_socket, "org.qemu.guest_agent.0"))
+    if spec.workload_exit:
+        expected_channels.append(("file", spec.workload_exit, "io.podvisor.exit.0"))
+    assert [(c.get("type"), c.find("source").get("path"), c.find("target").get("name"))  # type: ignore[union-attr]
+            for c in channels] == expected_channels
 
     if spec.firmware == "uefi":
         assert root.findtext("os/loader") == OVMF_CODE
@@ -210,6 +212,26 @@ def test_minimal_domain_starts_and_virtlogd_writes_the_console_log(qemu_dir: Pat
         assert console_log.exists(), "virtlogd did not create the console log"
         assert Path(spec.serial_socket).is_socket()
         assert parse_metadata(_virsh("dumpxml", spec.name).stdout) == _expected_metadata(spec)
+    finally:
+        _virsh("destroy", spec.name, check=False)
+        _undefine(spec.name)
+    assert _virsh("domstate", spec.name, check=False).returncode != 0, "domain still defined"
+
+
+def test_the_workload_exit_file_appears_when_the_domain_starts(qemu_dir: Path) -> None:
+    # The agent reads the command's exit code from this file; libvirt (virtlogd,
+    # under the default stdio_handler) creates it as the VM starts.
+    spec = dataclasses.replace(_prepare("workload-exit", qemu_dir), interfaces=())  # no bridge here
+    exit_file = Path(spec.workload_exit)
+    try:
+        _define(spec, qemu_dir)
+        assert not exit_file.exists()
+        _virsh("start", spec.name)
+        deadline = time.monotonic() + 10
+        while not exit_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert exit_file.is_file(), "libvirt did not create the workload exit file"
+        assert exit_file.read_bytes() == b""
     finally:
         _virsh("destroy", spec.name, check=False)
         _undefine(spec.name)

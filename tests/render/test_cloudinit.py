@@ -12,16 +12,25 @@ import email
 import email.message
 import gzip
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from agent.domain.sandbox import DNSConfig
 from agent.domain.vm import CloudInit
 from agent.domain.vmrequest import CRIResources, build_vm_request, check_network_config
 from agent.render.cloudinit import (
+    DHCLIENT_HOOK,
+    DHCLIENT_HOOK_CONTENT,
     MERGE_TYPE,
+    RESOLV_CONF_SCRIPT,
+    SYSCTL_FILE,
+    SYSCTL_SCRIPT,
+    WORKLOAD_SCRIPT,
+    WORKLOAD_SCRIPT_CONTENT,
     PodNetwork,
     Route,
     render_network_config,
@@ -94,8 +103,14 @@ def _payload(part: email.message.Message) -> bytes:
 # -- golden files -------------------------------------------------------------------
 
 
+POD_DNS = DNSConfig(servers=("10.96.0.10", "fd00:96::a"),
+                    searches=("shop.svc.cluster.local", "svc.cluster.local", "cluster.local"),
+                    options=("ndots:5", "edns0"))
+POD_SYSCTLS = {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.shm_rmid_forced": "1",
+               "net.ipv4.conf.eth0/100.rp_filter": "2"}
 FULL: dict[str, Any] = {"ssh_authorized_keys": (KEY_A, KEY_B), "env": {"GREETING": "hello world", "MODE": "prod"},
-        "command": ("/usr/local/bin/app", "--port", "8080")}
+        "command": ("/usr/local/bin/app", "--port", "8080"), "dns": POD_DNS, "sysctls": POD_SYSCTLS}
+WORKLOAD = ["sh", WORKLOAD_SCRIPT, "start"]
 
 
 @pytest.mark.parametrize(
@@ -173,11 +188,13 @@ def test_merge_keeps_user_values_and_appends_ours() -> None:
     assert doc["ssh_authorized_keys"] == [KEY_B, KEY_A]  # a single string is a list of one; no duplicates
     assert doc["runcmd"] == [
         "echo first",
-        ["env", "GREETING=hello world", "MODE=prod", "/usr/local/bin/app", "--port", "8080"],
+        [*WORKLOAD, "env", "GREETING=hello world", "MODE=prod", "/usr/local/bin/app", "--port", "8080"],
     ]
-    assert doc["write_files"] == [{
+    assert doc["write_files"][0] == {
         "path": "/etc/environment", "append": True, "content": 'GREETING="hello world"\nMODE=prod\n',
-    }]
+    }
+    assert [f["path"] for f in doc["write_files"]] == [
+        "/etc/environment", DHCLIENT_HOOK, SYSCTL_FILE, WORKLOAD_SCRIPT]
 
 
 @pytest.mark.parametrize(
@@ -190,8 +207,10 @@ def test_hostname_and_fqdn(hostname: str, expected: dict[str, str]) -> None:
 
 def test_command_without_env_is_a_plain_argv() -> None:
     doc = _cloud_config(render_user_data(CloudInit(command=("sh", "-c", "echo 'a b' > /x")), "vm"))
-    assert doc["runcmd"] == [["sh", "-c", "echo 'a b' > /x"]]
-    assert "write_files" not in doc
+    assert doc["runcmd"] == [[*WORKLOAD, "sh", "-c", "echo 'a b' > /x"]]
+    assert doc["write_files"] == [{"path": WORKLOAD_SCRIPT, "permissions": "0700",
+                                   "content": WORKLOAD_SCRIPT_CONTENT}]
+    assert "bootcmd" not in doc
 
 
 @pytest.mark.parametrize(
@@ -263,7 +282,7 @@ def test_user_mime_is_nested_verbatim() -> None:
     assert [p.get_content_type() for p in parts] == ["text/cloud-config", "text/x-shellscript", "text/cloud-config"]
     assert _payload(parts[0]) == b"#cloud-config\nruncmd:\n  - echo user"
     assert _payload(parts[1]) == b"#!/bin/sh\necho part two"
-    assert _cloud_config(_payload(parts[2]))["runcmd"] == [["reboot"]]
+    assert _cloud_config(_payload(parts[2]))["runcmd"] == [[*WORKLOAD, "reboot"]]
 
 
 def test_non_ascii_additions_are_base64_in_mime() -> None:
@@ -354,3 +373,165 @@ def test_base64_parts_use_76_column_lines() -> None:
     encoded = base64.encodebytes(big)
     assert encoded in out
     assert max(len(line) for line in out.splitlines()) <= 100
+
+
+# -- the pod's dns_config, sysctls and command ----------------------------------------------
+
+
+def test_dns_config_becomes_resolv_conf_at_every_boot() -> None:
+    user = b"#cloud-config\nbootcmd:\n  - echo user first\n"
+    doc = _cloud_config(render_user_data(CloudInit(user_data=user, dns=POD_DNS), "vm"))
+    assert doc["bootcmd"] == [
+        "echo user first",
+        ["sh", "-c", RESOLV_CONF_SCRIPT, "podvisor-resolv-conf",
+         "# Written by Podvisor at every boot from the pod's dns_config.",
+         "nameserver 10.96.0.10", "nameserver fd00:96::a",
+         "search shop.svc.cluster.local svc.cluster.local cluster.local", "options ndots:5 edns0"],
+    ]
+    assert doc["write_files"] == [{"path": DHCLIENT_HOOK, "content": DHCLIENT_HOOK_CONTENT}]
+    assert "runcmd" not in doc
+
+
+@pytest.mark.parametrize(("dns", "lines"), [
+    (DNSConfig(options=("ndots:5",)), ["options ndots:5"]),
+    (DNSConfig(searches=("a.example",)), ["search a.example"]),
+    (DNSConfig(servers=("10.0.0.10",)), ["nameserver 10.0.0.10"]),
+])
+def test_each_part_of_dns_config_alone_is_written(dns: DNSConfig, lines: list[str]) -> None:
+    doc = _cloud_config(render_user_data(CloudInit(dns=dns), "vm"))
+    assert doc["bootcmd"][0][5:] == lines
+
+
+def test_no_pod_settings_leave_a_users_script_verbatim() -> None:
+    ci = CloudInit(user_data=SCRIPT, dns=DNSConfig(), sysctls={})
+    assert render_user_data(ci, "vm") == SCRIPT
+
+
+def test_pod_settings_wrap_a_users_script_in_mime() -> None:
+    out = render_user_data(CloudInit(user_data=SCRIPT, sysctls={"kernel.pid_max": "65536"}), "vm")
+    parts = _cloud_init_parts(out)
+    assert _payload(parts[0]) == SCRIPT
+    ours = _cloud_config(_payload(parts[1]))
+    assert ours["bootcmd"] == [["sh", "-c", SYSCTL_SCRIPT, "podvisor-sysctl", "/proc/sys/kernel/pid_max", "65536"]]
+
+
+def test_a_users_bootcmd_that_is_not_a_list_is_refused() -> None:
+    with pytest.raises(ValueError, match="'bootcmd' in the #cloud-config document must be a list"):
+        render_user_data(CloudInit(user_data=b"#cloud-config\nbootcmd: echo\n", dns=POD_DNS), "vm")
+
+
+def test_sysctls_go_to_sysctl_d_and_proc_sorted_by_name() -> None:
+    doc = _cloud_config(render_user_data(CloudInit(sysctls=POD_SYSCTLS), "vm"))
+    assert doc["write_files"] == [{"path": SYSCTL_FILE, "content": (
+        "# Podvisor: the pod's linux.sysctls.\n"
+        "kernel.shm_rmid_forced = 1\n"
+        "net.ipv4.conf.eth0/100.rp_filter = 2\n"
+        "net.ipv4.ip_unprivileged_port_start = 0\n")}]
+    assert doc["bootcmd"] == [["sh", "-c", SYSCTL_SCRIPT, "podvisor-sysctl",
+                               "/proc/sys/kernel/shm_rmid_forced", "1",
+                               "/proc/sys/net/ipv4/conf/eth0.100/rp_filter", "2",
+                               "/proc/sys/net/ipv4/ip_unprivileged_port_start", "0"]]
+
+
+# The shell the seed carries, run here with its paths moved into a temporary directory.
+
+
+def _sh(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", "-c", script, "test", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_resolv_conf_script_replaces_a_symlink_not_its_target(tmp_path: Path) -> None:
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    target = tmp_path / "stub-resolv.conf"
+    target.write_text("nameserver 127.0.0.53\n")
+    (etc / "resolv.conf").symlink_to(target)
+    script = RESOLV_CONF_SCRIPT.replace("/etc/", f"{etc}/")
+    assert script != RESOLV_CONF_SCRIPT
+    done = _sh(script, "nameserver 10.96.0.10", "search a.example b.example", "options ndots:5", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    resolv = etc / "resolv.conf"
+    assert not resolv.is_symlink()
+    assert resolv.read_text() == "nameserver 10.96.0.10\nsearch a.example b.example\noptions ndots:5\n"
+    assert target.read_text() == "nameserver 127.0.0.53\n"
+    assert sorted(p.name for p in etc.iterdir()) == ["resolv.conf"]
+
+
+def test_sysctl_script_sets_every_value_and_fails_for_one_it_cannot(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("0\n")
+    (tmp_path / "b").write_text("0\n")
+    done = _sh(SYSCTL_SCRIPT, "a", "1024 65535", "missing/x", "1", "b", "7", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "podvisor: cannot set missing/x" in done.stderr
+    assert ((tmp_path / "a").read_text(), (tmp_path / "b").read_text()) == ("1024 65535\n", "7\n")
+    assert _sh(SYSCTL_SCRIPT, "a", "1", cwd=tmp_path).returncode == 0
+
+
+def _wrapper(tmp_path: Path) -> Path:
+    """The workload wrapper with the console, exit port, FIFO and poweroff moved into tmp_path."""
+    text = WORKLOAD_SCRIPT_CONTENT
+    for old, new in (
+        ("port=/dev/virtio-ports/io.podvisor.exit.0", f"port={tmp_path}/port"),
+        ("console=/dev/ttyS0\n", f"console={tmp_path}/console\n"),
+        ('[ -c "$console" ] || console=/dev/console\n', ""),
+        ('[ -c "$port" ]', '[ -f "$port" ]'),
+        ("out=/run/podvisor-workload.out", f"out={tmp_path}/out"),
+        ("\npoweroff\n", f"\necho powered-off >{tmp_path}/poweroff\n"),
+    ):
+        assert old in text
+        text = text.replace(old, new)
+    path = tmp_path / "workload"
+    path.write_text(text)
+    (tmp_path / "port").write_text("")
+    return path
+
+
+@pytest.mark.parametrize(("command", "code"), [
+    (["sh", "-c", "echo out; echo err >&2; printf partial"], 0),
+    (["sh", "-c", "echo failing; exit 7"], 7),
+    (["sh", "-c", 'kill -TERM "$$"'], 143),
+    (["/nonexistent/command"], 127),
+])
+def test_the_workload_wrapper_relays_output_and_reports_the_exit_code(tmp_path: Path, command: list[str],
+                                                                     code: int) -> None:
+    wrapper = _wrapper(tmp_path)
+    done = subprocess.run(["sh", str(wrapper), "run", *command], capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "port").read_text() == f"{code}\n"
+    assert (tmp_path / "poweroff").read_text() == "powered-off\n"
+    console = (tmp_path / "console").read_text()
+    if code == 0:
+        assert console == "out\nerr\npartial"
+    elif code == 7:
+        assert console == "failing\n"
+    elif code == 127:
+        assert "/nonexistent/command" in console
+
+
+def test_the_workload_wrapper_gives_the_command_no_stdin(tmp_path: Path) -> None:
+    wrapper = _wrapper(tmp_path)
+    done = subprocess.run(["sh", str(wrapper), "run", "sh", "-c", "cat; echo read-$?"], input=b"secret\n",
+                          capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0
+    assert (tmp_path / "console").read_text() == "read-0\n"
+
+
+def test_the_workload_wrapper_refuses_an_unknown_mode(tmp_path: Path) -> None:
+    done = subprocess.run(["sh", str(_wrapper(tmp_path)), "bogus"], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 2 and "usage" in done.stderr
+    assert not (tmp_path / "poweroff").exists()
+
+
+def test_the_example_in_docs_annotations_md_is_what_the_renderer_writes() -> None:
+    out = render_user_data(CloudInit(
+        env={"GREETING": "hello world"}, command=("/usr/bin/app", "--port", "8080"),
+        dns=DNSConfig(("10.96.0.10",), ("default.svc.cluster.local",), ("ndots:5",)),
+        sysctls={"net.ipv4.ip_unprivileged_port_start": "0"}), "demo-vm").decode()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "annotations.md").read_text()
+    block = doc[doc.index("no user-data, gets (the wrapper's content shortened):"):]
+    block = block[block.index("```yaml\n") + len("```yaml\n"):]
+    block = block[:block.index("```\n")]
+    head, cut, tail = block.partition("    …\n")
+    assert cut and out.startswith(head) and out.endswith(tail)

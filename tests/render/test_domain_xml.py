@@ -84,6 +84,8 @@ CASES: dict[str, Callable[[str], DomainSpec]] = {
         InterfaceSpec(bridge="pv-extra", mac="52:54:00:12:34:56", model="e1000e"),
     )),
     "guest-agent": lambda root: _base(root, guest_agent_socket=f"{root}/qga.sock"),
+    # A container with a command: the port its exit code comes back on.
+    "workload-exit": lambda root: _base(root, workload_exit=f"{root}/workload.exit"),
     "no-nic": lambda root: _base(root, interfaces=()),
     # kubelet's systemd driver: the pod's slice as a libvirt resource partition.
     "pod-slice-partition": lambda root: _base(root, partition="/kubepods/burstable/pod5f0c2a4e_1b7d"),
@@ -395,6 +397,21 @@ def test_console_is_a_logged_unix_serial_port() -> None:
 )
 def test_guest_agent(socket: str, expected: str) -> None:
     domain = _apply(domain_xml.configure_guest_agent, _base("/r", guest_agent_socket=socket))
+    assert _xml(domain) == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        pytest.param("", "<domain />", id="none"),
+        pytest.param("/r/workload.exit",
+                     '<domain><devices><channel type="file"><source path="/r/workload.exit" />'
+                     '<target type="virtio" name="io.podvisor.exit.0" /></channel></devices></domain>',
+                     id="channel"),
+    ],
+)
+def test_workload_exit(path: str, expected: str) -> None:
+    domain = _apply(domain_xml.configure_workload_exit, _base("/r", workload_exit=path))
     assert _xml(domain) == expected
 
 

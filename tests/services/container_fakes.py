@@ -18,7 +18,7 @@ from agent.domain.errors import NotFound
 from agent.domain.hypervisor import DomainState, DomainStats
 from agent.domain.image import BaseDisk, Image
 from agent.domain.sandbox import Metadata, Sandbox, SandboxSpec, SandboxState
-from agent.domain.vm import Container, ContainerPaths, ContainerSpec, ContainerState, VMRequest
+from agent.domain.vm import Container, ContainerPaths, ContainerSpec, ContainerState, VMRequest, WorkloadExit
 from agent.services.ports import ContainerPorts
 from tests.services.service_fakes import FakeClock, Journal
 
@@ -84,6 +84,7 @@ class FakeLibvirt:
         self.xml: dict[str, str] = {}
         self.states: dict[str, DomainState] = {}
         self.acpi_powers_off = True  # shutdown_domain turns the domain off (guest obeys ACPI)
+        self.agent_powers_off = False  # guest_shutdown turns it off (a guest agent answers)
         self.fail: dict[str, BaseException] = {}  # method name → exception to raise
         self.hooks: dict[str, Callable[[str], None]] = {}  # method name → called with the domain name
         self._lock = threading.Lock()
@@ -156,6 +157,11 @@ class FakeLibvirt:
         self._enter("domain_pid", name)
         return 4242
 
+    def guest_shutdown(self, name: str) -> None:
+        self._enter("guest_shutdown", name)
+        if self.agent_powers_off:
+            self.set_state(name, "shutoff", "shutdown")
+
     def list_domains(self) -> dict[str, str]:
         self.journal.record("libvirt.list_domains")
         with self._lock:
@@ -171,12 +177,15 @@ class FakeFiles:
         self.dirs: set[str] = set()
         self.seeds: dict[str, bytes] = {}
         self.overlays: dict[str, tuple[Path, str]] = {}
+        # directory → what the VM's command reported (absent: the VM has no command)
+        self.workload_exits: dict[str, WorkloadExit] = {}
 
     def container_paths(self, sandbox_id: str, container_id: str) -> ContainerPaths:
         d = self.sandboxes / sandbox_id / "containers" / container_id
         return ContainerPaths(directory=str(d), overlay=str(d / "disk.qcow2"), seed=str(d / "cloudinit.iso"),
                               console_log=str(d / "console.raw"),
-                              serial_socket=f"/run/podvisor/vm/{container_id[:32]}.serial")
+                              serial_socket=f"/run/podvisor/vm/{container_id[:32]}.serial",
+                              workload_exit=str(d / "workload.exit"))
 
     def create_container_dir(self, paths: ContainerPaths) -> None:
         self.journal.record("files.create_container_dir", paths.directory)
@@ -197,6 +206,10 @@ class FakeFiles:
     def console_state(self, directory: str) -> str:
         return f"{directory}/console.state"
 
+    def workload_exit(self, directory: str) -> WorkloadExit | None:
+        self.journal.record("files.workload_exit", directory)
+        return self.workload_exits.get(directory)
+
     def firmware(self, kind: str, paths: ContainerPaths) -> dict[str, str]:
         return {}
 
@@ -206,6 +219,29 @@ class FakeFiles:
     @staticmethod
     def allocated_bytes(path: str) -> int:
         return 4096
+
+
+class FakeTimer:
+    """Monotonic seconds that move only when someone sleeps (or a test calls ``advance``)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self._lock = threading.Lock()
+        self.now = start
+        self.slept = 0.0
+
+    def monotonic(self) -> float:
+        with self._lock:
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0, f"asked to sleep {seconds}s"
+        self.advance(seconds)
+        with self._lock:
+            self.slept += seconds
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
 
 
 class FakeCgroups:
@@ -332,9 +368,11 @@ class ContainerFakes:
         self.vm = FakeVM(self.journal)
         self.clock = FakeClock()
         self.cgroups = FakeCgroups(self.journal)
+        self.timer = FakeTimer()
         self.ports = ContainerPorts(
             store=self.store, hypervisor=self.libvirt, files=self.files, console=self.console,
             sandboxes=self.sandboxes, images=self.images, vm=self.vm, clock=self.clock, cgroups=self.cgroups,
+            timer=self.timer,
         )
 
 

@@ -6,12 +6,15 @@ import dataclasses
 import re
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any
 
 import pytest
 
 from agent.domain.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable
 from agent.domain.hypervisor import DomainState
-from agent.domain.vm import Container, ContainerState
+from agent.domain.vm import Container, ContainerState, WorkloadExit
 from agent.domain.vmrequest import CRIResources, cri_sizes
 from agent.services.container_events import ContainerEvent
 from agent.services.containers import ContainerFilter, ContainerService
@@ -356,18 +359,110 @@ def test_stop_when_the_guest_obeys_acpi_completes(fakes: ContainerFakes, service
     assert fakes.store.rows[c.id] == got
 
 
-def test_stop_when_the_guest_ignores_acpi_kills(fakes: ContainerFakes, service: ContainerService) -> None:
+class _InlineExecutor(Executor):
+    """Runs submitted work at once, so the guest agent's shutdown lands on the fake timeline."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the future, as an executor does
+            future.set_exception(exc)
+        return future
+
+
+@pytest.fixture
+def inline_service(fakes: ContainerFakes) -> ContainerService:
+    return ContainerService(fakes.ports, aside=_InlineExecutor())
+
+
+def _timeline(fakes: ContainerFakes, *methods: str) -> list[tuple[str, float]]:
+    """Record when (fake seconds) each libvirt method is called."""
+    seen: list[tuple[str, float]] = []
+    for method in methods:
+        fakes.libvirt.hooks[method] = lambda _name, m=method: seen.append((m, fakes.timer.monotonic()))
+    return seen
+
+
+def test_stop_when_the_guest_ignores_acpi_and_has_no_agent_kills_within_the_timeout(
+        fakes: ContainerFakes, inline_service: ContainerService) -> None:
+    c = _running(inline_service, fakes)
+    fakes.libvirt.acpi_powers_off = False
+    seen = _timeline(fakes, "shutdown_domain", "destroy_domain")
+
+    def no_agent(_name: str) -> None:
+        seen.append(("guest_shutdown", fakes.timer.monotonic()))
+        raise FailedPrecondition("QEMU guest agent is not configured")
+    fakes.libvirt.hooks["guest_shutdown"] = no_agent
+    began = fakes.timer.monotonic()
+    inline_service.stop(c.id, 30)
+    # ACPI at once; the agent halfway through the graceful 28 s; the hard stop
+    # 2 s before the timeout, so that destroying the domain ends within it.
+    assert [(m, t - began) for m, t in seen] == [
+        ("shutdown_domain", 0.0), ("guest_shutdown", pytest.approx(14.0, abs=0.11)),
+        ("destroy_domain", pytest.approx(28.0))]
+    got = inline_service.get(c.id)
+    assert (got.state, got.exit_code, got.reason) == (ContainerState.EXITED, 137, "Killed")
+    assert "within 30s" in got.message
+    assert fakes.libvirt.states[c.domain_name] == DomainState("shutoff", "destroyed")
+
+
+@pytest.mark.parametrize(("timeout", "hard_at"), [(1, 0.75), (2, 1.5), (8, 6.0), (300, 298.0)])
+def test_the_hard_stop_leaves_room_for_the_destroy(fakes: ContainerFakes, inline_service: ContainerService,
+                                                   timeout: int, hard_at: float) -> None:
+    c = _running(inline_service, fakes)
+    fakes.libvirt.acpi_powers_off = False
+    seen = _timeline(fakes, "destroy_domain")
+    # A destroy as slow as the room left for it (libvirt: SIGTERM, then SIGKILL).
+    slow_destroy = timeout - hard_at
+    fakes.libvirt.hooks["destroy_domain"] = lambda _n: (seen.append(("destroy_domain", fakes.timer.monotonic())),
+                                                        fakes.timer.advance(slow_destroy))
+    began = fakes.timer.monotonic()
+    inline_service.stop(c.id, timeout)
+    assert seen == [("destroy_domain", pytest.approx(began + hard_at))]
+    assert fakes.timer.monotonic() - began == pytest.approx(timeout)  # the whole call, destroy included
+    assert inline_service.get(c.id).exit_code == 137
+
+
+def test_stop_when_the_guest_ignores_acpi_its_agent_powers_it_off(
+        fakes: ContainerFakes, inline_service: ContainerService) -> None:
+    c = _running(inline_service, fakes)
+    fakes.libvirt.acpi_powers_off = False
+    fakes.libvirt.agent_powers_off = True
+    seen = _timeline(fakes, "guest_shutdown")
+    began = fakes.timer.monotonic()
+    inline_service.stop(c.id, 10)
+    assert [(m, t - began) for m, t in seen] == [("guest_shutdown", pytest.approx(4.0, abs=0.11))]
+    got = inline_service.get(c.id)
+    assert (got.state, got.exit_code, got.reason) == (ContainerState.EXITED, 0, "Completed")
+    assert "guest agent" in got.message
+    # destroy found nothing running: no hard stop.
+    assert fakes.libvirt.states[c.domain_name] == DomainState("shutoff", "shutdown")
+    assert fakes.timer.monotonic() - began < 10
+
+
+def test_a_guest_that_obeys_acpi_is_never_asked_through_its_agent(
+        fakes: ContainerFakes, inline_service: ContainerService) -> None:
+    c = _running(inline_service, fakes)
+    inline_service.stop(c.id, 30)
+    assert fakes.journal.of("libvirt.guest_shutdown") == []
+    assert fakes.timer.slept == 0
+
+
+def test_the_agents_shutdown_runs_aside_and_never_holds_the_stop_up(fakes: ContainerFakes,
+                                                                    service: ContainerService) -> None:
+    # The real executor: an agent call that blocks (libvirt waits for the
+    # guest) must not delay the hard stop.
     c = _running(service, fakes)
     fakes.libvirt.acpi_powers_off = False
-    began = time.monotonic()
-    service.stop(c.id, 1)
-    assert 0.9 <= time.monotonic() - began < 5
-    got = service.get(c.id)
-    assert (got.state, got.exit_code, got.reason) == (ContainerState.EXITED, 137, "Killed")
-    assert "within 1s" in got.message
-    assert fakes.journal.of("libvirt.shutdown_domain") == [("libvirt.shutdown_domain", c.domain_name)]
-    assert fakes.journal.of("libvirt.destroy_domain") == [("libvirt.destroy_domain", c.domain_name)]
-    assert fakes.libvirt.states[c.domain_name] == DomainState("shutoff", "destroyed")
+    release = threading.Event()
+    fakes.libvirt.hooks["guest_shutdown"] = lambda _n: release.wait(60)
+    try:
+        service.stop(c.id, 4)
+        got = service.get(c.id)
+        assert (got.exit_code, got.reason) == (137, "Killed")
+    finally:
+        release.set()
 
 
 def test_a_huge_stop_timeout_is_capped(fakes: ContainerFakes) -> None:
@@ -984,3 +1079,72 @@ def test_a_hot_plugged_vcpu_is_moved_back_into_the_pod_cgroup(fakes: ContainerFa
     service.update_resources(c.id, CRIResources(cpu_quota=200_000, cpu_period=100_000))
     assert [e[0] for e in fakes.journal.events if e[0] in ("libvirt.set_domain_vcpus", "cgroups.place")] == [
         "libvirt.set_domain_vcpus", "cgroups.place"]
+
+
+# the command as the VM's workload --------------------------------------------------------
+
+
+@pytest.mark.parametrize(("code", "reason"), [(0, "Completed"), (3, "Error"), (137, "Error")])
+def test_the_commands_exit_code_is_the_containers(fakes: ContainerFakes, service: ContainerService,
+                                                  code: int, reason: str) -> None:
+    c = _running(service, fakes, command=("/usr/bin/job",))
+    fakes.files.workload_exits[c.directory] = WorkloadExit(code=code)
+    fakes.libvirt.set_state(c.domain_name, "shutoff", "shutdown")
+    service.on_domain_event(c.domain_name, "stopped", "shutdown")
+    got = service.get(c.id)
+    assert (got.state, got.exit_code, got.reason) == (ContainerState.EXITED, code, reason)
+    assert got.message == f"the command exited with code {code}; the guest powered off"
+
+
+def test_the_exit_code_is_read_when_the_power_off_was_missed(fakes: ContainerFakes,
+                                                             service: ContainerService) -> None:
+    # No event (the agent was down): the next read reconciles with libvirt.
+    c = _running(service, fakes, command=("/usr/bin/job",))
+    fakes.files.workload_exits[c.directory] = WorkloadExit(code=2)
+    fakes.libvirt.set_state(c.domain_name, "shutoff", "shutdown")
+    got = service.get(c.id)
+    assert (got.exit_code, got.reason) == (2, "Error")
+
+
+def test_a_power_off_before_the_command_reported_is_an_error(fakes: ContainerFakes,
+                                                             service: ContainerService) -> None:
+    c = _running(service, fakes, command=("/usr/bin/job",))
+    fakes.files.workload_exits[c.directory] = WorkloadExit(code=None)
+    fakes.libvirt.set_state(c.domain_name, "shutoff", "shutdown")
+    service.on_domain_event(c.domain_name, "stopped", "shutdown")
+    got = service.get(c.id)
+    assert (got.exit_code, got.reason) == (1, "Error")
+    assert "before the command reported" in got.message
+
+
+def test_without_a_command_a_power_off_completes_as_before(fakes: ContainerFakes,
+                                                           service: ContainerService) -> None:
+    c = _running(service, fakes)
+    fakes.libvirt.set_state(c.domain_name, "shutoff", "shutdown")
+    service.on_domain_event(c.domain_name, "stopped", "shutdown")
+    got = service.get(c.id)
+    assert (got.exit_code, got.reason, got.message) == (0, "Completed", "the guest powered off")
+
+
+def test_stopping_a_vm_whose_command_runs_is_a_stop_not_an_error(fakes: ContainerFakes,
+                                                                 service: ContainerService) -> None:
+    c = _running(service, fakes, command=("/usr/bin/server",))
+    fakes.files.workload_exits[c.directory] = WorkloadExit(code=None)
+
+    def power_off(name: str) -> None:  # the event arrives while StopContainer waits
+        fakes.libvirt.set_state(name, "shutoff", "shutdown")
+        service.on_domain_event(name, "stopped", "shutdown")
+    fakes.libvirt.acpi_powers_off = False
+    fakes.libvirt.hooks["shutdown_domain"] = power_off
+    service.stop(c.id, 10)
+    got = service.get(c.id)
+    assert (got.exit_code, got.reason) == (0, "Completed")
+
+
+def test_a_command_that_ends_during_a_stop_gives_its_code(fakes: ContainerFakes,
+                                                          service: ContainerService) -> None:
+    c = _running(service, fakes, command=("/usr/bin/job",))
+    fakes.files.workload_exits[c.directory] = WorkloadExit(code=143)
+    service.stop(c.id, 10)  # the guest obeys ACPI; no event reaches the service first
+    got = service.get(c.id)
+    assert (got.exit_code, got.reason) == (143, "Error")

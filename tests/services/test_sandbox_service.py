@@ -18,7 +18,7 @@ from agent.domain.errors import (
     Unavailable,
 )
 from agent.domain.host import HostFacts
-from agent.domain.sandbox import NetworkMode, SandboxFilter, SandboxState
+from agent.domain.sandbox import DNSConfig, NetworkMode, SandboxFilter, SandboxState
 from agent.services.sandboxes import LateMembers, SandboxService
 from tests.services.service_fakes import FakePorts, sandbox, spec
 
@@ -69,6 +69,21 @@ def test_run_rejects_an_invalid_spec_before_touching_state(fakes: FakePorts,
     with pytest.raises(InvalidArgument) as exc_info:
         service.run(spec(name=""))
     assert exc_info.value.field == "config.metadata.name"
+    assert fakes.journal.events == []
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"dns": DNSConfig(servers=("dns.example",))}, "config.dns_config.servers"),
+    ({"dns": DNSConfig(searches=("not a domain",))}, "config.dns_config.searches"),
+    ({"dns": DNSConfig(options=("ndots=5",))}, "config.dns_config.options"),
+    ({"sysctls": {"kernel.pid_max": "1\nkernel.x = 1"}}, "config.linux.sysctls['kernel.pid_max']"),
+    ({"sysctls": {"Kernel.PID": "1"}}, "config.linux.sysctls['Kernel.PID']"),
+])
+def test_run_rejects_bad_dns_config_or_sysctls_before_touching_state(
+        fakes: FakePorts, service: SandboxService, changes: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidArgument) as exc_info:
+        service.run(dataclasses.replace(spec(), **changes))  # type: ignore[arg-type]
+    assert exc_info.value.field == field
     assert fakes.journal.events == []
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pycdlib
 import pytest
+import yaml
 
 from agent.domain.host import HostCapacity
-from agent.domain.sandbox import NetworkMode, Sandbox
+from agent.domain.sandbox import DNSConfig, NetworkMode, Sandbox
 from agent.domain.vm import Container, ContainerPaths, ContainerState, VMRequest
 from agent.domain.vmrequest import VMDefaults
 from agent.services.vm_build import VMBuilder
@@ -261,3 +262,41 @@ def test_prepare_network_does_nothing_without_a_pod_network() -> None:
     build.builder.prepare_network(_node_sandbox())
     _build(network=False).builder.prepare_network(sandbox())
     assert build.journal.of("network.") == []
+
+
+# the pod's resolver, sysctls and command ------------------------------------------------
+
+
+def _pod(**changes: object) -> Sandbox:
+    sb = sandbox()
+    return dataclasses.replace(sb, spec=dataclasses.replace(sb.spec, **changes))
+
+
+def test_request_carries_the_pods_dns_config_and_sysctls(build: Build) -> None:
+    dns = DNSConfig(("10.96.0.10",), ("ns.svc.cluster.local",), ("ndots:5",))
+    req = build.builder.request(cspec(), _pod(dns=dns, sysctls={"net.ipv4.ip_forward": "1"}))
+    assert req.cloud_init.dns == dns
+    assert dict(req.cloud_init.sysctls) == {"net.ipv4.ip_forward": "1"}
+
+
+def test_seed_writes_the_pods_resolver_and_sysctls(build: Build) -> None:
+    pod = _pod(dns=DNSConfig(("10.96.0.10",), ("ns.svc.cluster.local",), ("ndots:5",)),
+               sysctls={"kernel.shm_rmid_forced": "1"})
+    req = build.builder.request(cspec(), pod)
+    user_data = yaml.safe_load(_seed_files(build.builder.seed(req, _container(), pod))["user-data"])
+    resolv, sysctl = user_data["bootcmd"]
+    assert resolv[-3:] == ["nameserver 10.96.0.10", "search ns.svc.cluster.local", "options ndots:5"]
+    assert sysctl[-2:] == ["/proc/sys/kernel/shm_rmid_forced", "1"]
+
+
+def test_a_vm_with_a_command_gets_the_exit_port_and_one_without_does_not(build: Build) -> None:
+    c = _container()
+    paths = _paths(build, c)
+    with_command = build.builder.request(cspec(command=("/bin/true",)), sandbox())
+    without = build.builder.request(cspec(), sandbox())
+    assert build.builder.domain_spec(c, sandbox(), with_command, paths).workload_exit == paths.workload_exit
+    assert paths.workload_exit.endswith("/workload.exit")
+    assert build.builder.domain_spec(c, sandbox(), without, paths).workload_exit == ""
+    xml = build.builder.domain_xml(c, sandbox(), with_command, paths)
+    assert f'<channel type="file"><source path="{paths.workload_exit}" />' in xml.replace("\n", "").replace(
+        "  ", "")

@@ -58,6 +58,7 @@ def sandbox_spec_from_pb(req: pb.RunPodSandboxRequest) -> SandboxSpec:
         runtime_handler=req.runtime_handler,
         network_mode=network_mode,
         cgroup_parent=linux.cgroup_parent,
+        sysctls=dict(linux.sysctls),
     )
 
 
@@ -140,6 +141,7 @@ def sandbox_verbose_info(sb: Sandbox, state_dir: str) -> dict[str, str]:
             for p in spec.port_mappings
         ],
         "cgroupParent": spec.cgroup_parent,
+        "sysctls": dict(spec.sysctls),
         "vm": None,
     }
     return {"info": json.dumps(doc, sort_keys=True)}
