@@ -1,0 +1,83 @@
+"""Fixtures for the streaming server's tests: the server on 127.0.0.1 with a
+backend of local processes, the Go client (spdystream, as client-go) and
+local HTTP servers standing for a pod's ports."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.streaming.server import Settings, StreamingServer
+from tests.streaming.localbackend import Console, LocalBackend
+
+GOPATH = Path("/usr/share/gocode")
+APT = "apt-get install -y golang-go golang-github-docker-spdystream-dev"
+
+
+def go_build(source: Path, out: Path) -> Path:
+    go = shutil.which("go")
+    if go is None or not (GOPATH / "src/github.com/moby/spdystream").is_dir():
+        pytest.fail(f"the Go toolchain and the spdystream library are missing; install them with: {APT}")
+    env = {**os.environ, "GOPATH": str(GOPATH), "GO111MODULE": "off", "GOFLAGS": ""}
+    if not ({"GOCACHE", "XDG_CACHE_HOME", "HOME"} & env.keys()):
+        env["GOCACHE"] = str(out.parent / "cache")
+    built = subprocess.run([go, "build", "-o", str(out), "."], cwd=source, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert built.returncode == 0, f"go build failed:\n{built.stderr}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def kubeclient(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return go_build(Path(__file__).parent / "kubeclient", tmp_path_factory.mktemp("go") / "kubeclient")
+
+
+class _Hello(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        body = f"hello from {self.server.server_address[1]} path {self.path}\n".encode()  # type: ignore[index]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def pod_http() -> Iterator[dict[int, int]]:
+    """Two local HTTP servers standing for the pod's ports 80 and 8080: {pod port: local port}."""
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello) for _ in range(2)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    yield {80: servers[0].server_address[1], 8080: servers[1].server_address[1]}
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+@pytest.fixture
+def backend(pod_http: dict[int, int]) -> Iterator[LocalBackend]:
+    b = LocalBackend(ports=dict(pod_http))
+    # the "console" of container c-attach: answers every line it reads
+    b.consoles["c-attach"] = Console(["sh", "-c", 'echo console ready; while read l; do echo "console got $l"; done'])
+    yield b
+    for c in b.consoles.values():
+        c.stop()
+
+
+@pytest.fixture
+def server(backend: LocalBackend) -> Iterator[StreamingServer]:
+    s = StreamingServer(backend, Settings(idle_timeout_seconds=60, max_sessions=16))
+    s.start()
+    yield s
+    s.stop()
