@@ -30,6 +30,7 @@ from agent.domain.network.wiring import PodNetworkStatus
 from agent.domain.oci import Compression, Descriptor
 from agent.domain.registry import RegistryAuth, ResolvedImage
 from agent.domain.sandbox import DNSConfig, PortMapping, Sandbox
+from agent.domain.streaming import StreamRequest
 from agent.domain.virt import KvmFacts
 from agent.domain.vm import Container, ContainerPaths, ContainerSpec, VMRequest
 
@@ -332,3 +333,13 @@ class ImagePorts:
     new_extractor: ExtractorFactory
     inspect_disk: DiskInspector
     clock: Clock
+
+
+# Streaming (Exec, Attach, PortForward) -------------------------------------------------
+
+
+class StreamURLs(Protocol):
+    """The streaming server's request cache (agent.streaming.server): keeps a
+    checked request under a fresh single-use token and returns its URL."""
+
+    def url_for(self, request: StreamRequest) -> str: ...

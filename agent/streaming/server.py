@@ -210,7 +210,7 @@ class StreamingServer:
                               "try again later", [("Retry-After", "1")])
             self._active[sock] = None  # counted from here
         stream_request = self.cache.consume(parts[1])
-        if not isinstance(stream_request, _KINDS[parts[0]]):
+        if stream_request is None or not isinstance(stream_request, _KINDS[parts[0]]):
             raise _Reject(404, "not found: the streaming URL is unknown, used or expired")
         sock.settimeout(None)
         if b"websocket" in upgrade:

@@ -213,14 +213,13 @@ class Session:
                     stream._end(reset=True)
                     self.send(spdy.RstStream(sid, spdy.RstStatus.REFUSED_STREAM))
             case spdy.Data(sid, data, fin):
-                stream = self._streams.get(sid)
-                if stream is None:
-                    return  # late data on a stream we reset: drop
-                stream._deliver(data, fin)
+                known = self._streams.get(sid)
+                if known is not None:  # else late data on a stream we reset: drop
+                    known._deliver(data, fin)
             case spdy.RstStream(sid):
-                stream = self._streams.pop(sid, None)
-                if stream is not None:
-                    stream._end(reset=True)
+                gone = self._streams.pop(sid, None)
+                if gone is not None:
+                    gone._end(reset=True)
             case spdy.Ping(ping_id):
                 if ping_id % 2:
                     self.send(frame)
