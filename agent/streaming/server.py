@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,9 +117,15 @@ class StreamingServer:
             self._accept_thread.join(timeout)
         with self._lock:
             active = list(self._active.items())
-        for sock, closer in active:
-            if closer is not None:
-                closer()
+        # GOAWAY / WebSocket close to every session; a closer stuck behind a
+        # client that reads nothing is cut short by the shutdown below.
+        closers = [threading.Thread(target=c, daemon=True) for _, c in active if c is not None]
+        for t in closers:
+            t.start()
+        deadline = time.monotonic() + 2.0
+        for t in closers:
+            t.join(max(0.0, deadline - time.monotonic()))
+        for sock, _ in active:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:

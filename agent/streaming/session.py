@@ -10,7 +10,9 @@ thread waits, so a client that floods a stream is slowed down by TCP."""
 
 from __future__ import annotations
 
+import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,16 @@ log = structlog.get_logger(__name__)
 
 MAX_BUFFER = 1 << 20
 MAX_WRITE = 32 * 1024  # per DATA frame, as spdystream's peers write
+
+
+def wait_readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` has something to read within ``timeout`` seconds (TLS:
+    bytes already decrypted count). The socket itself stays blocking, so a
+    slow reader on the other side only slows our writes down."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    readable, _, _ = select.select([sock], [], [], timeout)
+    return bool(readable)
 
 
 class Stream:
@@ -122,7 +134,7 @@ class Session:
         self._encoder = spdy.Encoder()
         self._decoder = spdy.Decoder()
         self._decoder.feed(initial)
-        self._write_lock = threading.Lock()
+        self._write_lock = threading.RLock()
         self._streams: dict[int, Stream] = {}
         self._last_id = 0
         self._last_activity = time.monotonic()
@@ -147,17 +159,16 @@ class Session:
     def serve(self) -> None:
         """The reader loop; returns when the session is over."""
         try:
-            self._sock.settimeout(min(self._idle, 5.0))
             self._handle_buffered()
             while not self.closed:
                 try:
+                    if not wait_readable(self._sock, min(self._idle, 5.0)):
+                        if time.monotonic() - self._last_activity >= self._idle:
+                            log.info("streaming session idle, closing", idle_seconds=self._idle)
+                            self.close()
+                            break
+                        continue
                     chunk = self._sock.recv(65536)
-                except TimeoutError:
-                    if time.monotonic() - self._last_activity >= self._idle:
-                        log.info("streaming session idle, closing", idle_seconds=self._idle)
-                        self.close()
-                        break
-                    continue
                 except OSError:
                     break
                 if not chunk:

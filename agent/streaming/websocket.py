@@ -27,6 +27,7 @@ from agent.domain.streaming import PortForwardRequest, StreamRequest
 from agent.streaming import command, status
 from agent.streaming.backend import StreamBackend, Streams
 from agent.streaming.portforward import CONNECT_TIMEOUT, parse_port
+from agent.streaming.session import wait_readable
 
 log = structlog.get_logger(__name__)
 
@@ -81,17 +82,15 @@ class Channels:
     def serve(self, on_message: Callable[[int, bytes], None]) -> None:
         """Read until the client closes (or goes idle); calls `on_message`
         with (channel, payload), the close signal as (255, bytes([channel]))."""
-        self.sock.settimeout(min(self._idle, 5.0))
         parts: list[bytes | str] = []
         size = 0
         try:
             while True:
-                try:
-                    chunk = self.sock.recv(65536)
-                except TimeoutError:
+                if not wait_readable(self.sock, min(self._idle, 5.0)):
                     if self.closed.is_set() or time.monotonic() - self._last >= self._idle:
                         return
                     continue
+                chunk = self.sock.recv(65536)
                 if not chunk:
                     return
                 self._last = time.monotonic()

@@ -71,8 +71,7 @@ def backend(pod_http: dict[int, int]) -> Iterator[LocalBackend]:
     # the "console" of container c-attach: answers every line it reads
     b.consoles["c-attach"] = Console(["sh", "-c", 'echo console ready; while read l; do echo "console got $l"; done'])
     yield b
-    for c in b.consoles.values():
-        c.stop()
+    b.close()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import signal
 import socket
 import struct
 import subprocess
@@ -75,12 +76,25 @@ class LocalBackend:
         self.ports = ports or {}
         self.consoles: dict[str, Console] = {}
         self.resizes_seen: list[tuple[int, int]] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def close(self) -> None:
+        """Kill what is still running (the tests' clean-up)."""
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # the whole group: sh and what it started
+            except ProcessLookupError:
+                pass
+            p.wait(10)
+        for c in self.consoles.values():
+            c.stop()
 
     def exec(self, container_id: str, cmd: list[str], tty: bool, streams: Streams) -> ExitStatus:
         if tty:
             return self._exec_tty(cmd, streams)
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if streams.stdin else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        self.procs.append(proc)
         assert proc.stdout is not None and proc.stderr is not None
         out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
         threads = [
@@ -105,6 +119,7 @@ class LocalBackend:
         if first is not None:
             self._set_size(master, first.width, first.height)
         proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, start_new_session=True, close_fds=True)
+        self.procs.append(proc)
         os.close(slave)
         out = threading.Thread(target=_copy_out, args=(lambda: os.read(master, 65536), streams.stdout))
         out.start()
