@@ -191,3 +191,26 @@ def test_tls(backend: LocalBackend, tls_files: tuple[str, str], kubeclient: Path
         assert run.stdout == b"spdy tls\n"
     finally:
         server.stop()
+
+
+def test_base64_subprotocol(server: StreamingServer):
+    import base64
+
+    import websocket
+
+    url = get_websocket_url(server.url_for(exec_request(["sh", "-c", "printf 'a\\377b'; exit 3"])))
+    ws = websocket.create_connection(url, subprotocols=["v4.base64.channel.k8s.io"], timeout=30)
+    try:
+        messages: list[str] = []
+        while True:
+            op, data = ws.recv_data()
+            if op == websocket.ABNF.OPCODE_CLOSE:
+                break
+            messages.append(data.decode())
+    finally:
+        ws.close()
+    assert messages[0] == "1"  # ready: an empty stdout message
+    stdout = b"".join(base64.b64decode(m[1:]) for m in messages if m[0] == "1")
+    assert stdout == b"a\xffb"
+    [status] = [json.loads(base64.b64decode(m[1:])) for m in messages if m[0] == "3"]
+    assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "3"}]

@@ -234,3 +234,52 @@ def test_idle_session_is_closed():
         t.join(5)
         a.close()
         b.close()
+
+
+class _Echo:
+    """A one-connection TCP echo server standing for a pod port."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data.upper())
+
+
+def test_port_forward_pairs_without_request_id_and_lonely_streams():
+    from agent.domain.streaming import PortForwardRequest
+    from agent.streaming.portforward import PortForwarder
+    from tests.streaming.localbackend import LocalBackend
+
+    echo = _Echo()
+    a, b = socket.socketpair()
+    forwarder = PortForwarder(PortForwardRequest("sb", ()), LocalBackend({7: echo.port}), pair_timeout=0.5)
+    session = Session(a, forwarder.on_stream, idle_timeout=30)
+    t = threading.Thread(target=session.serve, daemon=True)
+    t.start()
+    peer = Peer(b)
+    try:
+        # an old client: no requestID, the data stream's id is the error stream's + 2
+        peer.send(spdy.SynStream(1, (("streamtype", "error"), ("port", "7"))),
+                  spdy.SynStream(3, (("streamtype", "data"), ("port", "7"))),
+                  spdy.SynStream(5, (("streamtype", "data"), ("port", "0"))),  # bad port: refused
+                  spdy.SynStream(7, (("streamtype", "error"), ("port", "7"), ("requestid", "9"))))  # never paired
+        peer.send(spdy.Data(3, b"hello", fin=True))
+        peer.until(lambda: any(isinstance(f, spdy.Data) and f.stream_id == 3 and f.fin for f in peer.frames)
+                   and any(isinstance(f, spdy.RstStream) and f.stream_id == 7 for f in peer.frames))
+        data = {sid: b"".join(f.data for f in peer.frames if isinstance(f, spdy.Data) and f.stream_id == sid)
+                for sid in (1, 3, 7)}
+        assert data[3] == b"HELLO"
+        assert data[1] == b""  # no error for the pair
+        assert data[7] == b"timed out waiting for the data and error streams of request 9"
+        assert spdy.RstStream(5, spdy.RstStatus.REFUSED_STREAM) in peer.frames
+    finally:
+        session.close()
+        t.join(5)
+        a.close()
+        b.close()
