@@ -16,7 +16,7 @@ import pytest
 from agent.api.gen.runtime.v1 import api_pb2 as pb
 from tests.integration.agentproc import AgentProcess
 from tests.integration.test_sandbox_lifecycle import run, sandbox_config
-from tests.streaming.conftest import go_build
+from tests.streaming.gobuild import go_build
 
 
 @pytest.fixture(scope="module")

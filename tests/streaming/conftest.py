@@ -5,9 +5,6 @@ local HTTP servers standing for a pod's ports."""
 from __future__ import annotations
 
 import http.server
-import os
-import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,23 +12,8 @@ from pathlib import Path
 import pytest
 
 from agent.streaming.server import Settings, StreamingServer
+from tests.streaming.gobuild import go_build
 from tests.streaming.localbackend import Console, LocalBackend
-
-GOPATH = Path("/usr/share/gocode")
-APT = "apt-get install -y golang-go golang-github-docker-spdystream-dev"
-
-
-def go_build(source: Path, out: Path) -> Path:
-    go = shutil.which("go")
-    if go is None or not (GOPATH / "src/github.com/moby/spdystream").is_dir():
-        pytest.fail(f"the Go toolchain and the spdystream library are missing; install them with: {APT}")
-    env = {**os.environ, "GOPATH": str(GOPATH), "GO111MODULE": "off", "GOFLAGS": ""}
-    if not ({"GOCACHE", "XDG_CACHE_HOME", "HOME"} & env.keys()):
-        env["GOCACHE"] = str(out.parent / "cache")
-    built = subprocess.run([go, "build", "-o", str(out), "."], cwd=source, env=env, capture_output=True,
-                           text=True, timeout=300)
-    assert built.returncode == 0, f"go build failed:\n{built.stderr}"
-    return out
 
 
 @pytest.fixture(scope="session")

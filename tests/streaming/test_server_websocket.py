@@ -214,3 +214,27 @@ def test_base64_subprotocol(server: StreamingServer):
     assert stdout == b"a\xffb"
     [status] = [json.loads(base64.b64decode(m[1:])) for m in messages if m[0] == "3"]
     assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "3"}]
+
+
+@pytest.mark.parametrize("protocol", ["channel.k8s.io", "base64.channel.k8s.io"])
+def test_v1_subprotocols_report_errors_as_text(server: StreamingServer, protocol: str):
+    import base64
+
+    import websocket
+
+    url = get_websocket_url(server.url_for(exec_request(["sh", "-c", "echo hi; exit 4"])))
+    ws = websocket.create_connection(url, subprotocols=[protocol], timeout=30)
+    got: dict[int, bytes] = {}
+    try:
+        while True:
+            op, data = ws.recv_data()
+            if op == websocket.ABNF.OPCODE_CLOSE:
+                break
+            if protocol.startswith("base64"):
+                channel, payload = int(chr(data[0])), base64.b64decode(data[1:])
+            else:
+                channel, payload = data[0], data[1:]
+            got[channel] = got.get(channel, b"") + payload
+    finally:
+        ws.close()
+    assert got == {1: b"hi\n", 3: b"command terminated with non-zero exit code: exit status 4"}
