@@ -180,9 +180,16 @@ class StreamingServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         raw = bytearray()
         request = None
+        deadline = time.monotonic() + HEADER_TIMEOUT  # in all, however slowly the bytes come
         while request is None:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                _respond(sock, conn, exc.error_status_hint, f"bad request: {exc}", [])
+                return
             if event is h11.NEED_DATA:
+                if time.monotonic() > deadline:
+                    return
                 chunk = sock.recv(65536)
                 if not chunk:
                     return
@@ -260,8 +267,6 @@ def _respond(sock: socket.socket, conn: h11.Connection, status: int, message: st
              headers: list[tuple[str, str]]) -> None:
     body = (message + "\n").encode()
     try:
-        if conn.our_state is not h11.SEND_RESPONSE:
-            return
         out = conn.send(h11.Response(status_code=status, headers=[
             ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
             ("Connection", "close"), *headers]))

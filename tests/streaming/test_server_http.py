@@ -73,3 +73,15 @@ def test_sessions_beyond_the_bound_get_429_and_stop_ends_open_ones(kubeclient: P
                 p.kill()
                 p.wait()
         server.stop(timeout=1)
+
+
+def test_garbage_is_a_400(server: StreamingServer):
+    import socket
+
+    host, port = server.base_url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 ")
