@@ -48,7 +48,6 @@ class PortForwarder:
         self._pair_timeout = pair_timeout
         self._lock = threading.Lock()
         self._pairs: dict[str, _Pair] = {}
-        self._threads: list[threading.Thread] = []
 
     def on_stream(self, stream: Stream) -> bool:
         kind = stream.header("streamtype")
@@ -76,9 +75,7 @@ class PortForwarder:
             del self._pairs[rid]
         if pair.timer is not None:
             pair.timer.cancel()
-        t = threading.Thread(target=self._forward, args=(pair,), name=f"portforward-{port}", daemon=True)
-        self._threads.append(t)
-        t.start()
+        threading.Thread(target=self._forward, args=(pair,), name=f"portforward-{port}", daemon=True).start()
         return True
 
     def _expire(self, rid: str) -> None:
