@@ -15,7 +15,9 @@ import pytest
 
 from agent.api.gen.runtime.v1 import api_pb2 as pb
 from tests.integration.agentproc import AgentProcess
+from tests.integration.registry_fixture import RunningRegistry
 from tests.integration.test_sandbox_lifecycle import run, sandbox_config
+from tests.integration.vmpod import create_pod, purge_domain, push_empty_disk_image, remove_pod
 from tests.streaming.gobuild import go_build
 
 
@@ -93,3 +95,39 @@ def test_streaming_settings_are_checked_at_start(agent_factory: Any) -> None:
     a.start(wait=False)
     assert a.wait(30) != 0
     assert "tls_cert_file, tls_key_file: set both (HTTPS) or neither (HTTP)" in a.log()
+
+
+def test_exec_and_attach_on_a_real_vm_container(agent: AgentProcess, registry: RunningRegistry, kubeclient: Path,
+                                                tmp_path: Path) -> None:
+    """One VM (an empty disk: firmware only) for the container states; the
+    session behind the URL reports what the not-yet-wired backend says."""
+    image = push_empty_disk_image(registry, tmp_path)
+    pod = create_pod(agent, image, tmp_path / "logs")
+    rt = agent.runtime
+    try:
+        exec_req = pb.ExecRequest(container_id=pod.container_id, cmd=["id"], stdout=True, stderr=True)
+        code, msg = code_of(rt.Exec, exec_req)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "is not running (state created)" in msg
+        rt.StartContainer(pb.StartContainerRequest(container_id=pod.container_id), timeout=120)
+        url = rt.Exec(exec_req, timeout=10).url
+        parts = urllib.parse.urlsplit(url)
+        assert (parts.scheme, parts.hostname) == ("http", "127.0.0.1")
+        assert parts.path.startswith("/exec/")
+        result = tmp_path / "result"
+        done = subprocess.run([str(kubeclient), "exec", "-url", url, "-result", str(result)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        outcome = dict(line.split("=", 1) for line in result.read_text().splitlines())
+        assert outcome == {"protocol": "v4.channel.k8s.io", "exit": "-1",
+                           "error": "exec into VMs is not available yet"}
+        again = subprocess.run([str(kubeclient), "upgrade", "-url", url], capture_output=True, text=True,
+                               timeout=60)
+        assert again.stdout.splitlines()[0] == "status=404 protocol= accepted="
+        url = rt.Attach(pb.AttachRequest(container_id=pod.container_id[:12], stdin=True, stdout=True,
+                                         tty=True), timeout=10).url
+        assert urllib.parse.urlsplit(url).path.startswith("/attach/")
+        remove_pod(agent, pod)
+        code, _ = code_of(rt.Exec, exec_req)
+        assert code == grpc.StatusCode.NOT_FOUND
+    finally:
+        purge_domain(pod)
