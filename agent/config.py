@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,22 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class StreamingConfig:
+    """The CRI streaming server behind Exec, Attach and PortForward URLs."""
+
+    address: str = "127.0.0.1"
+    # 0: an ephemeral port, chosen at start (the URLs carry it).
+    port: int = 0
+    # Both set: HTTPS (PEM files); both empty: plain HTTP.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # A session in which nothing moves for this long is closed.
+    idle_timeout_seconds: float = 4 * 3600.0
+    # Streaming connections at once; beyond, HTTP 429.
+    max_sessions: int = 64
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     # Short-lived files: VM console sockets (unix socket paths must stay short).
@@ -137,6 +154,7 @@ class AgentConfig:
     # domain's own defaults type, checked when built.
     vm: VMDefaults = field(default_factory=VMDefaults)
     registries: RegistriesConfig = field(default_factory=RegistriesConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
 
     @property
     def images_dir(self) -> Path:
@@ -158,6 +176,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "log": LogConfig,
     "images": ImagesConfig,
     "vm": VMDefaults,
+    "streaming": StreamingConfig,
 }
 
 
@@ -326,6 +345,23 @@ def _validate_server(server: ServerConfig) -> None:
             "calls beyond the threads would wait in line behind held ones")
 
 
+def _validate_streaming(st: StreamingConfig) -> None:
+    try:
+        ipaddress.ip_address(st.address)
+    except ValueError:
+        raise ConfigError(f"[streaming] address: {st.address!r} is not an IP address") from None
+    if st.port > 65535:
+        raise ConfigError("[streaming] port: must be 0 (ephemeral) to 65535")
+    if bool(st.tls_cert_file) != bool(st.tls_key_file):
+        raise ConfigError("[streaming] tls_cert_file, tls_key_file: set both (HTTPS) or neither (HTTP)")
+    for key in ("tls_cert_file", "tls_key_file"):
+        value = getattr(st, key)
+        if value and not Path(value).is_absolute():
+            raise ConfigError(f"[streaming] {key}: must be an absolute path")
+    if st.idle_timeout_seconds <= 0:
+        raise ConfigError("[streaming] idle_timeout_seconds: must be greater than 0")
+
+
 def validate(cfg: AgentConfig) -> None:
     """Cross-field and enumerated-value checks."""
     _validate_server(cfg.server)
@@ -370,5 +406,6 @@ def validate(cfg: AgentConfig) -> None:
             raise ConfigError(
                 f"[server] socket_group: no group named {cfg.server.socket_group!r}"
             ) from None
+    _validate_streaming(cfg.streaming)
     if len(str(cfg.server.socket).encode()) > 107:
         raise ConfigError("[server] socket: path longer than a unix socket address allows")

@@ -50,7 +50,11 @@ from agent.services.recovery import recover
 from agent.services.runtime import RuntimeInfoService, choose_virt
 from agent.services.sandboxes import LateMembers, SandboxService
 from agent.services.stats import StatsService
+from agent.services.streaming import StreamingService
 from agent.services.vm_build import VMBuilder
+from agent.streaming.backend import NotAvailableBackend, StreamBackend
+from agent.streaming.server import Settings as StreamingSettings
+from agent.streaming.server import StreamingServer
 
 log = structlog.get_logger(__name__)
 
@@ -130,6 +134,20 @@ def build_container_service(cfg: AgentConfig, store: Store, libvirt: Libvirt, co
     ), max_stop_timeout=cfg.server.max_stop_timeout_seconds)
 
 
+def start_streaming_server(cfg: AgentConfig, backend: StreamBackend) -> StreamingServer:
+    """The CRI streaming server (Exec, Attach, PortForward URLs), listening."""
+    st = cfg.streaming
+    try:
+        server = StreamingServer(backend, StreamingSettings(
+            address=st.address, port=st.port, tls_cert_file=st.tls_cert_file, tls_key_file=st.tls_key_file,
+            idle_timeout_seconds=st.idle_timeout_seconds, max_sessions=st.max_sessions))
+        server.start()
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"[streaming]: cannot serve on {st.address}:{st.port} "
+                           f"(TLS {'on' if st.tls_cert_file else 'off'}): {exc}") from None
+    return server
+
+
 class Daemon:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
@@ -197,9 +215,11 @@ class Daemon:
             kvm=facts,
             state_dir=cfg.state_dir,
         )
+        # The runtime's ways into a guest (exec, attach, port forward) are wired here once they exist.
+        streaming = start_streaming_server(cfg, NotAvailableBackend())
         grpc_server, health = api_server.build(
             RuntimeServicer(runtime, sandboxes, str(cfg.sandboxes_dir), containers,
-                            StatsService(sandboxes, containers)),
+                            StatsService(sandboxes, containers), StreamingService(containers, sandboxes, streaming)),
             ImageServicer(images, str(cfg.images_dir)),
             HostServicer(runtime),
             cfg.server.workers,
@@ -234,6 +254,7 @@ class Daemon:
         grace = cfg.server.shutdown_grace_seconds
         containers.close_streams()
         grpc_server.stop(grace).wait(grace + 5)
+        streaming.stop()
         console.close()
         libvirt.close()
         store.close()

@@ -11,9 +11,10 @@ docker-registry skopeo
 busybox-static syslinux syslinux-common mtools xorriso cpio
 "
 # Only for `make test`: the Go SPDY client of tests/streaming builds against
-# the library kubelet and kubectl use (Debian packages it; no Go module proxy).
+# the library kubelet and kubectl use (Debian packages it; no Go module proxy);
+# openssl makes the streaming server's TLS test certificate.
 if [ "${1:-}" = "--test" ]; then
-    PACKAGES="$PACKAGES golang-go golang-github-docker-spdystream-dev"
+    PACKAGES="$PACKAGES golang-go golang-github-docker-spdystream-dev openssl"
 fi
 missing=""
 for p in $PACKAGES; do

@@ -31,6 +31,7 @@ from agent.domain.network.wiring import PodNetworkStatus
 from agent.domain.oci import Compression, Descriptor
 from agent.domain.registry import RegistryAuth, ResolvedImage
 from agent.domain.sandbox import DNSConfig, PortMapping, Sandbox
+from agent.domain.streaming import StreamRequest
 from agent.domain.virt import KvmFacts
 from agent.domain.vm import Container, ContainerPaths, ContainerSpec, VMRequest, WorkloadExit
 
@@ -391,3 +392,13 @@ class PodDialer(Protocol):
     a connected socket, or a domain error saying why not."""
 
     def dial(self, sandbox_id: str, ip: str, port: int, timeout: float) -> socket.socket: ...
+
+
+# Streaming (Exec, Attach, PortForward) -------------------------------------------------
+
+
+class StreamURLs(Protocol):
+    """The streaming server's request cache (agent.streaming.server): keeps a
+    checked request under a fresh single-use token and returns its URL."""
+
+    def url_for(self, request: StreamRequest) -> str: ...

@@ -1,3 +1,4 @@
-"""The CRI streaming server's building blocks: the SPDY/3.1 framing codec
-(`agent.streaming.spdy`) and, later, the HTTP/WebSocket server on top of it.
+"""The CRI streaming server behind the URLs of Exec, Attach and PortForward:
+HTTP/1.1 (h11), SPDY/3.1 (`agent.streaming.spdy`, the only hand-written
+framing) and WebSocket (wsproto), over a `StreamBackend`.
 docs/streaming-protocols.md lists the Kubernetes protocol facts they follow."""

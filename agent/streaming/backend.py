@@ -14,6 +14,8 @@ import socket
 from dataclasses import dataclass
 from typing import Protocol
 
+from agent.domain.errors import FailedPrecondition
+
 
 @dataclass(frozen=True)
 class TermSize:
@@ -72,3 +74,17 @@ class StreamBackend(Protocol):
     def port_forward(self, sandbox_id: str, port: int, timeout: float) -> socket.socket:
         """A TCP connection to ``port`` of the pod (its VM), connected."""
         ...
+
+
+class NotAvailableBackend:
+    """The backend until the runtime's ways into a guest are wired: every
+    session ends with this message on the client's error channel."""
+
+    def exec(self, container_id: str, cmd: list[str], tty: bool, streams: Streams) -> ExitStatus:
+        raise FailedPrecondition("exec into VMs is not available yet")
+
+    def attach(self, container_id: str, tty: bool, streams: Streams) -> None:
+        raise FailedPrecondition("attach to VMs is not available yet")
+
+    def port_forward(self, sandbox_id: str, port: int, timeout: float) -> socket.socket:
+        raise FailedPrecondition("port forwarding into VMs is not available yet")

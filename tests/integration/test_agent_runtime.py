@@ -251,9 +251,9 @@ def test_unimplemented_calls_say_so(running_agent: AgentProcess) -> None:
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "CheckpointContainer is not implemented" in (err.value.details() or "")
     with pytest.raises(grpc.RpcError) as err:
-        running_agent.runtime.Exec(api_pb2.ExecRequest(container_id="x"), timeout=5)
+        running_agent.runtime.ListMetricDescriptors(api_pb2.ListMetricDescriptorsRequest(), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "Exec is not implemented" in (err.value.details() or "")
+    assert "ListMetricDescriptors is not implemented" in (err.value.details() or "")
     with pytest.raises(grpc.RpcError) as err:
         list(running_agent.images.StreamImages(api_pb2.StreamImagesRequest(), timeout=5))
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
