@@ -43,6 +43,7 @@ class VMFiles:
             seed=str(d / "cloudinit.iso"),
             console_log=str(d / "console.raw"),
             serial_socket=str(self.sockets / f"{container_id[:32]}.serial"),
+            guest_agent_socket=str(self.sockets / f"{container_id[:32]}.qga"),
         )
 
     def create_container_dir(self, paths: ContainerPaths) -> None:
@@ -74,6 +75,7 @@ class VMFiles:
             raise InvalidArgument("container_id", f"refusing to delete unexpected path {directory}")
         shutil.rmtree(d, ignore_errors=True)
         (self.sockets / f"{d.name[:32]}.serial").unlink(missing_ok=True)
+        (self.sockets / f"{d.name[:32]}.qga").unlink(missing_ok=True)
 
     def console_state(self, directory: str) -> str:
         return str(Path(directory) / "console.state")

@@ -75,6 +75,7 @@ class VMRequest:
     containerdisk_path: str | None = None  # a KubeVirt containerDisk "path" naming the disk file
     interface_model: str = "virtio"
     pod_network: bool = True  # False: no NIC (the VMI lists no networks)
+    guest_agent: bool = True  # the org.qemu.guest_agent.0 channel (podvisor.io/guest-agent: "false" drops it)
     cloud_init: CloudInit = field(default_factory=CloudInit)
 
 
@@ -161,6 +162,7 @@ class ContainerPaths:
     seed: str
     console_log: str
     serial_socket: str
+    guest_agent_socket: str  # the org.qemu.guest_agent.0 channel (QEMU binds it)
 
 
 @dataclass(frozen=True)

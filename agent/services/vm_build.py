@@ -123,6 +123,7 @@ class VMBuilder:
             uefi_loader=firmware.get("loader", ""), uefi_vars_template=firmware.get("vars_template", ""),
             uefi_nvram=firmware.get("nvram", ""), interfaces=tuple(interfaces),
             partition=pc.partition if pc is not None else "",
+            guest_agent_socket=paths.guest_agent_socket if request.guest_agent else "",
         )
 
     def domain_xml(self, container: Container, sandbox: Sandbox, request: VMRequest, paths: ContainerPaths) -> str:

@@ -176,7 +176,8 @@ class FakeFiles:
         d = self.sandboxes / sandbox_id / "containers" / container_id
         return ContainerPaths(directory=str(d), overlay=str(d / "disk.qcow2"), seed=str(d / "cloudinit.iso"),
                               console_log=str(d / "console.raw"),
-                              serial_socket=f"/run/podvisor/vm/{container_id[:32]}.serial")
+                              serial_socket=f"/run/podvisor/vm/{container_id[:32]}.serial",
+                              guest_agent_socket=f"/run/podvisor/vm/{container_id[:32]}.qga")
 
     def create_container_dir(self, paths: ContainerPaths) -> None:
         self.journal.record("files.create_container_dir", paths.directory)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pycdlib
 import pytest
 
+from agent.domain.errors import InvalidArgument
 from agent.domain.host import HostCapacity
 from agent.domain.sandbox import NetworkMode, Sandbox
 from agent.domain.vm import Container, ContainerPaths, ContainerState, VMRequest
@@ -200,6 +201,36 @@ def test_no_nic(case: str) -> None:
     c = _container(sb.id)
     spec = build.builder.domain_spec(c, sb, request, _paths(build, c))
     assert spec.interfaces == ()
+
+
+def test_every_vm_gets_the_guest_agent_channel(build: Build) -> None:
+    c = _container()
+    paths = _paths(build, c)
+    spec = build.builder.domain_spec(c, sandbox(), REQUEST, paths)
+    assert spec.guest_agent_socket == paths.guest_agent_socket != ""
+    xml = build.builder.domain_xml(c, sandbox(), REQUEST, paths)
+    assert 'name="org.qemu.guest_agent.0"' in xml
+
+
+@pytest.mark.parametrize(("scope", "value", "channel"), [
+    ("container", "false", False), ("pod", "false", False), ("container", "true", True),
+])
+def test_the_guest_agent_annotation_turns_the_channel_off(build: Build, scope: str, value: str,
+                                                          channel: bool) -> None:
+    annotations = {"podvisor.io/guest-agent": value}
+    spec_ = cspec(annotations=annotations) if scope == "container" else cspec()
+    sb = sandbox()
+    if scope == "pod":
+        sb = dataclasses.replace(sb, spec=dataclasses.replace(sb.spec, annotations=annotations))
+    req = build.builder.request(spec_, sb)
+    assert req.guest_agent is channel
+    c = _container()
+    assert bool(build.builder.domain_spec(c, sb, req, _paths(build, c)).guest_agent_socket) is channel
+
+
+def test_a_malformed_guest_agent_annotation_is_refused(build: Build) -> None:
+    with pytest.raises(InvalidArgument, match=r"podvisor.io/guest-agent.*\"true\" or \"false\""):
+        build.builder.request(cspec(annotations={"podvisor.io/guest-agent": "off"}), sandbox())
 
 
 def test_domain_xml_is_recognised_as_podvisors() -> None:
