@@ -124,6 +124,13 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ExecConfig:
+    # How long Exec and ExecSync without a timeout of their own wait for a
+    # booting guest's agent (or SSH server) to answer.
+    guest_ready_timeout_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     # Short-lived files: VM console sockets (unix socket paths must stay short).
@@ -137,6 +144,7 @@ class AgentConfig:
     # domain's own defaults type, checked when built.
     vm: VMDefaults = field(default_factory=VMDefaults)
     registries: RegistriesConfig = field(default_factory=RegistriesConfig)
+    exec: ExecConfig = field(default_factory=ExecConfig)
 
     @property
     def images_dir(self) -> Path:
@@ -158,6 +166,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "log": LogConfig,
     "images": ImagesConfig,
     "vm": VMDefaults,
+    "exec": ExecConfig,
 }
 
 

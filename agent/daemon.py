@@ -44,6 +44,7 @@ from agent.api.runtime_service import RuntimeServicer
 from agent.config import AgentConfig
 from agent.domain import imageref
 from agent.services.containers import ContainerService
+from agent.services.exec import ExecService
 from agent.services.images import ImageService
 from agent.services.ports import ContainerPorts, ImagePorts, Ports, SystemClock
 from agent.services.recovery import recover
@@ -199,7 +200,9 @@ class Daemon:
         )
         grpc_server, health = api_server.build(
             RuntimeServicer(runtime, sandboxes, str(cfg.sandboxes_dir), containers,
-                            StatsService(sandboxes, containers)),
+                            StatsService(sandboxes, containers),
+                            ExecService(containers, libvirt,
+                                        guest_ready_timeout_s=cfg.exec.guest_ready_timeout_seconds)),
             ImageServicer(images, str(cfg.images_dir)),
             HostServicer(runtime),
             cfg.server.workers,

@@ -13,12 +13,14 @@ import threading
 from agent.api.containers import ContainerVerbs
 from agent.api.convert.sandboxes import sandbox_to_pb
 from agent.api.convert.wire import EncodedCache
+from agent.api.exec_sync import ExecSyncVerbs
 from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.api.gen.runtime.v1 import api_pb2_grpc
 from agent.api.runtime_info import RuntimeInfoVerbs
 from agent.api.sandboxes import SandboxVerbs
 from agent.api.unimplemented import fill
 from agent.services.containers import ContainerService
+from agent.services.exec import ExecService
 from agent.services.runtime import RuntimeInfoService
 from agent.services.sandboxes import SandboxService
 from agent.services.stats import StatsService
@@ -27,18 +29,19 @@ from agent.services.stats import StatsService
 def _why(method: str) -> str:
     if method in ("ListMetricDescriptors", "ListPodSandboxMetrics"):
         return "CRI-provided metrics are not offered; kubelet uses the stats calls"
-    if method in ("Exec", "ExecSync", "Attach", "PortForward"):
+    if method in ("Exec", "Attach", "PortForward"):
         return "streaming into VMs (serial console, guest agent, port forwarding) is not available yet"
     if method == "CheckpointContainer":
         return "checkpointing VMs is not supported"
     return "this call is not supported by the VM runtime yet"
 
 
-class RuntimeServicer(RuntimeInfoVerbs, SandboxVerbs, ContainerVerbs,
+class RuntimeServicer(RuntimeInfoVerbs, SandboxVerbs, ContainerVerbs, ExecSyncVerbs,
                       api_pb2_grpc.RuntimeServiceServicer):  # type: ignore[misc]
     def __init__(self, runtime: RuntimeInfoService, sandboxes: SandboxService, sandboxes_dir: str,
-                 containers: ContainerService, stats: StatsService) -> None:
+                 containers: ContainerService, stats: StatsService, execs: ExecService | None = None) -> None:
         self._runtime = runtime
+        self._execs = execs
         self._sandboxes = sandboxes
         self._containers = containers
         self._stats = stats

@@ -69,3 +69,15 @@ class Internal(PodvisorError):
     """A bug or an unexpected state; the log has the details."""
 
     code_name = "INTERNAL"
+
+
+class GuestAgentNotReady(Unavailable):
+    """The guest agent is not connected or did not answer in time: the guest
+    may still be booting. Callers that can wait retry on this one."""
+
+
+class GuestAgentRefused(PodvisorError):
+    """The guest agent answered a command with an error (a program it could not
+    start, say); ``message`` is the agent's. Callers decide what it means."""
+
+    code_name = "FAILED_PRECONDITION"

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from agent.concurrency import BlobProgress
 from agent.domain.disk import DiskInfo
@@ -332,3 +332,42 @@ class ImagePorts:
     new_extractor: ExtractorFactory
     inspect_disk: DiskInspector
     clock: Clock
+
+
+# --- exec ------------------------------------------------------------------------------------
+# What the exec service needs (agent.services.exec).
+
+
+class ContainerLookup(Protocol):
+    """Containers by id, their state reconciled with libvirt
+    (agent.services.containers.ContainerService)."""
+
+    def get(self, container_id: str) -> Container: ...
+
+
+class GuestAgent(Protocol):
+    """A running domain's QEMU guest agent (agent.adapters.libvirt.Libvirt).
+
+    ``command`` is one agent command (``{"execute": ..., "arguments": ...}``);
+    the answer is its ``return`` value. Raises ``GuestAgentNotReady`` while the
+    agent is not connected or does not answer within ``timeout_s``,
+    ``GuestAgentRefused`` for the agent's own errors, ``FailedPrecondition``
+    when the domain has no agent channel or is not running.
+    """
+
+    def guest_agent_command(self, name: str, command: dict[str, Any], timeout_s: int) -> Any: ...
+
+
+class Pacing(Protocol):
+    """Monotonic time and sleeping (``SystemPacing``; a stepping fake in tests)."""
+
+    def monotonic(self) -> float: ...
+    def sleep(self, seconds: float) -> None: ...
+
+
+class SystemPacing:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
