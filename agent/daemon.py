@@ -26,6 +26,7 @@ from agent import __version__, faults
 from agent.adapters import kvm, qemu_access, qemu_img, systemd
 from agent.adapters.cgroups import PodCgroups
 from agent.adapters.console_log import ConsoleLogs
+from agent.adapters.exec_keys import ExecKeys
 from agent.adapters.files import SandboxFiles
 from agent.adapters.host import Host
 from agent.adapters.image_files import ImageFiles
@@ -35,6 +36,7 @@ from agent.adapters.network.pod_network import PodNetworkManager, disabled_readi
 from agent.adapters.registry import RegistryClient
 from agent.adapters.registry.credentials import RegistryCredentials, configured_lookup
 from agent.adapters.registry.transport import RegistryHostConfig
+from agent.adapters.ssh import GuestSSH
 from agent.adapters.store import Store
 from agent.adapters.vm_files import VMFiles
 from agent.api import server as api_server
@@ -124,7 +126,7 @@ def build_container_service(cfg: AgentConfig, store: Store, libvirt: Libvirt, co
     """VM containers over their adapters; what a VM is made of from ``VMBuilder``."""
     vm_files = VMFiles(cfg.sandboxes_dir, cfg.runtime_dir)
     builder = VMBuilder(defaults=cfg.vm, virt_type=virt_type, files=vm_files, sandbox_files=sandbox_files,
-                        network=network, host=host)
+                        network=network, host=host, keys=ExecKeys())
     return ContainerService(ContainerPorts(
         store=store, hypervisor=libvirt, files=vm_files, console=console, sandboxes=sandboxes, images=images,
         vm=builder, clock=SystemClock(), cgroups=PodCgroups(),
@@ -201,7 +203,8 @@ class Daemon:
         grpc_server, health = api_server.build(
             RuntimeServicer(runtime, sandboxes, str(cfg.sandboxes_dir), containers,
                             StatsService(sandboxes, containers),
-                            ExecService(containers, libvirt,
+                            ExecService(containers, libvirt, sandboxes=sandboxes, keys=ExecKeys(),
+                                        shell=GuestSSH(),
                                         guest_ready_timeout_s=cfg.exec.guest_ready_timeout_seconds)),
             ImageServicer(images, str(cfg.images_dir)),
             HostServicer(runtime),

@@ -71,9 +71,13 @@ class Internal(PodvisorError):
     code_name = "INTERNAL"
 
 
-class GuestAgentNotReady(Unavailable):
-    """The guest agent is not connected or did not answer in time: the guest
-    may still be booting. Callers that can wait retry on this one."""
+class GuestNotReady(Unavailable):
+    """A way into a guest (its SSH server, its agent) does not answer yet: the
+    guest may still be booting. Callers that can wait retry on this one."""
+
+
+class GuestAgentNotReady(GuestNotReady):
+    """The guest agent is not connected or did not answer in time."""
 
 
 class GuestAgentRefused(PodvisorError):

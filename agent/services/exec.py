@@ -1,5 +1,6 @@
 """Running commands in a VM's guest: ExecSync (and the non-interactive
-fallback of Exec) through the QEMU guest agent.
+fallback of Exec) through the QEMU guest agent; Exec (``StreamBackend.exec``)
+through SSH over the pod network.
 
 The agent's ``guest-exec`` starts the program with its output captured, and
 ``guest-exec-status`` is polled (a back-off from a few milliseconds) until it
@@ -8,7 +9,14 @@ A timeout kills the program and its descendants in the guest and fails the
 call with ``DeadlineExceeded``, which kubelet reads as a timed-out probe.
 While the guest is still booting, its agent is not connected yet: the call
 waits for it, bounded by its own timeout or else by ``[exec]
-guest_ready_timeout_seconds``. docs/exec.md has the whole story.
+guest_ready_timeout_seconds``.
+
+Exec connects to the pod IP, port 22, with the VM's own client key, and
+accepts only the host key given to the VM through cloud-init; it waits the
+same way for sshd while the guest boots. Where SSH cannot reach the guest (a
+hostNetwork pod, a pod without an IP) a command without tty or stdin runs
+through the guest agent instead, its output delivered when it ends.
+docs/exec.md has the whole story.
 """
 
 from __future__ import annotations
@@ -27,11 +35,23 @@ from agent.domain.errors import (
     FailedPrecondition,
     GuestAgentNotReady,
     GuestAgentRefused,
+    GuestNotReady,
     Internal,
     InvalidArgument,
 )
-from agent.domain.vm import Container, ContainerState
-from agent.services.ports import ContainerLookup, GuestAgent, Pacing, SystemPacing
+from agent.domain.sandbox import NetworkMode
+from agent.domain.vm import Container, ContainerState, ExecCredentials
+from agent.services.ports import (
+    ContainerLookup,
+    ExecKeyStore,
+    GuestAgent,
+    GuestShell,
+    Pacing,
+    SandboxLookup,
+    ShellSession,
+    SystemPacing,
+)
+from agent.streaming.backend import ExitStatus, Streams
 
 log = structlog.get_logger(__name__)
 
@@ -73,10 +93,15 @@ class ExecService:
     """Commands in a container's guest, through its QEMU guest agent."""
 
     def __init__(self, containers: ContainerLookup, agent: GuestAgent, *,
+                 sandboxes: SandboxLookup | None = None, keys: ExecKeyStore | None = None,
+                 shell: GuestShell | None = None,
                  guest_ready_timeout_s: float = DEFAULT_GUEST_READY_TIMEOUT_S,
                  pacing: Pacing | None = None) -> None:
         self._containers = containers
         self._agent = agent
+        self._sandboxes = sandboxes
+        self._keys = keys
+        self._shell = shell
         self._ready_timeout = guest_ready_timeout_s
         self._t = pacing or SystemPacing()
 
@@ -192,6 +217,70 @@ class ExecService:
             except (GuestAgentNotReady, GuestAgentRefused):
                 return
             self._t.sleep(0.05)
+
+
+    # Exec (streaming) ---------------------------------------------------------------------
+
+    def exec(self, container_id: str, cmd: list[str], tty: bool, streams: Streams) -> ExitStatus:
+        """``StreamBackend.exec``: run ``cmd`` in the guest with these streams until it ends."""
+        if not cmd or not cmd[0]:
+            raise InvalidArgument("cmd", "must name a program to run")
+        c = self.running(container_id)
+        host = self._ssh_host(c)
+        if host is None:
+            return self._exec_through_agent(c, cmd, tty, streams)
+        if self._keys is None or self._shell is None:
+            raise FailedPrecondition("interactive exec over SSH is not configured in this agent")
+        credentials = self._keys.load(c.directory)
+        session = self._connect(c, host, credentials)
+        try:
+            return session.run(shlex.join(cmd), tty, streams)
+        finally:
+            session.close()
+
+    def _ssh_host(self, c: Container) -> str | None:
+        """The pod IP SSH reaches the guest on, or None where SSH cannot (hostNetwork, no IP)."""
+        if self._sandboxes is None or self._shell is None:
+            return None
+        sandbox = self._sandboxes.get(c.sandbox_id)
+        if sandbox.spec.network_mode is not NetworkMode.POD or not sandbox.ip:
+            return None
+        return sandbox.ip
+
+    def _connect(self, c: Container, host: str, credentials: ExecCredentials) -> ShellSession:
+        """Connect, waiting (bounded by the configured limit) while the guest boots."""
+        assert self._shell is not None
+        ready_by = self._t.monotonic() + self._ready_timeout
+        pause = READY_FIRST_S
+        while True:
+            left = ready_by - self._t.monotonic()
+            try:
+                return self._shell.connect(host, credentials, max(0.5, min(5.0, left)))
+            except GuestNotReady as exc:
+                if self._t.monotonic() + pause > ready_by:
+                    raise FailedPrecondition(
+                        f"the guest of container {c.id} did not answer SSH on {host}:22 within "
+                        f"{self._ready_timeout:g}s ({exc.message}): interactive exec needs the guest to run "
+                        "sshd (Debian: openssh-server) and cloud-init, which installs Podvisor's keys") from None
+                self._t.sleep(pause)
+                pause = min(READY_MAX_S, pause * 2)
+
+    def _exec_through_agent(self, c: Container, cmd: list[str], tty: bool, streams: Streams) -> ExitStatus:
+        """The fallback where SSH cannot reach the guest: no tty, no stdin; output when it ends."""
+        if tty or streams.stdin is not None:
+            raise FailedPrecondition(
+                f"container {c.id}: exec with a tty or stdin needs SSH to the pod IP, and this pod has none "
+                "(hostNetwork or no pod IP); only non-interactive exec (no -i, no -t) runs here, through the "
+                "QEMU guest agent")
+        r = self.exec_sync(c.id, cmd, 0)
+        try:
+            if r.stdout and streams.stdout is not None:
+                streams.stdout.write(r.stdout)
+            if r.stderr and streams.stderr is not None:
+                streams.stderr.write(r.stderr)
+        except OSError:
+            return ExitStatus(code=r.exit_code, message="the client closed the stream")
+        return ExitStatus(code=r.exit_code)
 
 
 class _NotStarted(Exception):

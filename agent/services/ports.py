@@ -31,7 +31,8 @@ from agent.domain.oci import Compression, Descriptor
 from agent.domain.registry import RegistryAuth, ResolvedImage
 from agent.domain.sandbox import DNSConfig, PortMapping, Sandbox
 from agent.domain.virt import KvmFacts
-from agent.domain.vm import Container, ContainerPaths, ContainerSpec, VMRequest
+from agent.domain.vm import Container, ContainerPaths, ContainerSpec, ExecCredentials, GuestAccess, VMRequest
+from agent.streaming.backend import ExitStatus, Streams
 
 # Shared ------------------------------------------------------------------------------
 
@@ -230,6 +231,13 @@ class HostSize(Protocol):
     def capacity(self) -> HostCapacity: ...
 
 
+class ExecKeyStore(Protocol):
+    """Exec's per-VM SSH keys in the container's directory (agent.adapters.exec_keys.ExecKeys)."""
+
+    def create(self, directory: str) -> GuestAccess: ...
+    def load(self, directory: str) -> ExecCredentials: ...
+
+
 class VMBuild(Protocol):
     """What a VM is made of: its request, NoCloud seed and domain XML, and
     the pod network it joins (agent.services.vm_build.VMBuilder)."""
@@ -356,6 +364,21 @@ class GuestAgent(Protocol):
     """
 
     def guest_agent_command(self, name: str, command: dict[str, Any], timeout_s: int) -> Any: ...
+
+
+class ShellSession(Protocol):
+    """One authenticated SSH connection into a guest (agent.adapters.ssh.SSHSession)."""
+
+    def run(self, command: str, tty: bool, streams: Streams) -> ExitStatus: ...
+    def close(self) -> None: ...
+
+
+class GuestShell(Protocol):
+    """SSH into guests (agent.adapters.ssh.GuestSSH). Raises ``GuestNotReady``
+    while nothing answers, ``FailedPrecondition`` for a wrong host key or a
+    refused login."""
+
+    def connect(self, host: str, credentials: ExecCredentials, timeout_s: float) -> ShellSession: ...
 
 
 class Pacing(Protocol):

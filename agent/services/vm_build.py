@@ -33,15 +33,17 @@ from agent.domain.vm import (
 )
 from agent.domain.vmrequest import VMDefaults
 from agent.render import cloudinit, domain_xml, nocloud
-from agent.services.ports import HostSize, SandboxFiles, VMFiles, VMNetwork
+from agent.services.ports import ExecKeyStore, HostSize, SandboxFiles, VMFiles, VMNetwork
 
 
 class VMBuilder:
-    """The ``VMBuild`` port: ``network`` is None when pod networking is off."""
+    """The ``VMBuild`` port: ``network`` is None when pod networking is off;
+    ``keys`` None leaves Exec's SSH access out of the seed."""
 
     def __init__(self, *, defaults: VMDefaults, virt_type: str, files: VMFiles, sandbox_files: SandboxFiles,
-                 network: VMNetwork | None, host: HostSize) -> None:
+                 network: VMNetwork | None, host: HostSize, keys: ExecKeyStore | None = None) -> None:
         self._defaults = defaults
+        self._keys = keys
         self._host = host
         self._virt_type = virt_type
         self._files = files
@@ -75,7 +77,8 @@ class VMBuilder:
             self._network.ensure_dhcp(sandbox.id, self._sandbox_files.sandbox_dir(sandbox.id))
 
     def seed(self, request: VMRequest, container: Container, sandbox: Sandbox) -> bytes:
-        """The NoCloud seed ISO: meta-data, user-data and, on a pod network, network-config."""
+        """The NoCloud seed ISO: meta-data, user-data (with Exec's SSH keys) and, on a pod
+        network, network-config. The container's directory must exist."""
         # Default network-config: what CNI assigned, so guests come up on the
         # pod network even without DHCP.
         w = self._wiring(sandbox) if request.pod_network else None
@@ -85,10 +88,12 @@ class VMBuilder:
                 mac=w.vm_mac, addresses=(f"{w.ip}/{w.prefix}",), gateways=(w.gateway,) if w.gateway else (),
                 routes=tuple(cloudinit.Route(to=r.dst, via=r.gw) for r in w.routes),
                 dns_servers=tuple(w.dns_servers), dns_searches=tuple(w.dns_searches), mtu=w.mtu)
+        # Exec's SSH way in: keys made now, kept in the container's directory.
+        access = self._keys.create(container.directory) if self._keys is not None else None
         # instance-id: the container id, stable for the VM's life, new for a new VM.
         files = cloudinit.seed_files(instance_id=container.id,
                                      hostname=sandbox.spec.hostname or sandbox.spec.metadata.name,
-                                     cloud_init=request.cloud_init, network=pod_net)
+                                     cloud_init=request.cloud_init, network=pod_net, access=access)
         return nocloud.build_seed_iso(files["meta-data"], files["user-data"], files.get("network-config"))
 
     def domain_spec(self, c: Container, sandbox: Sandbox, request: VMRequest, paths: ContainerPaths) -> DomainSpec:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.domain.vm import CloudInit
+from agent.domain.vm import CloudInit, GuestAccess
 from agent.domain.vmrequest import CRIResources, build_vm_request, check_network_config
 from agent.render.cloudinit import (
     MERGE_TYPE,
@@ -160,6 +160,56 @@ def test_testvm_seed_golden() -> None:
         _golden(f"testvm.{name}", data)
     iso = build_seed_iso(files["meta-data"], files["user-data"], files.get("network-config"))
     assert iso[0x8001:0x8006] == b"CD001"
+
+
+# -- Exec's SSH access ---------------------------------------------------------------------
+
+# Fixed test keys (made once for these tests, used nowhere else).
+ACCESS = GuestAccess(
+    client_public_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPodvisorExecClientKeyForGoldenTests0000000 podvisor-exec",
+    host_public_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPodvisorGuestHostKeyForGoldenTests00000000 podvisor-host",
+    host_private_key="-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n"
+                     "-----END OPENSSH PRIVATE KEY-----\n",
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "ci"),
+    [
+        pytest.param("access-only.user-data", CloudInit(), id="access-only"),
+        pytest.param("access-merged.user-data",
+                     CloudInit(user_data=b"#cloud-config\ndisable_root: true\nssh_keys:\n  rsa_private: x\n",
+                               ssh_authorized_keys=(KEY_A,)), id="access-merged"),
+        pytest.param("access-script.user-data", CloudInit(user_data=SCRIPT), id="access-script"),
+    ],
+)
+def test_access_golden(name: str, ci: CloudInit) -> None:
+    out = render_user_data(ci, "web-1", ACCESS)
+    _golden(name, out)
+
+
+def test_access_gives_root_the_agents_key_and_the_guest_its_host_key() -> None:
+    doc = _cloud_config(render_user_data(CloudInit(ssh_authorized_keys=(KEY_A,)), "web-1", ACCESS))
+    assert doc["ssh_authorized_keys"] == [KEY_A, ACCESS.client_public_key]
+    assert doc["disable_root"] is False
+    assert doc["ssh_keys"] == {"ed25519_private": ACCESS.host_private_key,
+                               "ed25519_public": ACCESS.host_public_key}
+
+
+def test_access_leaves_the_users_choices_alone() -> None:
+    user = (b"#cloud-config\ndisable_root: true\nssh_keys:\n  ed25519_private: mine\n"
+            b"  ed25519_public: ssh-ed25519 mine\n")
+    doc = _cloud_config(render_user_data(CloudInit(user_data=user), "web-1", ACCESS))
+    assert doc["disable_root"] is True
+    assert doc["ssh_keys"] == {"ed25519_private": "mine", "ed25519_public": "ssh-ed25519 mine"}
+    assert doc["ssh_authorized_keys"] == [ACCESS.client_public_key]
+
+
+def test_access_wraps_a_script_and_never_shows_the_private_key_in_its_repr() -> None:
+    out = render_user_data(CloudInit(user_data=SCRIPT), "web-1", ACCESS)
+    parts = _cloud_init_parts(out)
+    assert [p.get_content_type() for p in parts] == ["text/x-shellscript", "text/cloud-config"]
+    assert "PRIVATE KEY" not in repr(ACCESS)
 
 
 # -- #cloud-config merging ----------------------------------------------------------------
