@@ -64,7 +64,9 @@ class SSHSession:
             chan.exec_command(command)
             if streams.stdin is not None:
                 threads.append(_thread("exec-stdin", _pump_stdin, chan, streams, done))
-            else:
+            elif not tty:
+                # No stdin: the command reads EOF at once. (Not with a tty: paramiko
+                # sends nothing on a channel after EOF, resizes included.)
                 chan.shutdown_write()
             if tty and streams.resize is not None:
                 threads.append(_thread("exec-resize", _pump_resizes, chan, streams, done))
@@ -145,10 +147,13 @@ def _pump_resizes(chan: paramiko.Channel, streams: Streams, done: threading.Even
 
 
 class GuestSSH:
-    """The ``GuestShell`` port: SSH sessions into guests."""
+    """The ``GuestShell`` port: SSH sessions into guests (``port``: tests only)."""
+
+    def __init__(self, port: int = SSH_PORT) -> None:
+        self._port = port
 
     def connect(self, host: str, credentials: ExecCredentials, timeout_s: float) -> SSHSession:
-        where = f"{host}:{SSH_PORT}"
+        where = f"{host}:{self._port}"
         expected = _host_key(credentials.host_public_key)
         try:
             client_key = paramiko.Ed25519Key.from_private_key(
@@ -157,7 +162,7 @@ class GuestSSH:
             raise FailedPrecondition("the VM's exec client key cannot be read") from None
         timeout = max(0.5, timeout_s)
         try:
-            sock = socket.create_connection((host, SSH_PORT), timeout=timeout)
+            sock = socket.create_connection((host, self._port), timeout=timeout)
         except OSError as exc:
             raise GuestNotReady(f"SSH on {where} does not answer: {exc.strerror or exc}") from None
         transport = paramiko.Transport(sock)

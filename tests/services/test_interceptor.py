@@ -311,7 +311,7 @@ def test_server_keeps_serving_after_an_unexpected_exception(harness: Harness) ->
     [
         ("ListMetricDescriptors", pb.ListMetricDescriptorsRequest,
          "CRI-provided metrics are not offered; kubelet uses the stats calls"),
-        ("ExecSync", pb.ExecSyncRequest,
+        ("Exec", pb.ExecRequest,
          "streaming into VMs (serial console, guest agent, port forwarding) is not available yet"),
         ("PortForward", pb.PortForwardRequest,
          "streaming into VMs (serial console, guest agent, port forwarding) is not available yet"),
