@@ -14,12 +14,15 @@ from agent.domain.errors import (
     FailedPrecondition,
     GuestAgentNotReady,
     GuestAgentRefused,
+    GuestNotReady,
     InvalidArgument,
     NotFound,
 )
-from agent.domain.vm import Container, ContainerState
+from agent.domain.sandbox import NetworkMode, Sandbox
+from agent.domain.vm import Container, ContainerState, ExecCredentials, GuestAccess
 from agent.services.exec import MAX_OUTPUT_BYTES, ExecService
-from tests.services.container_fakes import record
+from agent.streaming.backend import ExitStatus, Streams
+from tests.services.container_fakes import record, sandbox
 
 CID = "c" * 64
 
@@ -270,3 +273,136 @@ def test_a_channel_turned_off_fails_at_once() -> None:
     with pytest.raises(FailedPrecondition, match="no guest agent channel"):
         service(agent, clock).exec_sync(CID, ["true"], 0)
     assert len(agent.calls) == 1 and clock.sleeps == []
+
+
+# -- streaming exec ------------------------------------------------------------------------
+
+
+class Sandboxes:
+    def __init__(self, sb: Sandbox) -> None:
+        self.sb = sb
+
+    def get(self, sandbox_id: str) -> Sandbox:
+        return self.sb
+
+    def hold(self, sandbox_id: str) -> Any:
+        raise AssertionError("exec never holds a sandbox")
+
+
+class Keys:
+    def create(self, directory: str) -> GuestAccess:
+        raise AssertionError("exec never makes keys")
+
+    def load(self, directory: str) -> ExecCredentials:
+        return ExecCredentials(client_private_key=b"k", host_public_key=f"ssh-ed25519 AAAA {directory}")
+
+
+class Session:
+    def __init__(self, shell: Shell) -> None:
+        self.shell = shell
+
+    def run(self, command: str, tty: bool, streams: Streams) -> ExitStatus:
+        self.shell.ran.append((command, tty))
+        if streams.stdout is not None:
+            streams.stdout.write(b"from ssh")
+        return ExitStatus(code=4)
+
+    def close(self) -> None:
+        self.shell.closed += 1
+
+
+class Shell:
+    """Refuses ``not_ready`` connections (the guest boots), then opens sessions."""
+
+    def __init__(self, clock: SteppingClock, not_ready: int = 0) -> None:
+        self.clock = clock
+        self.not_ready = not_ready
+        self.connects: list[tuple[str, ExecCredentials, float]] = []
+        self.ran: list[tuple[str, bool]] = []
+        self.closed = 0
+
+    def connect(self, host: str, credentials: ExecCredentials, timeout_s: float) -> Session:
+        self.connects.append((host, credentials, timeout_s))
+        if len(self.connects) <= self.not_ready:
+            self.clock.now += timeout_s
+            raise GuestNotReady(f"SSH on {host}:22 does not answer")
+        return Session(self)
+
+
+class Out:
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+class In:
+    def read(self, n: int = 65536) -> bytes:
+        return b""
+
+
+def pod(ip: str = "10.88.0.7", mode: NetworkMode = NetworkMode.POD) -> Sandbox:
+    sb = sandbox()
+    return dataclasses.replace(sb, ip=ip, spec=dataclasses.replace(sb.spec, network_mode=mode))
+
+
+def streaming(agent: ScriptedAgent, clock: SteppingClock, shell: Shell, sb: Sandbox,
+              ready_timeout: float = 120.0) -> ExecService:
+    return ExecService(Containers(running()), agent, sandboxes=Sandboxes(sb), keys=Keys(), shell=shell,
+                       guest_ready_timeout_s=ready_timeout, pacing=clock)
+
+
+def test_exec_runs_the_argv_over_ssh_to_the_pod_ip_with_the_vms_keys() -> None:
+    clock = SteppingClock()
+    agent, shell, out = ScriptedAgent(clock), Shell(clock), Out()
+    status = streaming(agent, clock, shell, pod()).exec(
+        CID, ["sh", "-c", "echo 'a b'; exit 4"], True, Streams(stdin=In(), stdout=out, stderr=None, resize=None))
+    assert status == ExitStatus(code=4)
+    assert out.data == b"from ssh"
+    [(host, creds, _)] = shell.connects
+    assert host == "10.88.0.7"
+    assert creds.host_public_key.endswith(running().directory)
+    assert shell.ran == [("sh -c 'echo '\"'\"'a b'\"'\"'; exit 4'", True)]
+    assert shell.closed == 1
+    assert agent.calls == []
+
+
+def test_exec_waits_for_sshd_while_the_guest_boots() -> None:
+    clock = SteppingClock()
+    shell = Shell(clock, not_ready=5)
+    status = streaming(ScriptedAgent(clock), clock, shell, pod()).exec(
+        CID, ["true"], False, Streams(stdin=None, stdout=Out(), stderr=Out(), resize=None))
+    assert status.code == 4
+    assert len(shell.connects) == 6
+
+
+def test_exec_gives_up_after_the_configured_wait_saying_what_the_guest_needs() -> None:
+    clock = SteppingClock()
+    shell = Shell(clock, not_ready=10**6)
+    with pytest.raises(FailedPrecondition, match="did not answer SSH on 10.88.0.7:22 within 60s.*openssh-server"):
+        streaming(ScriptedAgent(clock), clock, shell, pod(), ready_timeout=60).exec(
+            CID, ["true"], False, Streams(stdin=None, stdout=Out(), stderr=Out(), resize=None))
+    assert clock.now - 1000 <= 62
+
+
+@pytest.mark.parametrize("sb", [pod(mode=NetworkMode.NODE), pod(ip="")], ids=["host-network", "no-pod-ip"])
+def test_without_ssh_a_plain_exec_runs_through_the_guest_agent(sb: Sandbox) -> None:
+    clock = SteppingClock()
+    agent = ScriptedAgent(clock, guest_exec=started(), guest_exec_status=exits_after(
+        1, exitcode=2, **{"out-data": b64(b"o"), "err-data": b64(b"e")}))
+    shell, out, err = Shell(clock), Out(), Out()
+    status = streaming(agent, clock, shell, sb).exec(CID, ["ls"], False,
+                                                     Streams(stdin=None, stdout=out, stderr=err, resize=None))
+    assert (status.code, out.data, err.data) == (2, b"o", b"e")
+    assert shell.connects == []
+
+
+@pytest.mark.parametrize(("tty", "stdin"), [(True, False), (False, True)])
+def test_without_ssh_a_tty_or_stdin_is_refused_clearly(tty: bool, stdin: bool) -> None:
+    clock = SteppingClock()
+    agent = ScriptedAgent(clock)
+    with pytest.raises(FailedPrecondition, match="tty or stdin needs SSH to the pod IP.*hostNetwork"):
+        streaming(agent, clock, Shell(clock), pod(mode=NetworkMode.NODE)).exec(
+            CID, ["sh"], tty, Streams(stdin=In() if stdin else None, stdout=Out(), stderr=None, resize=None))
+    assert agent.calls == []

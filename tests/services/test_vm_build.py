@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pycdlib
 import pytest
+import yaml
 
 from agent.domain.errors import InvalidArgument
 from agent.domain.host import HostCapacity
 from agent.domain.sandbox import NetworkMode, Sandbox
-from agent.domain.vm import Container, ContainerPaths, ContainerState, VMRequest
+from agent.domain.vm import Container, ContainerPaths, ContainerState, ExecCredentials, GuestAccess, VMRequest
 from agent.domain.vmrequest import VMDefaults
 from agent.services.vm_build import VMBuilder
 from tests.services.container_fakes import (
@@ -277,6 +278,35 @@ def test_seed_without_wiring_has_no_network_config(build: Build) -> None:
     unwired = _seed_files(build.builder.seed(REQUEST, _container(OTHER_SANDBOX_ID), sandbox(OTHER_SANDBOX_ID)))
     for files in (node, no_nic, unwired):
         assert set(files) == {"meta-data", "user-data"}
+
+
+class FakeKeys:
+    """ExecKeyStore: fixed keys, the directories they were made for recorded."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    def create(self, directory: str) -> GuestAccess:
+        self.journal.record("keys.create", directory)
+        return GuestAccess(client_public_key="ssh-ed25519 AAAAclient podvisor-exec",
+                           host_public_key="ssh-ed25519 AAAAhost podvisor-guest",
+                           host_private_key="-----BEGIN OPENSSH PRIVATE KEY-----\nx\n")
+
+    def load(self, directory: str) -> ExecCredentials:
+        raise AssertionError("building a VM never reads keys")
+
+
+def test_seed_carries_execs_keys_made_in_the_containers_directory() -> None:
+    journal = Journal()
+    builder = VMBuilder(defaults=VMDefaults(), virt_type="qemu", files=FakeFiles(journal),
+                        sandbox_files=RecordingFiles(journal, STATE_ROOT), network=None, host=FakeHost(),
+                        keys=FakeKeys(journal))
+    c = _container()
+    user_data = yaml.safe_load(_seed_files(builder.seed(REQUEST, c, sandbox()))["user-data"])
+    assert journal.of("keys.") == [("keys.create", c.directory)]
+    assert "ssh-ed25519 AAAAclient podvisor-exec" in user_data["ssh_authorized_keys"]
+    assert user_data["disable_root"] is False
+    assert user_data["ssh_keys"]["ed25519_public"] == "ssh-ed25519 AAAAhost podvisor-guest"
 
 
 # DHCP -------------------------------------------------------------------------------
