@@ -158,7 +158,10 @@ class ExecService:
         pause = READY_FIRST_S
         while True:
             try:
-                answer = self._agent.guest_agent_command(c.domain_name, request, self._command_timeout(deadline))
+                # The full wait, not what is left of the call's timeout: were
+                # libvirt to give up on a slow answer, the program might run
+                # with its pid unknown, beyond the reach of the kill below.
+                answer = self._agent.guest_agent_command(c.domain_name, request, COMMAND_MAX_S)
                 break
             except GuestAgentRefused as exc:
                 # The agent could not start the program: a shell's answer to that.

@@ -20,7 +20,7 @@ from agent.domain.errors import (
 )
 from agent.domain.sandbox import NetworkMode, Sandbox
 from agent.domain.vm import Container, ContainerState, ExecCredentials, GuestAccess
-from agent.services.exec import MAX_OUTPUT_BYTES, ExecService
+from agent.services.exec import COMMAND_MAX_S, MAX_OUTPUT_BYTES, ExecService
 from agent.streaming.backend import ExitStatus, Streams
 from tests.services.container_fakes import record, sandbox
 
@@ -158,6 +158,9 @@ def test_timeout_kills_the_program_in_the_guest_and_fails_as_deadline_exceeded()
     with pytest.raises(DeadlineExceeded, match=r"command 'sleep 10' timed out after 2s"):
         service(agent, clock).exec_sync(CID, ["sleep", "10"], 2)
     assert killed["yes"]
+    # guest-exec gets libvirt's full wait even with 2 s left: a start libvirt
+    # gave up on could leave the program running with its pid unknown.
+    assert agent.calls[0][1:] == ("guest-exec", agent.of("guest-exec")[0], COMMAND_MAX_S)
     kill = agent.of("guest-exec")[1]
     assert kill["arg"][-1] == "42"
     # Stopped within its timeout (plus one poll), not after the program ended.
