@@ -38,6 +38,7 @@ from agent.domain.errors import (
     GuestNotReady,
     Internal,
     InvalidArgument,
+    Unavailable,
 )
 from agent.domain.sandbox import NetworkMode
 from agent.domain.vm import Container, ContainerState, ExecCredentials
@@ -166,9 +167,13 @@ class ExecService:
             except GuestAgentRefused as exc:
                 # The agent could not start the program: a shell's answer to that.
                 raise _NotStarted(exc.message) from None
-            except GuestAgentNotReady:
+            except Unavailable as exc:
+                # The agent not connected yet (booting), or libvirtd itself
+                # away for a moment (the adapter reconnects): both are waited on.
                 now = self._t.monotonic()
                 if now + pause > ready_by:
+                    if not isinstance(exc, GuestAgentNotReady):
+                        raise
                     if deadline is not None:
                         raise self._timed_out(cmd, timeout_s, "the guest agent did not answer in time "
                                                               "(the guest may still be booting)") from None
@@ -184,11 +189,19 @@ class ExecService:
         """Poll guest-exec-status until the program exits or the deadline passes."""
         request = {"execute": "guest-exec-status", "arguments": {"pid": pid}}
         pause = POLL_FIRST_S
+        failing_since: float | None = None
         while True:
             try:
                 status = self._agent.guest_agent_command(c.domain_name, request, self._command_timeout(deadline))
-            except GuestAgentNotReady:
-                status = None  # a slow answer: the deadline decides
+                failing_since = None
+            except Unavailable:
+                # A slow answer, libvirtd away for a moment: the deadline decides,
+                # or without one the configured limit on how long it may last.
+                status = None
+                now = self._t.monotonic()
+                failing_since = now if failing_since is None else failing_since
+                if deadline is None and now - failing_since > self._ready_timeout:
+                    raise
             if isinstance(status, dict) and status.get("exited"):
                 return _result(status)
             left = self._remaining(deadline)

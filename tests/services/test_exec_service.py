@@ -17,6 +17,7 @@ from agent.domain.errors import (
     GuestNotReady,
     InvalidArgument,
     NotFound,
+    Unavailable,
 )
 from agent.domain.sandbox import NetworkMode, Sandbox
 from agent.domain.vm import Container, ContainerState, ExecCredentials, GuestAccess
@@ -409,3 +410,39 @@ def test_without_ssh_a_tty_or_stdin_is_refused_clearly(tty: bool, stdin: bool) -
         streaming(agent, clock, Shell(clock), pod(mode=NetworkMode.NODE)).exec(
             CID, ["sh"], tty, Streams(stdin=In() if stdin else None, stdout=Out(), stderr=None, resize=None))
     assert agent.calls == []
+
+
+def test_libvirtd_away_for_a_moment_is_waited_on() -> None:
+    clock = SteppingClock()
+    tries = {"n": 0}
+
+    def exec_(args: dict[str, Any], timeout: int) -> Any:
+        tries["n"] += 1
+        if tries["n"] <= 3:
+            raise Unavailable("libvirt unavailable: end of file")
+        return {"pid": 7}
+
+    agent = ScriptedAgent(clock, guest_exec=exec_, guest_exec_status=exits_after(0, exitcode=0))
+    assert service(agent, clock).exec_sync(CID, ["true"], 30).exit_code == 0
+
+
+def test_libvirtd_away_for_good_is_unavailable_not_a_guest_problem() -> None:
+    clock = SteppingClock()
+
+    def down(args: dict[str, Any], timeout: int) -> Any:
+        raise Unavailable("cannot connect to libvirt at qemu:///system")
+
+    with pytest.raises(Unavailable, match="cannot connect to libvirt"):
+        service(ScriptedAgent(clock, guest_exec=down), clock, ready_timeout=30).exec_sync(CID, ["true"], 0)
+
+
+def test_a_status_poll_that_never_answers_again_ends_without_a_timeout() -> None:
+    clock = SteppingClock()
+
+    def gone(args: dict[str, Any], timeout: int) -> Any:
+        clock.now += timeout
+        raise GuestAgentNotReady("Guest agent not available for now")
+
+    agent = ScriptedAgent(clock, guest_exec=started(), guest_exec_status=gone)
+    with pytest.raises(GuestAgentNotReady):
+        service(agent, clock, ready_timeout=60).exec_sync(CID, ["true"], 0)
