@@ -38,6 +38,7 @@ from agent.domain.errors import (
     GuestNotReady,
     Internal,
     InvalidArgument,
+    PodvisorError,
     Unavailable,
 )
 from agent.domain.sandbox import NetworkMode
@@ -213,27 +214,34 @@ class ExecService:
             pause = min(POLL_MAX_S, pause * POLL_FACTOR)
 
     def _kill(self, c: Container, pid: int) -> None:
-        """Kill the program and its descendants in the guest; reap its status (best effort)."""
+        """Kill the program and its descendants in the guest (best effort), then
+        read both its status and the killer's, which frees the agent's records."""
         kill = {"execute": "guest-exec",
                 "arguments": {"path": "sh", "arg": ["-c", _KILL_TREE, "kill-tree", str(pid)]}}
         plain = {"execute": "guest-exec", "arguments": {"path": "kill", "arg": ["-KILL", str(pid)]}}
         for request in (kill, plain):
             try:
-                self._agent.guest_agent_command(c.domain_name, request, COMMAND_MAX_S)
-                break
-            except (GuestAgentNotReady, GuestAgentRefused) as exc:
+                answer = self._agent.guest_agent_command(c.domain_name, request, COMMAND_MAX_S)
+            except PodvisorError as exc:
                 log.warning("cannot kill a timed-out exec in the guest", container_id=c.id, pid=pid,
                             error=str(exc))
-        # Reading the status of an exited program frees the agent's record of it.
+                continue
+            if isinstance(answer, dict) and isinstance(answer.get("pid"), int):
+                self._reap(c, int(answer["pid"]))
+            break
+        self._reap(c, pid)
+
+    def _reap(self, c: Container, pid: int) -> None:
+        """Wait briefly for ``pid`` to have exited, reading its status (best effort)."""
         status = {"execute": "guest-exec-status", "arguments": {"pid": pid}}
-        for _ in range(20):
+        for _ in range(40):
             try:
-                if (self._agent.guest_agent_command(c.domain_name, status, 2) or {}).get("exited"):
-                    return
-            except (GuestAgentNotReady, GuestAgentRefused):
+                answer = self._agent.guest_agent_command(c.domain_name, status, 2)
+            except PodvisorError:
+                return
+            if isinstance(answer, dict) and answer.get("exited"):
                 return
             self._t.sleep(0.05)
-
 
     # Exec (streaming) ---------------------------------------------------------------------
 
