@@ -106,8 +106,9 @@ def test_a_timeout_fails_as_deadline_exceeded_and_kills_the_command(exec_vm: Exe
     elapsed = time.monotonic() - start
     assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, exc.value.details()
     assert "timed out" in exc.value.details()
-    # Failed before the command could have ended on its own.
-    assert elapsed < 10
+    # Failed long before the command could have ended on its own (1234 s);
+    # the kill and its clean-up take a few agent round trips under TCG.
+    assert elapsed < 120
     # Neither the shell nor its child survived.
     left = exec_vm.exec_sync(["pgrep", "-f", "sleep 1234"])
     assert (left.exit_code, left.stdout) == (1, b""), left
