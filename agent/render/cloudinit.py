@@ -25,6 +25,15 @@ user-data
       replaces a user's key, so a cloud-config inside the user's MIME keeps
       its ``runcmd`` and keys.
 
+vendor-data
+    Podvisor's own ``#cloud-config`` for Exec's SSH access (when the agent
+    gives one): ``disable_root: false`` and the VM's ed25519 host key in
+    ``ssh_keys``. cloud-init merges vendor-data under the user-data, so a
+    user's own ``disable_root`` or ``ssh_keys`` wins; the user-data itself is
+    never touched for it. The agent's key for root goes in meta-data's
+    ``public-keys`` (``agent.render.nocloud``), which cloud-init adds to the
+    configured keys rather than being replaced by a user's list.
+
 network-config
     The user's verbatim when given; else, when the pod's address is known, a
     version 2 config that matches the NIC by MAC and states the CNI result
@@ -139,19 +148,18 @@ def _dump(doc: Mapping[str, Any]) -> str:
 # -- user-data ------------------------------------------------------------------
 
 
-def render_user_data(ci: CloudInit, hostname: str, access: GuestAccess | None = None) -> bytes:
-    """The seed's ``user-data`` for ``ci`` and the VM's ``hostname`` (see the module
-    docstring), with Podvisor's SSH ``access`` for Exec when given."""
+def render_user_data(ci: CloudInit, hostname: str) -> bytes:
+    """The seed's ``user-data`` for ``ci`` and the VM's ``hostname`` (see the module docstring)."""
     fmt = user_data_format(ci.user_data)
     if fmt is UserDataFormat.NONE:
         # cloud-init wants a user-data file even when nobody wrote one.
-        return _cloud_config(_merge_additions({}, ci, hostname, access))
+        return _cloud_config(_merge_additions({}, ci, hostname))
     assert ci.user_data is not None
-    if not _has_additions(ci) and access is None:
+    if not _has_additions(ci):
         return ci.user_data  # verbatim, comments and all, as KubeVirt passes it
     if fmt is UserDataFormat.CLOUD_CONFIG:
-        return _cloud_config(_merge_additions(parse_cloud_config(ci.user_data), ci, hostname, access))
-    ours = _cloud_config(_merge_additions({}, ci, hostname, access))
+        return _cloud_config(_merge_additions(parse_cloud_config(ci.user_data), ci, hostname))
+    ours = _cloud_config(_merge_additions({}, ci, hostname))
     return _multipart(ci.user_data, fmt, ours)
 
 
@@ -166,8 +174,7 @@ def _has_additions(ci: CloudInit) -> bool:
     return bool(ci.ssh_authorized_keys or ci.env or ci.command)
 
 
-def _merge_additions(base: Mapping[str, Any], ci: CloudInit, hostname: str,
-                     access: GuestAccess | None = None) -> dict[str, Any]:
+def _merge_additions(base: Mapping[str, Any], ci: CloudInit, hostname: str) -> dict[str, Any]:
     doc = copy.deepcopy(dict(base))  # never mutate the caller's document
     if "hostname" not in doc and "fqdn" not in doc and hostname:
         short, _, domain = hostname.partition(".")
@@ -189,26 +196,7 @@ def _merge_additions(base: Mapping[str, Any], ci: CloudInit, hostname: str,
         # env(1) puts the container env in front, as a container would see it.
         env_prefix = ["env", *(f"{k}={v}" for k, v in ci.env.items())] if ci.env else []
         doc["runcmd"] = list(doc.get("runcmd") or []) + [_Argv([*env_prefix, *ci.command])]
-    if access is not None:
-        _merge_access(doc, access)
     return doc
-
-
-def _merge_access(doc: dict[str, Any], access: GuestAccess) -> None:
-    """Exec's way in: the agent's key for root (cloud-init gives root the
-    top-level keys, unprefixed once ``disable_root`` is false) and the VM's
-    own ed25519 host key, which the agent checks when it connects."""
-    keys = doc.get("ssh_authorized_keys") or []
-    keys = [keys] if isinstance(keys, str) else list(keys)
-    if access.client_public_key not in keys:
-        keys.append(access.client_public_key)
-    doc["ssh_authorized_keys"] = keys
-    doc.setdefault("disable_root", False)  # a user's own choice stands
-    ssh_keys = dict(doc.get("ssh_keys") or {})
-    # A user's own ed25519 host key stands (Exec then cannot vouch for the host: docs/exec.md).
-    ssh_keys.setdefault("ed25519_private", access.host_private_key)
-    ssh_keys.setdefault("ed25519_public", access.host_public_key)
-    doc["ssh_keys"] = ssh_keys
 
 
 def _environment_value(value: str) -> str:
@@ -278,6 +266,18 @@ def _boundary(parts: tuple[bytes, ...]) -> str:
     raise ValueError("no MIME boundary avoids the user-data content")  # needs a crafted input
 
 
+# -- vendor-data ------------------------------------------------------------------
+
+
+def render_vendor_data(access: GuestAccess) -> bytes:
+    """The seed's ``vendor-data``: root login by key allowed (unless the user-data
+    says otherwise) and the VM's own SSH host key, which the agent checks."""
+    return _cloud_config({
+        "disable_root": False,
+        "ssh_keys": {"ed25519_private": access.host_private_key, "ed25519_public": access.host_public_key},
+    })
+
+
 # -- network-config ---------------------------------------------------------------
 
 
@@ -337,14 +337,19 @@ def _ethernet(net: PodNetwork) -> dict[str, Any]:
 
 def seed_files(*, instance_id: str, hostname: str, cloud_init: CloudInit,
                network: PodNetwork | None = None, access: GuestAccess | None = None) -> dict[str, bytes]:
-    """``meta-data``, ``user-data`` and, when there is one, ``network-config``.
+    """``meta-data``, ``user-data`` and, when there is one, ``network-config``;
+    with Exec's SSH ``access``, ``vendor-data`` and root's key in meta-data.
 
-    Ready for ``build_seed_iso(files["meta-data"], files["user-data"], files.get("network-config"))``.
+    Ready for ``build_seed_iso(files["meta-data"], files["user-data"], files.get("network-config"),
+    files.get("vendor-data"))``.
     """
     files = {
-        "meta-data": render_meta_data(instance_id, hostname),
-        "user-data": render_user_data(cloud_init, hostname, access),
+        "meta-data": render_meta_data(instance_id, hostname,
+                                      public_keys=(access.client_public_key,) if access else ()),
+        "user-data": render_user_data(cloud_init, hostname),
     }
+    if access is not None:
+        files["vendor-data"] = render_vendor_data(access)
     network_config = render_network_config(cloud_init, network)
     if network_config is not None:
         files["network-config"] = network_config

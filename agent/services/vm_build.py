@@ -77,8 +77,8 @@ class VMBuilder:
             self._network.ensure_dhcp(sandbox.id, self._sandbox_files.sandbox_dir(sandbox.id))
 
     def seed(self, request: VMRequest, container: Container, sandbox: Sandbox) -> bytes:
-        """The NoCloud seed ISO: meta-data, user-data (with Exec's SSH keys) and, on a pod
-        network, network-config. The container's directory must exist."""
+        """The NoCloud seed ISO: meta-data, user-data, on a pod network network-config, and
+        Exec's SSH keys (meta-data, vendor-data). The container's directory must exist."""
         # Default network-config: what CNI assigned, so guests come up on the
         # pod network even without DHCP.
         w = self._wiring(sandbox) if request.pod_network else None
@@ -94,7 +94,8 @@ class VMBuilder:
         files = cloudinit.seed_files(instance_id=container.id,
                                      hostname=sandbox.spec.hostname or sandbox.spec.metadata.name,
                                      cloud_init=request.cloud_init, network=pod_net, access=access)
-        return nocloud.build_seed_iso(files["meta-data"], files["user-data"], files.get("network-config"))
+        return nocloud.build_seed_iso(files["meta-data"], files["user-data"], files.get("network-config"),
+                                      files.get("vendor-data"))
 
     def domain_spec(self, c: Container, sandbox: Sandbox, request: VMRequest, paths: ContainerPaths) -> DomainSpec:
         """Everything the domain XML says: sizes, disks, NIC, firmware, Podvisor metadata."""

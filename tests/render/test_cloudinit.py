@@ -173,42 +173,22 @@ ACCESS = GuestAccess(
 )
 
 
-@pytest.mark.parametrize(
-    ("name", "ci"),
-    [
-        pytest.param("access-only.user-data", CloudInit(), id="access-only"),
-        pytest.param("access-merged.user-data",
-                     CloudInit(user_data=b"#cloud-config\ndisable_root: true\nssh_keys:\n  rsa_private: x\n",
-                               ssh_authorized_keys=(KEY_A,)), id="access-merged"),
-        pytest.param("access-script.user-data", CloudInit(user_data=SCRIPT), id="access-script"),
-    ],
-)
-def test_access_golden(name: str, ci: CloudInit) -> None:
-    out = render_user_data(ci, "web-1", ACCESS)
-    _golden(name, out)
+def test_access_goes_to_vendor_data_and_meta_data_and_leaves_the_user_data_alone() -> None:
+    ci = CloudInit(user_data=SCRIPT, ssh_authorized_keys=(KEY_A,))
+    with_access = seed_files(instance_id="i-1", hostname="web-1", cloud_init=ci, access=ACCESS)
+    without = seed_files(instance_id="i-1", hostname="web-1", cloud_init=ci)
+    assert with_access["user-data"] == without["user-data"]
+    _golden("access.vendor-data", with_access["vendor-data"])
+    _golden("access.meta-data", with_access["meta-data"])
+    vendor = _cloud_config(with_access["vendor-data"])
+    assert vendor == {"disable_root": False, "ssh_keys": {"ed25519_private": ACCESS.host_private_key,
+                                                           "ed25519_public": ACCESS.host_public_key}}
+    meta = yaml.safe_load(with_access["meta-data"])
+    assert meta["public-keys"] == [ACCESS.client_public_key]
+    assert "vendor-data" not in without and "public-keys" not in yaml.safe_load(without["meta-data"])
 
 
-def test_access_gives_root_the_agents_key_and_the_guest_its_host_key() -> None:
-    doc = _cloud_config(render_user_data(CloudInit(ssh_authorized_keys=(KEY_A,)), "web-1", ACCESS))
-    assert doc["ssh_authorized_keys"] == [KEY_A, ACCESS.client_public_key]
-    assert doc["disable_root"] is False
-    assert doc["ssh_keys"] == {"ed25519_private": ACCESS.host_private_key,
-                               "ed25519_public": ACCESS.host_public_key}
-
-
-def test_access_leaves_the_users_choices_alone() -> None:
-    user = (b"#cloud-config\ndisable_root: true\nssh_keys:\n  ed25519_private: mine\n"
-            b"  ed25519_public: ssh-ed25519 mine\n")
-    doc = _cloud_config(render_user_data(CloudInit(user_data=user), "web-1", ACCESS))
-    assert doc["disable_root"] is True
-    assert doc["ssh_keys"] == {"ed25519_private": "mine", "ed25519_public": "ssh-ed25519 mine"}
-    assert doc["ssh_authorized_keys"] == [ACCESS.client_public_key]
-
-
-def test_access_wraps_a_script_and_never_shows_the_private_key_in_its_repr() -> None:
-    out = render_user_data(CloudInit(user_data=SCRIPT), "web-1", ACCESS)
-    parts = _cloud_init_parts(out)
-    assert [p.get_content_type() for p in parts] == ["text/x-shellscript", "text/cloud-config"]
+def test_access_never_shows_the_private_key_in_its_repr() -> None:
     assert "PRIVATE KEY" not in repr(ACCESS)
 
 

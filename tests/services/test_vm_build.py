@@ -302,11 +302,16 @@ def test_seed_carries_execs_keys_made_in_the_containers_directory() -> None:
                         sandbox_files=RecordingFiles(journal, STATE_ROOT), network=None, host=FakeHost(),
                         keys=FakeKeys(journal))
     c = _container()
-    user_data = yaml.safe_load(_seed_files(builder.seed(REQUEST, c, sandbox()))["user-data"])
+    files = _seed_files(builder.seed(REQUEST, c, sandbox()))
     assert journal.of("keys.") == [("keys.create", c.directory)]
-    assert "ssh-ed25519 AAAAclient podvisor-exec" in user_data["ssh_authorized_keys"]
-    assert user_data["disable_root"] is False
-    assert user_data["ssh_keys"]["ed25519_public"] == "ssh-ed25519 AAAAhost podvisor-guest"
+    assert yaml.safe_load(files["meta-data"])["public-keys"] == ["ssh-ed25519 AAAAclient podvisor-exec"]
+    vendor = yaml.safe_load(files["vendor-data"])
+    assert vendor["disable_root"] is False
+    assert vendor["ssh_keys"]["ed25519_public"] == "ssh-ed25519 AAAAhost podvisor-guest"
+    # The user-data is what it is without Exec's keys.
+    plain = VMBuilder(defaults=VMDefaults(), virt_type="qemu", files=FakeFiles(journal),
+                      sandbox_files=RecordingFiles(journal, STATE_ROOT), network=None, host=FakeHost())
+    assert files["user-data"] == _seed_files(plain.seed(REQUEST, c, sandbox()))["user-data"]
 
 
 # DHCP -------------------------------------------------------------------------------
