@@ -71,6 +71,9 @@ READY_MAX_S = 1.0
 # Longest single agent command (libvirt's own wait for its answer).
 COMMAND_MAX_S = 10
 DEFAULT_GUEST_READY_TIMEOUT_S = 120.0
+# After a timeout: how long the killer may take, then the killed program to be gone.
+KILL_WAIT_S = 30.0
+REAP_WAIT_S = 5.0
 
 # Stops the program and its descendants (depth first), then kills them: run
 # by the guest's own sh, pgrep (procps) finds the children.
@@ -227,21 +230,26 @@ class ExecService:
                             error=str(exc))
                 continue
             if isinstance(answer, dict) and isinstance(answer.get("pid"), int):
-                self._reap(c, int(answer["pid"]))
+                # The call returns once the killing is done: on a busy TCG guest
+                # the killer's forks take seconds, and a caller that looks right
+                # after must not find the program still there.
+                self._reap(c, int(answer["pid"]), KILL_WAIT_S)
             break
-        self._reap(c, pid)
+        self._reap(c, pid, REAP_WAIT_S)
 
-    def _reap(self, c: Container, pid: int) -> None:
-        """Wait briefly for ``pid`` to have exited, reading its status (best effort)."""
+    def _reap(self, c: Container, pid: int, limit_s: float) -> None:
+        """Wait up to ``limit_s`` for ``pid`` to have exited, reading its status (best effort)."""
         status = {"execute": "guest-exec-status", "arguments": {"pid": pid}}
-        for _ in range(40):
+        until = self._t.monotonic() + limit_s
+        while self._t.monotonic() < until:
             try:
                 answer = self._agent.guest_agent_command(c.domain_name, status, 2)
             except PodvisorError:
                 return
             if isinstance(answer, dict) and answer.get("exited"):
                 return
-            self._t.sleep(0.05)
+            self._t.sleep(0.1)
+        log.warning("a killed exec's process has not ended yet", container_id=c.id, pid=pid)
 
     # Exec (streaming) ---------------------------------------------------------------------
 

@@ -446,3 +446,23 @@ def test_a_status_poll_that_never_answers_again_ends_without_a_timeout() -> None
     agent = ScriptedAgent(clock, guest_exec=started(), guest_exec_status=gone)
     with pytest.raises(GuestAgentNotReady):
         service(agent, clock, ready_timeout=60).exec_sync(CID, ["true"], 0)
+
+
+def test_a_timed_out_call_returns_once_a_slow_killer_is_done() -> None:
+    clock = SteppingClock()
+    polls = {"killer": 0}
+
+    def exec_(args: dict[str, Any], timeout: int) -> Any:
+        return {"pid": 43} if args["path"] == "sh" and "kill-tree" in args["arg"] else {"pid": 42}
+
+    def status(args: dict[str, Any], timeout: int) -> Any:
+        if args["pid"] == 43:
+            polls["killer"] += 1
+            return {"exited": polls["killer"] >= 60, "exitcode": 0}  # ~6 s of a busy guest
+        return {"exited": polls["killer"] >= 60, "signal": 9}
+
+    agent = ScriptedAgent(clock, guest_exec=exec_, guest_exec_status=status)
+    with pytest.raises(DeadlineExceeded):
+        service(agent, clock).exec_sync(CID, ["sleep", "10"], 1)
+    assert polls["killer"] == 60
+    assert agent.of("guest-exec-status")[-1] == {"pid": 42}
