@@ -141,6 +141,13 @@ class StreamingConfig:
 
 
 @dataclass(frozen=True)
+class ExecConfig:
+    # How long Exec and ExecSync without a timeout of their own wait for a
+    # booting guest's agent (or SSH server) to answer.
+    guest_ready_timeout_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     # Short-lived files: VM console sockets (unix socket paths must stay short).
@@ -155,6 +162,7 @@ class AgentConfig:
     vm: VMDefaults = field(default_factory=VMDefaults)
     registries: RegistriesConfig = field(default_factory=RegistriesConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    exec: ExecConfig = field(default_factory=ExecConfig)
 
     @property
     def images_dir(self) -> Path:
@@ -177,6 +185,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "images": ImagesConfig,
     "vm": VMDefaults,
     "streaming": StreamingConfig,
+    "exec": ExecConfig,
 }
 
 

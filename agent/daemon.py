@@ -25,16 +25,20 @@ import structlog
 from agent import __version__, faults
 from agent.adapters import kvm, qemu_access, qemu_img, systemd
 from agent.adapters.cgroups import PodCgroups
+from agent.adapters.console import ConsoleHub
 from agent.adapters.console_log import ConsoleLogs
+from agent.adapters.exec_keys import ExecKeys
 from agent.adapters.files import SandboxFiles
 from agent.adapters.host import Host
 from agent.adapters.image_files import ImageFiles
 from agent.adapters.layers import DiskExtractor
 from agent.adapters.libvirt import Libvirt
+from agent.adapters.network.dial import PodDialer
 from agent.adapters.network.pod_network import PodNetworkManager, disabled_readiness
 from agent.adapters.registry import RegistryClient
 from agent.adapters.registry.credentials import RegistryCredentials, configured_lookup
 from agent.adapters.registry.transport import RegistryHostConfig
+from agent.adapters.ssh import GuestSSH
 from agent.adapters.store import Store
 from agent.adapters.vm_files import VMFiles
 from agent.api import server as api_server
@@ -43,16 +47,19 @@ from agent.api.images import ImageServicer
 from agent.api.runtime_service import RuntimeServicer
 from agent.config import AgentConfig
 from agent.domain import imageref
+from agent.services.attach import AttachService
 from agent.services.containers import ContainerService
+from agent.services.exec import ExecService
 from agent.services.images import ImageService
+from agent.services.port_forward import PortForwardService
 from agent.services.ports import ContainerPorts, ImagePorts, Ports, SystemClock
 from agent.services.recovery import recover
 from agent.services.runtime import RuntimeInfoService, choose_virt
 from agent.services.sandboxes import LateMembers, SandboxService
 from agent.services.stats import StatsService
-from agent.services.streaming import StreamingService
+from agent.services.streaming import GuestStreams, StreamingService
 from agent.services.vm_build import VMBuilder
-from agent.streaming.backend import NotAvailableBackend, StreamBackend
+from agent.streaming.backend import StreamBackend
 from agent.streaming.server import Settings as StreamingSettings
 from agent.streaming.server import StreamingServer
 
@@ -127,7 +134,7 @@ def build_container_service(cfg: AgentConfig, store: Store, libvirt: Libvirt, co
     """VM containers over their adapters; what a VM is made of from ``VMBuilder``."""
     vm_files = VMFiles(cfg.sandboxes_dir, cfg.runtime_dir)
     builder = VMBuilder(defaults=cfg.vm, virt_type=virt_type, files=vm_files, sandbox_files=sandbox_files,
-                        network=network, host=host)
+                        network=network, host=host, keys=ExecKeys())
     return ContainerService(ContainerPorts(
         store=store, hypervisor=libvirt, files=vm_files, console=console, sandboxes=sandboxes, images=images,
         vm=builder, clock=SystemClock(), cgroups=PodCgroups(),
@@ -215,11 +222,16 @@ class Daemon:
             kvm=facts,
             state_dir=cfg.state_dir,
         )
-        # The runtime's ways into a guest (exec, attach, port forward) are wired here once they exist.
-        streaming = start_streaming_server(cfg, NotAvailableBackend())
+        # The runtime's ways into a guest, behind the streaming server's URLs.
+        execs = ExecService(containers, libvirt, sandboxes=sandboxes, keys=ExecKeys(), shell=GuestSSH(),
+                            guest_ready_timeout_s=cfg.exec.guest_ready_timeout_seconds)
+        consoles = ConsoleHub()
+        streaming = start_streaming_server(cfg, GuestStreams(
+            execs, AttachService(containers, consoles), PortForwardService(sandboxes, PodDialer())))
         grpc_server, health = api_server.build(
             RuntimeServicer(runtime, sandboxes, str(cfg.sandboxes_dir), containers,
-                            StatsService(sandboxes, containers), StreamingService(containers, sandboxes, streaming)),
+                            StatsService(sandboxes, containers), StreamingService(containers, sandboxes, streaming),
+                            execs),
             ImageServicer(images, str(cfg.images_dir)),
             HostServicer(runtime),
             cfg.server.workers,
@@ -255,6 +267,7 @@ class Daemon:
         containers.close_streams()
         grpc_server.stop(grace).wait(grace + 5)
         streaming.stop()
+        consoles.close()
         console.close()
         libvirt.close()
         store.close()

@@ -9,6 +9,7 @@ other module ever sees a libvirt type.
 from __future__ import annotations
 
 import errno
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -16,9 +17,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt
+import libvirt_qemu
 import structlog
 
-from agent.domain.errors import FailedPrecondition, Internal, NotFound, Unavailable
+from agent.domain.errors import (
+    FailedPrecondition,
+    GuestAgentNotReady,
+    GuestAgentRefused,
+    Internal,
+    NotFound,
+    Unavailable,
+)
 from agent.domain.hypervisor import DomainState, DomainStats, HypervisorVersions, LifecycleEvent
 
 log = structlog.get_logger(__name__)
@@ -57,6 +66,22 @@ def classify_error(code: int, domain: int, sys_errno: int, alive: bool) -> str:
         return "access"
     if code in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_NO_NETWORK):
         return "not_found"
+    return "other"
+
+
+def classify_agent_error(code: int, message: str) -> str:
+    """What a failed guest-agent command means: ``not_ready`` (the agent is not
+    connected or did not answer: the guest may be booting; retry), ``off``
+    (the domain has no agent channel), ``not_running``, ``refused`` (the agent
+    answered with an error of its own), or ``other`` (left to ``classify_error``)."""
+    if code in (libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_AGENT_UNSYNCED):
+        return "not_ready"
+    if code == libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED and "agent" in message:
+        return "off"
+    if code == libvirt.VIR_ERR_OPERATION_INVALID:
+        return "not_running"
+    if code == libvirt.VIR_ERR_INTERNAL_ERROR and "agent command" in message:
+        return "refused"
     return "other"
 
 
@@ -384,6 +409,45 @@ class Libvirt:
         if f"guest={name},".encode() not in cmdline and f"guest={name}\0".encode() not in cmdline:
             raise FailedPrecondition(f"process {pid} in {pidfile} is not the QEMU of domain {name}")
         return pid
+
+    def guest_agent_command(self, name: str, command: dict[str, Any], timeout_s: int) -> Any:
+        """Send one QMP-style command to the domain's QEMU guest agent and return
+        its ``return`` value, waiting at most ``timeout_s`` seconds (≥ 1) for
+        the answer.
+
+        Raises GuestAgentNotReady (not connected, no answer in time),
+        FailedPrecondition (no agent channel, domain not running),
+        GuestAgentRefused (the agent's own error), NotFound (no domain).
+        """
+        text = json.dumps(command)
+
+        def send(c: Any) -> Any:
+            dom = self._domain(c, name)
+            try:
+                return libvirt_qemu.qemuAgentCommand(dom, text, max(1, int(timeout_s)), 0)
+            except libvirt.libvirtError as exc:
+                message = exc.get_error_message() or str(exc)
+                kind = classify_agent_error(exc.get_error_code(), message)
+                if kind == "not_ready":
+                    raise GuestAgentNotReady(f"the guest agent of {name} did not answer: {message}") from None
+                if kind == "off":
+                    raise FailedPrecondition(
+                        f"domain {name} has no guest agent channel (org.qemu.guest_agent.0): "
+                        "it was created with podvisor.io/guest-agent: \"false\"") from None
+                if kind == "not_running":
+                    raise FailedPrecondition(f"domain {name} is not running: {message}") from None
+                if kind == "refused":
+                    raise GuestAgentRefused(message) from None
+                raise
+
+        answer = self.call(send)
+        try:
+            reply = json.loads(answer)
+        except (TypeError, ValueError):
+            raise Internal(f"the guest agent of {name} answered something that is not JSON") from None
+        if not isinstance(reply, dict) or "return" not in reply:
+            raise Internal(f"the guest agent of {name} answered without a return value")
+        return reply["return"]
 
     def list_domains(self) -> dict[str, str]:
         """Every domain's name → its XML (callers keep only their own)."""

@@ -47,6 +47,7 @@ class VMFiles:
             console_log=str(d / "console.raw"),
             serial_socket=str(self.sockets / f"{container_id[:32]}.serial"),
             workload_exit=str(d / WORKLOAD_EXIT_FILE),
+            guest_agent_socket=str(self.sockets / f"{container_id[:32]}.qga"),
         )
 
     def create_container_dir(self, paths: ContainerPaths) -> None:
@@ -78,6 +79,7 @@ class VMFiles:
             raise InvalidArgument("container_id", f"refusing to delete unexpected path {directory}")
         shutil.rmtree(d, ignore_errors=True)
         (self.sockets / f"{d.name[:32]}.serial").unlink(missing_ok=True)
+        (self.sockets / f"{d.name[:32]}.qga").unlink(missing_ok=True)
 
     def workload_exit(self, directory: str) -> WorkloadExit | None:
         """What the VM's command reported (its exit port's file); None when the VM has no

@@ -24,6 +24,7 @@ SSH_AUTHORIZED_KEYS = PREFIX + "ssh-authorized-keys"
 VCPUS = PREFIX + "vcpus"
 MEMORY = PREFIX + "memory"
 FIRMWARE = PREFIX + "firmware"
+GUEST_AGENT = PREFIX + "guest-agent"
 
 MAX_VCPUS = 512
 # cloud-init payloads end up on an ISO attached to the guest; keep them sane.
@@ -60,6 +61,13 @@ def parse_firmware(value: str) -> str:
     if value not in ("bios", "uefi"):
         raise ValueError("expected bios or uefi")
     return value
+
+
+def parse_bool(value: str) -> bool:
+    """``"true"`` or ``"false"`` (as Kubernetes writes booleans in annotations)."""
+    if value not in ("true", "false"):
+        raise ValueError('expected "true" or "false"')
+    return value == "true"
 
 
 def _check_size(value: str) -> str:
@@ -105,6 +113,7 @@ _VALIDATORS: dict[str, Callable[[str], object]] = {
     VCPUS: parse_vcpus,
     MEMORY: parse_memory,
     FIRMWARE: parse_firmware,
+    GUEST_AGENT: parse_bool,
 }
 
 KNOWN_KEYS = frozenset(_VALIDATORS)

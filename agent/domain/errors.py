@@ -69,3 +69,19 @@ class Internal(PodvisorError):
     """A bug or an unexpected state; the log has the details."""
 
     code_name = "INTERNAL"
+
+
+class GuestNotReady(Unavailable):
+    """A way into a guest (its SSH server, its agent) does not answer yet: the
+    guest may still be booting. Callers that can wait retry on this one."""
+
+
+class GuestAgentNotReady(GuestNotReady):
+    """The guest agent is not connected or did not answer in time."""
+
+
+class GuestAgentRefused(PodvisorError):
+    """The guest agent answered a command with an error (a program it could not
+    start, say); ``message`` is the agent's. Callers decide what it means."""
+
+    code_name = "FAILED_PRECONDITION"

@@ -66,6 +66,25 @@ class CloudInit:
 
 
 @dataclass(frozen=True)
+class GuestAccess:
+    """Podvisor's own SSH way into a guest (Exec), made per VM at CreateContainer:
+    the key the agent logs in with as root, and the guest's SSH host key, so
+    the agent knows the host it reaches is that VM (docs/exec.md)."""
+
+    client_public_key: str  # OpenSSH line, authorised for root
+    host_public_key: str  # OpenSSH line ("ssh-ed25519 AAAA...")
+    host_private_key: str = field(repr=False)  # OpenSSH PEM; a secret: never logged
+
+
+@dataclass(frozen=True)
+class ExecCredentials:
+    """What the agent needs to open Exec's SSH session into a guest."""
+
+    client_private_key: bytes = field(repr=False)  # OpenSSH PEM; a secret: never logged
+    host_public_key: str  # the only host key accepted ("ssh-ed25519 AAAA...")
+
+
+@dataclass(frozen=True)
 class VMRequest:
     """A VM as CreateContainer asked for it (sizes resolved, nothing host-specific)."""
 
@@ -79,6 +98,7 @@ class VMRequest:
     containerdisk_path: str | None = None  # a KubeVirt containerDisk "path" naming the disk file
     interface_model: str = "virtio"
     pod_network: bool = True  # False: no NIC (the VMI lists no networks)
+    guest_agent: bool = True  # the org.qemu.guest_agent.0 channel (podvisor.io/guest-agent: "false" drops it)
     cloud_init: CloudInit = field(default_factory=CloudInit)
 
 
@@ -166,6 +186,7 @@ class ContainerPaths:
     seed: str
     console_log: str
     serial_socket: str
+    guest_agent_socket: str  # the org.qemu.guest_agent.0 channel (QEMU binds it)
     workload_exit: str = ""  # the command's exit code, as the guest reports it (WORKLOAD_EXIT_CHANNEL)
 
 

@@ -350,6 +350,8 @@ def build_vm_request(
         interface_model = (vmi.interface.model if vmi.interface else None) or "virtio"
         pod_network = vmi.pod_network
 
+    guest_agent = ann.parse_bool(merged[ann.GUEST_AGENT].value) if ann.GUEST_AGENT in merged else True
+
     return VMRequest(
         vcpus=vcpus,
         max_vcpus=max_vcpus,
@@ -361,6 +363,7 @@ def build_vm_request(
         containerdisk_path=containerdisk_path,
         interface_model=interface_model,
         pod_network=pod_network,
+        guest_agent=guest_agent,
         cloud_init=_cloud_init(pod_annotations, container_annotations, merged, vmi, env, command, args),
     )
 

@@ -25,6 +25,15 @@ user-data
       replaces a user's key, so a cloud-config inside the user's MIME keeps
       its ``runcmd`` and keys.
 
+vendor-data
+    Podvisor's own ``#cloud-config`` for Exec's SSH access (when the agent
+    gives one): ``disable_root: false`` and the VM's ed25519 host key in
+    ``ssh_keys``. cloud-init merges vendor-data under the user-data, so a
+    user's own ``disable_root`` or ``ssh_keys`` wins; the user-data itself is
+    never touched for it. The agent's key for root goes in meta-data's
+    ``public-keys`` (``agent.render.nocloud``), which cloud-init adds to the
+    configured keys rather than being replaced by a user's list.
+
 network-config
     The user's verbatim when given; else, when the pod's address is known, a
     version 2 config that matches the NIC by MAC and states the CNI result
@@ -46,7 +55,7 @@ from typing import Any
 import yaml
 
 from agent.domain.guest_settings import has_dns, resolv_conf_lines, sysctl_proc_path
-from agent.domain.vm import WORKLOAD_EXIT_CHANNEL, CloudInit
+from agent.domain.vm import WORKLOAD_EXIT_CHANNEL, CloudInit, GuestAccess
 from agent.domain.vmrequest import CLOUD_CONFIG_HEADER, UserDataFormat, parse_cloud_config, user_data_format
 from agent.render.nocloud import render_meta_data
 
@@ -355,6 +364,18 @@ def _boundary(parts: tuple[bytes, ...]) -> str:
     raise ValueError("no MIME boundary avoids the user-data content")  # needs a crafted input
 
 
+# -- vendor-data ------------------------------------------------------------------
+
+
+def render_vendor_data(access: GuestAccess) -> bytes:
+    """The seed's ``vendor-data``: root login by key allowed (unless the user-data
+    says otherwise) and the VM's own SSH host key, which the agent checks."""
+    return _cloud_config({
+        "disable_root": False,
+        "ssh_keys": {"ed25519_private": access.host_private_key, "ed25519_public": access.host_public_key},
+    })
+
+
 # -- network-config ---------------------------------------------------------------
 
 
@@ -413,15 +434,20 @@ def _ethernet(net: PodNetwork) -> dict[str, Any]:
 
 
 def seed_files(*, instance_id: str, hostname: str, cloud_init: CloudInit,
-               network: PodNetwork | None = None) -> dict[str, bytes]:
-    """``meta-data``, ``user-data`` and, when there is one, ``network-config``.
+               network: PodNetwork | None = None, access: GuestAccess | None = None) -> dict[str, bytes]:
+    """``meta-data``, ``user-data`` and, when there is one, ``network-config``;
+    with Exec's SSH ``access``, ``vendor-data`` and root's key in meta-data.
 
-    Ready for ``build_seed_iso(files["meta-data"], files["user-data"], files.get("network-config"))``.
+    Ready for ``build_seed_iso(files["meta-data"], files["user-data"], files.get("network-config"),
+    files.get("vendor-data"))``.
     """
     files = {
-        "meta-data": render_meta_data(instance_id, hostname),
+        "meta-data": render_meta_data(instance_id, hostname,
+                                      public_keys=(access.client_public_key,) if access else ()),
         "user-data": render_user_data(cloud_init, hostname),
     }
+    if access is not None:
+        files["vendor-data"] = render_vendor_data(access)
     network_config = render_network_config(cloud_init, network)
     if network_config is not None:
         files["network-config"] = network_config

@@ -30,6 +30,7 @@ _SEED_FILES: tuple[tuple[str, str], ...] = (
     ("meta-data", "/METADATA.;1"),
     ("user-data", "/USERDATA.;1"),
     ("network-config", "/NETWORKC.;1"),
+    ("vendor-data", "/VENDORDA.;1"),
 )
 
 # pycdlib reads the wall clock and the local time zone deep inside; it has no
@@ -60,8 +61,10 @@ def _frozen_pycdlib_clock() -> Iterator[None]:
                 vars(module)["time"] = original
 
 
-def render_meta_data(instance_id: str, hostname: str) -> bytes:
-    """Return NoCloud ``meta-data`` with ``instance-id`` and ``local-hostname``.
+def render_meta_data(instance_id: str, hostname: str, public_keys: tuple[str, ...] = ()) -> bytes:
+    """Return NoCloud ``meta-data`` with ``instance-id``, ``local-hostname`` and,
+    when given, ``public-keys`` (cloud-init gives them to the default user and
+    root, on top of any ``ssh_authorized_keys``).
 
     The text is YAML with one key per line; values are JSON strings (a subset
     of YAML double-quoted scalars), so any character is safely quoted and
@@ -75,13 +78,17 @@ def render_meta_data(instance_id: str, hostname: str) -> bytes:
         f"instance-id: {json.dumps(instance_id)}",
         f"local-hostname: {json.dumps(hostname)}",
     ]
+    if public_keys:
+        lines.append(f"public-keys: {json.dumps(list(public_keys))}")
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def build_seed_iso(meta_data: bytes, user_data: bytes, network_config: bytes | None = None) -> bytes:
+def build_seed_iso(meta_data: bytes, user_data: bytes, network_config: bytes | None = None,
+                   vendor_data: bytes | None = None) -> bytes:
     """Return a NoCloud seed: an ISO 9660 image labelled ``cidata``.
 
-    It holds ``meta-data``, ``user-data`` and, when given, ``network-config``,
+    It holds ``meta-data``, ``user-data`` and, when given, ``network-config``
+    and ``vendor-data``,
     under those lower-case names in both Rock Ridge (Linux) and Joliet
     extensions. All timestamps are fixed at ``SEED_EPOCH`` so the output depends
     only on the inputs.
@@ -89,6 +96,8 @@ def build_seed_iso(meta_data: bytes, user_data: bytes, network_config: bytes | N
     contents: dict[str, bytes] = {"meta-data": meta_data, "user-data": user_data}
     if network_config is not None:
         contents["network-config"] = network_config
+    if vendor_data is not None:
+        contents["vendor-data"] = vendor_data
 
     with _frozen_pycdlib_clock():
         iso = pycdlib.PyCdlib()

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from agent.concurrency import BlobProgress
 from agent.domain.disk import DiskInfo
@@ -33,7 +33,16 @@ from agent.domain.registry import RegistryAuth, ResolvedImage
 from agent.domain.sandbox import DNSConfig, PortMapping, Sandbox
 from agent.domain.streaming import StreamRequest
 from agent.domain.virt import KvmFacts
-from agent.domain.vm import Container, ContainerPaths, ContainerSpec, VMRequest, WorkloadExit
+from agent.domain.vm import (
+    Container,
+    ContainerPaths,
+    ContainerSpec,
+    ExecCredentials,
+    GuestAccess,
+    VMRequest,
+    WorkloadExit,
+)
+from agent.streaming.backend import ExitStatus, Streams
 
 # Shared ------------------------------------------------------------------------------
 
@@ -253,6 +262,13 @@ class HostSize(Protocol):
     def capacity(self) -> HostCapacity: ...
 
 
+class ExecKeyStore(Protocol):
+    """Exec's per-VM SSH keys in the container's directory (agent.adapters.exec_keys.ExecKeys)."""
+
+    def create(self, directory: str) -> GuestAccess: ...
+    def load(self, directory: str) -> ExecCredentials: ...
+
+
 class VMBuild(Protocol):
     """What a VM is made of: its request, NoCloud seed and domain XML, and
     the pod network it joins (agent.services.vm_build.VMBuilder)."""
@@ -359,12 +375,12 @@ class ImagePorts:
     clock: Clock
 
 
-# --- attach and port forward ------------------------------------------------------------
-# What agent.services.attach and agent.services.port_forward need.
+# --- exec, attach and port forward ----------------------------------------------------------
+# What agent.services.exec, agent.services.attach and agent.services.port_forward need.
 
 
 class ContainerLookup(Protocol):
-    """Containers as attach reads them, state reconciled with the hypervisor
+    """Containers by id, their state reconciled with libvirt
     (agent.services.containers.ContainerService)."""
 
     def get(self, container_id: str) -> Container: ...
@@ -402,3 +418,29 @@ class StreamURLs(Protocol):
     checked request under a fresh single-use token and returns its URL."""
 
     def url_for(self, request: StreamRequest) -> str: ...
+class GuestAgent(Protocol):
+    """A running domain's QEMU guest agent (agent.adapters.libvirt.Libvirt).
+
+    ``command`` is one agent command (``{"execute": ..., "arguments": ...}``);
+    the answer is its ``return`` value. Raises ``GuestAgentNotReady`` while the
+    agent is not connected or does not answer within ``timeout_s``,
+    ``GuestAgentRefused`` for the agent's own errors, ``FailedPrecondition``
+    when the domain has no agent channel or is not running.
+    """
+
+    def guest_agent_command(self, name: str, command: dict[str, Any], timeout_s: int) -> Any: ...
+
+
+class ShellSession(Protocol):
+    """One authenticated SSH connection into a guest (agent.adapters.ssh.SSHSession)."""
+
+    def run(self, command: str, tty: bool, streams: Streams) -> ExitStatus: ...
+    def close(self) -> None: ...
+
+
+class GuestShell(Protocol):
+    """SSH into guests (agent.adapters.ssh.GuestSSH). Raises ``GuestNotReady``
+    while nothing answers, ``FailedPrecondition`` for a wrong host key or a
+    refused login."""
+
+    def connect(self, host: str, credentials: ExecCredentials, timeout_s: float) -> ShellSession: ...

@@ -1,16 +1,23 @@
 """Exec, Attach and PortForward: check the request against the container or
 sandbox, then leave it with the streaming server, which answers with the URL
-the client streams through. Nothing runs until the client comes."""
+the client streams through. Nothing runs until the client comes; then the
+server hands the session to ``GuestStreams``, the runtime's ways into a guest."""
 
 from __future__ import annotations
+
+import socket
 
 from agent.domain.errors import FailedPrecondition, InvalidArgument
 from agent.domain.sandbox import SandboxState
 from agent.domain.streaming import AttachRequest, ExecRequest, PortForwardRequest
 from agent.domain.vm import ContainerState
+from agent.services.attach import AttachService
 from agent.services.containers import ContainerService
+from agent.services.exec import ExecService
+from agent.services.port_forward import PortForwardService
 from agent.services.ports import StreamURLs
 from agent.services.sandboxes import SandboxService
+from agent.streaming.backend import ExitStatus, Streams
 
 
 class StreamingService:
@@ -58,3 +65,23 @@ class StreamingService:
         if sb.state is not SandboxState.READY:
             raise FailedPrecondition(f"pod sandbox {sb.id!r} is not ready")
         return self._urls.url_for(PortForwardRequest(sb.id, tuple(dict.fromkeys(ports))))
+
+
+class GuestStreams:
+    """The streaming server's backend (agent.streaming.backend.StreamBackend):
+    exec over SSH or the guest agent, attach to the serial console, port
+    forward to the pod IP."""
+
+    def __init__(self, execs: ExecService, attach: AttachService, forwards: PortForwardService) -> None:
+        self._execs = execs
+        self._attach = attach
+        self._forwards = forwards
+
+    def exec(self, container_id: str, cmd: list[str], tty: bool, streams: Streams) -> ExitStatus:
+        return self._execs.exec(container_id, cmd, tty, streams)
+
+    def attach(self, container_id: str, tty: bool, streams: Streams) -> None:
+        self._attach.attach(container_id, tty, streams)
+
+    def port_forward(self, sandbox_id: str, port: int, timeout: float) -> socket.socket:
+        return self._forwards.port_forward(sandbox_id, port, timeout)

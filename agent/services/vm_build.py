@@ -34,15 +34,17 @@ from agent.domain.vm import (
 )
 from agent.domain.vmrequest import VMDefaults
 from agent.render import cloudinit, domain_xml, nocloud
-from agent.services.ports import HostSize, SandboxFiles, VMFiles, VMNetwork
+from agent.services.ports import ExecKeyStore, HostSize, SandboxFiles, VMFiles, VMNetwork
 
 
 class VMBuilder:
-    """The ``VMBuild`` port: ``network`` is None when pod networking is off."""
+    """The ``VMBuild`` port: ``network`` is None when pod networking is off;
+    ``keys`` None leaves Exec's SSH access out of the seed."""
 
     def __init__(self, *, defaults: VMDefaults, virt_type: str, files: VMFiles, sandbox_files: SandboxFiles,
-                 network: VMNetwork | None, host: HostSize) -> None:
+                 network: VMNetwork | None, host: HostSize, keys: ExecKeyStore | None = None) -> None:
         self._defaults = defaults
+        self._keys = keys
         self._host = host
         self._virt_type = virt_type
         self._files = files
@@ -79,7 +81,8 @@ class VMBuilder:
             self._network.ensure_dhcp(sandbox.id, self._sandbox_files.sandbox_dir(sandbox.id))
 
     def seed(self, request: VMRequest, container: Container, sandbox: Sandbox) -> bytes:
-        """The NoCloud seed ISO: meta-data, user-data and, on a pod network, network-config."""
+        """The NoCloud seed ISO: meta-data, user-data, on a pod network network-config, and
+        Exec's SSH keys (meta-data, vendor-data). The container's directory must exist."""
         # Default network-config: what CNI assigned, so guests come up on the
         # pod network even without DHCP.
         w = self._wiring(sandbox) if request.pod_network else None
@@ -89,11 +92,14 @@ class VMBuilder:
                 mac=w.vm_mac, addresses=(f"{w.ip}/{w.prefix}",), gateways=(w.gateway,) if w.gateway else (),
                 routes=tuple(cloudinit.Route(to=r.dst, via=r.gw) for r in w.routes),
                 dns_servers=tuple(w.dns_servers), dns_searches=tuple(w.dns_searches), mtu=w.mtu)
+        # Exec's SSH way in: keys made now, kept in the container's directory.
+        access = self._keys.create(container.directory) if self._keys is not None else None
         # instance-id: the container id, stable for the VM's life, new for a new VM.
         files = cloudinit.seed_files(instance_id=container.id,
                                      hostname=sandbox.spec.hostname or sandbox.spec.metadata.name,
-                                     cloud_init=request.cloud_init, network=pod_net)
-        return nocloud.build_seed_iso(files["meta-data"], files["user-data"], files.get("network-config"))
+                                     cloud_init=request.cloud_init, network=pod_net, access=access)
+        return nocloud.build_seed_iso(files["meta-data"], files["user-data"], files.get("network-config"),
+                                      files.get("vendor-data"))
 
     def domain_spec(self, c: Container, sandbox: Sandbox, request: VMRequest, paths: ContainerPaths) -> DomainSpec:
         """Everything the domain XML says: sizes, disks, NIC, firmware, Podvisor metadata."""
@@ -129,6 +135,7 @@ class VMBuilder:
             partition=pc.partition if pc is not None else "",
             # A command is the VM's workload: its wrapper reports the exit code on this port.
             workload_exit=paths.workload_exit if request.cloud_init.command else "",
+            guest_agent_socket=paths.guest_agent_socket if request.guest_agent else "",
         )
 
     def domain_xml(self, container: Container, sandbox: Sandbox, request: VMRequest, paths: ContainerPaths) -> str:

@@ -14,8 +14,6 @@ import socket
 from dataclasses import dataclass
 from typing import Protocol
 
-from agent.domain.errors import FailedPrecondition
-
 
 @dataclass(frozen=True)
 class TermSize:
@@ -75,16 +73,3 @@ class StreamBackend(Protocol):
         """A TCP connection to ``port`` of the pod (its VM), connected."""
         ...
 
-
-class NotAvailableBackend:
-    """The backend until the runtime's ways into a guest are wired: every
-    session ends with this message on the client's error channel."""
-
-    def exec(self, container_id: str, cmd: list[str], tty: bool, streams: Streams) -> ExitStatus:
-        raise FailedPrecondition("exec into VMs is not available yet")
-
-    def attach(self, container_id: str, tty: bool, streams: Streams) -> None:
-        raise FailedPrecondition("attach to VMs is not available yet")
-
-    def port_forward(self, sandbox_id: str, port: int, timeout: float) -> socket.socket:
-        raise FailedPrecondition("port forwarding into VMs is not available yet")

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from agent.domain.sandbox import DNSConfig
-from agent.domain.vm import CloudInit
+from agent.domain.vm import CloudInit, GuestAccess
 from agent.domain.vmrequest import CRIResources, build_vm_request, check_network_config
 from agent.render.cloudinit import (
     DHCLIENT_HOOK,
@@ -175,6 +175,36 @@ def test_testvm_seed_golden() -> None:
         _golden(f"testvm.{name}", data)
     iso = build_seed_iso(files["meta-data"], files["user-data"], files.get("network-config"))
     assert iso[0x8001:0x8006] == b"CD001"
+
+
+# -- Exec's SSH access ---------------------------------------------------------------------
+
+# Fixed test keys (made once for these tests, used nowhere else).
+ACCESS = GuestAccess(
+    client_public_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPodvisorExecClientKeyForGoldenTests0000000 podvisor-exec",
+    host_public_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPodvisorGuestHostKeyForGoldenTests00000000 podvisor-host",
+    host_private_key="-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n"
+                     "-----END OPENSSH PRIVATE KEY-----\n",
+)
+
+
+def test_access_goes_to_vendor_data_and_meta_data_and_leaves_the_user_data_alone() -> None:
+    ci = CloudInit(user_data=SCRIPT, ssh_authorized_keys=(KEY_A,))
+    with_access = seed_files(instance_id="i-1", hostname="web-1", cloud_init=ci, access=ACCESS)
+    without = seed_files(instance_id="i-1", hostname="web-1", cloud_init=ci)
+    assert with_access["user-data"] == without["user-data"]
+    _golden("access.vendor-data", with_access["vendor-data"])
+    _golden("access.meta-data", with_access["meta-data"])
+    vendor = _cloud_config(with_access["vendor-data"])
+    assert vendor == {"disable_root": False, "ssh_keys": {"ed25519_private": ACCESS.host_private_key,
+                                                           "ed25519_public": ACCESS.host_public_key}}
+    meta = yaml.safe_load(with_access["meta-data"])
+    assert meta["public-keys"] == [ACCESS.client_public_key]
+    assert "vendor-data" not in without and "public-keys" not in yaml.safe_load(without["meta-data"])
+
+
+def test_access_never_shows_the_private_key_in_its_repr() -> None:
+    assert "PRIVATE KEY" not in repr(ACCESS)
 
 
 # -- #cloud-config merging ----------------------------------------------------------------

@@ -69,6 +69,23 @@ def test_seed_files_read_back_through_rock_ridge_and_joliet(meta: bytes, user: b
         iso.close()
 
 
+def test_vendor_data_is_carried_when_given() -> None:
+    vendor = b"#cloud-config\ndisable_root: false\n"
+    iso = _open_iso(build_seed_iso(META, USER, NETWORK, vendor))
+    try:
+        assert _rr_names(iso) == {"meta-data", "user-data", "network-config", "vendor-data"}
+        assert _read(iso, rr_path="/vendor-data") == vendor
+        assert _read(iso, joliet_path="/vendor-data") == vendor
+    finally:
+        iso.close()
+
+
+def test_meta_data_public_keys_are_a_yaml_list() -> None:
+    keys = ("ssh-ed25519 AAAA a@b", 'ssh-rsa BBBB "quoted"')
+    assert yaml.safe_load(render_meta_data("i", "h", public_keys=keys))["public-keys"] == list(keys)
+    assert b"public-keys" not in render_meta_data("i", "h")
+
+
 def test_label_is_at_the_offset_blkid_and_guests_read() -> None:
     image = build_seed_iso(META, USER)
     # Primary volume descriptor at sector 16: "CD001" at +1, volume id at +40.

@@ -185,6 +185,7 @@ class FakeFiles:
         return ContainerPaths(directory=str(d), overlay=str(d / "disk.qcow2"), seed=str(d / "cloudinit.iso"),
                               console_log=str(d / "console.raw"),
                               serial_socket=f"/run/podvisor/vm/{container_id[:32]}.serial",
+                              guest_agent_socket=f"/run/podvisor/vm/{container_id[:32]}.qga",
                               workload_exit=str(d / "workload.exit"))
 
     def create_container_dir(self, paths: ContainerPaths) -> None:

@@ -12,9 +12,10 @@ import pycdlib
 import pytest
 import yaml
 
+from agent.domain.errors import InvalidArgument
 from agent.domain.host import HostCapacity
 from agent.domain.sandbox import DNSConfig, NetworkMode, Sandbox
-from agent.domain.vm import Container, ContainerPaths, ContainerState, VMRequest
+from agent.domain.vm import Container, ContainerPaths, ContainerState, ExecCredentials, GuestAccess, VMRequest
 from agent.domain.vmrequest import VMDefaults
 from agent.services.vm_build import VMBuilder
 from tests.services.container_fakes import (
@@ -203,6 +204,36 @@ def test_no_nic(case: str) -> None:
     assert spec.interfaces == ()
 
 
+def test_every_vm_gets_the_guest_agent_channel(build: Build) -> None:
+    c = _container()
+    paths = _paths(build, c)
+    spec = build.builder.domain_spec(c, sandbox(), REQUEST, paths)
+    assert spec.guest_agent_socket == paths.guest_agent_socket != ""
+    xml = build.builder.domain_xml(c, sandbox(), REQUEST, paths)
+    assert 'name="org.qemu.guest_agent.0"' in xml
+
+
+@pytest.mark.parametrize(("scope", "value", "channel"), [
+    ("container", "false", False), ("pod", "false", False), ("container", "true", True),
+])
+def test_the_guest_agent_annotation_turns_the_channel_off(build: Build, scope: str, value: str,
+                                                          channel: bool) -> None:
+    annotations = {"podvisor.io/guest-agent": value}
+    spec_ = cspec(annotations=annotations) if scope == "container" else cspec()
+    sb = sandbox()
+    if scope == "pod":
+        sb = dataclasses.replace(sb, spec=dataclasses.replace(sb.spec, annotations=annotations))
+    req = build.builder.request(spec_, sb)
+    assert req.guest_agent is channel
+    c = _container()
+    assert bool(build.builder.domain_spec(c, sb, req, _paths(build, c)).guest_agent_socket) is channel
+
+
+def test_a_malformed_guest_agent_annotation_is_refused(build: Build) -> None:
+    with pytest.raises(InvalidArgument, match=r"podvisor.io/guest-agent.*\"true\" or \"false\""):
+        build.builder.request(cspec(annotations={"podvisor.io/guest-agent": "off"}), sandbox())
+
+
 def test_domain_xml_is_recognised_as_podvisors() -> None:
     build = _build(virt_type="kvm")
     c = _container()
@@ -247,6 +278,40 @@ def test_seed_without_wiring_has_no_network_config(build: Build) -> None:
     unwired = _seed_files(build.builder.seed(REQUEST, _container(OTHER_SANDBOX_ID), sandbox(OTHER_SANDBOX_ID)))
     for files in (node, no_nic, unwired):
         assert set(files) == {"meta-data", "user-data"}
+
+
+class FakeKeys:
+    """ExecKeyStore: fixed keys, the directories they were made for recorded."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    def create(self, directory: str) -> GuestAccess:
+        self.journal.record("keys.create", directory)
+        return GuestAccess(client_public_key="ssh-ed25519 AAAAclient podvisor-exec",
+                           host_public_key="ssh-ed25519 AAAAhost podvisor-guest",
+                           host_private_key="-----BEGIN OPENSSH PRIVATE KEY-----\nx\n")
+
+    def load(self, directory: str) -> ExecCredentials:
+        raise AssertionError("building a VM never reads keys")
+
+
+def test_seed_carries_execs_keys_made_in_the_containers_directory() -> None:
+    journal = Journal()
+    builder = VMBuilder(defaults=VMDefaults(), virt_type="qemu", files=FakeFiles(journal),
+                        sandbox_files=RecordingFiles(journal, STATE_ROOT), network=None, host=FakeHost(),
+                        keys=FakeKeys(journal))
+    c = _container()
+    files = _seed_files(builder.seed(REQUEST, c, sandbox()))
+    assert journal.of("keys.") == [("keys.create", c.directory)]
+    assert yaml.safe_load(files["meta-data"])["public-keys"] == ["ssh-ed25519 AAAAclient podvisor-exec"]
+    vendor = yaml.safe_load(files["vendor-data"])
+    assert vendor["disable_root"] is False
+    assert vendor["ssh_keys"]["ed25519_public"] == "ssh-ed25519 AAAAhost podvisor-guest"
+    # The user-data is what it is without Exec's keys.
+    plain = VMBuilder(defaults=VMDefaults(), virt_type="qemu", files=FakeFiles(journal),
+                      sandbox_files=RecordingFiles(journal, STATE_ROOT), network=None, host=FakeHost())
+    assert files["user-data"] == _seed_files(plain.seed(REQUEST, c, sandbox()))["user-data"]
 
 
 # DHCP -------------------------------------------------------------------------------
