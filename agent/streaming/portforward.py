@@ -98,7 +98,7 @@ class PortForwarder:
             why = exc.message if isinstance(exc, PodvisorError) else str(exc)
             _report(error, f"error forwarding port {pair.port} to pod sandbox {self._request.sandbox_id}: {why}")
             error.close()
-            data.reset()
+            data.close()  # as kubelet: both streams closed, the message on the error stream
             return
         conn.settimeout(None)
         try:

@@ -25,6 +25,7 @@ log = structlog.get_logger(__name__)
 
 MAX_BUFFER = 1 << 20
 MAX_WRITE = 32 * 1024  # per DATA frame, as spdystream's peers write
+ANSWER_WAIT = 10.0  # seconds a writer waits for the SYN_REPLY of its stream
 
 
 def wait_readable(sock: socket.socket, timeout: float) -> bool:
@@ -50,6 +51,10 @@ class Stream:
         self._remote_done = False  # FIN or reset received, or the session ended
         self._local_done = False  # FIN or reset sent
         self.reset_received = False
+        # Set once the session answered the SYN_STREAM (SYN_REPLY or a refusal):
+        # nothing of ours may reach the client before that answer, or
+        # spdystream drops it (data) or fails the stream (a reset).
+        self._answered = threading.Event()
 
     def header(self, name: str) -> str:
         return self.headers.get(name.lower(), "")
@@ -87,10 +92,14 @@ class Stream:
             out += chunk
         return bytes(out)
 
+    def _await_answer(self) -> None:
+        self._answered.wait(ANSWER_WAIT)
+
     def write(self, data: bytes) -> None:
         view = memoryview(data)
         if not view:
             return
+        self._await_answer()
         for off in range(0, len(view), MAX_WRITE):
             with self._cond:
                 if self._local_done:
@@ -103,6 +112,7 @@ class Stream:
             if self._local_done:
                 return
             self._local_done = True
+        self._await_answer()
         try:
             self.session.send(spdy.Data(self.id, b"", fin=True))
         except OSError:
@@ -114,6 +124,7 @@ class Stream:
             self._local_done = self._remote_done = True
             self._cond.notify_all()
         if not done:
+            self._await_answer()
             try:
                 self.session.send(spdy.RstStream(self.id, status))
             except OSError:
@@ -217,12 +228,15 @@ class Session:
                 if fin:
                     stream._end(reset=False)
                 # reply before any data: spdystream drops data on unreplied streams
-                if self._on_stream(stream):
-                    self.send(spdy.SynReply(sid))
-                else:
-                    self._streams.pop(sid, None)
-                    stream._end(reset=True)
-                    self.send(spdy.RstStream(sid, spdy.RstStatus.REFUSED_STREAM))
+                try:
+                    if self._on_stream(stream):
+                        self.send(spdy.SynReply(sid))
+                    else:
+                        self._streams.pop(sid, None)
+                        stream._end(reset=True)
+                        self.send(spdy.RstStream(sid, spdy.RstStatus.REFUSED_STREAM))
+                finally:
+                    stream._answered.set()
             case spdy.Data(sid, data, fin):
                 known = self._streams.get(sid)
                 if known is not None:  # else late data on a stream we reset: drop
