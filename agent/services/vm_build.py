@@ -129,6 +129,8 @@ class VMBuilder:
             partition=pc.partition if pc is not None else "",
             # A command is the VM's workload: its wrapper reports the exit code on this port.
             workload_exit=paths.workload_exit if request.cloud_init.command else "",
+            # The QEMU guest agent's channel, beside the console socket.
+            guest_agent_socket=c.serial_socket.removesuffix(".serial") + ".qga",
         )
 
     def domain_xml(self, container: Container, sandbox: Sandbox, request: VMRequest, paths: ContainerPaths) -> str:
