@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -323,7 +324,7 @@ def debian_vm(debian_image: str, debian_vm_spec: DebianVMSpec,
         pod_ip = vma.agent.runtime.PodSandboxStatus(
             pb.PodSandboxStatusRequest(pod_sandbox_id=vm.sandbox_id), timeout=30).status.network.ip
         info = json.loads(vma.status(vm, verbose=True).info["info"])
-        domain = info["domainXML"].split("<name>", 1)[1].split("</name>", 1)[0]
+        domain = ET.fromstring(info["domainXML"]).findtext("name") or ""
         vma.start(vm)
         vma.wait_log(vm, spec.ready_marker, timeout=spec.boot_timeout)
         yield DebianVM(vma, vm, spec, pod_ip, domain)

@@ -45,6 +45,7 @@ fact eni "$(cat /etc/network/interfaces.d/50-cloud-init 2>&1)"
 fact cloud_id "$(cloud-id)"
 fact instance_id "$(cloud-init query instance_id)"
 fact os "$(. /etc/os-release; echo "$PRETTY_NAME")"
+fact warnings "$(grep -E 'WARNING|ERROR|Traceback' /var/log/cloud-init.log)"
 fact done yes
 """
 STATUS_SCRIPT = r"""#!/bin/sh
@@ -103,6 +104,8 @@ def test_cloud_init_finishes_without_errors(debian_vm: DebianVM) -> None:
     assert m.group(1) == "0", status
     assert re.search(r"^status: done$", status, re.M), status
     assert "error" not in status.lower(), status
+    # Up to the final stage (runcmd), cloud-init logged no warning: every module worked.
+    assert facts(debian_vm)["warnings"] == ""
 
 
 def test_hostname_comes_from_the_sandbox(debian_vm: DebianVM) -> None:
