@@ -77,7 +77,8 @@ class VMFiles:
         if d.parent.name != "containers" or not _HEX.fullmatch(d.name):
             raise InvalidArgument("container_id", f"refusing to delete unexpected path {directory}")
         shutil.rmtree(d, ignore_errors=True)
-        (self.sockets / f"{d.name[:32]}.serial").unlink(missing_ok=True)
+        for suffix in (".serial", ".qga"):  # the console's and the guest agent's sockets
+            (self.sockets / f"{d.name[:32]}{suffix}").unlink(missing_ok=True)
 
     def workload_exit(self, directory: str) -> WorkloadExit | None:
         """What the VM's command reported (its exit port's file); None when the VM has no
