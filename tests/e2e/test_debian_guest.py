@@ -20,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.api.gen.runtime.v1 import api_pb2 as pb
 from tests.e2e.conftest import DebianVM, DebianVMSpec
 
 pytestmark = pytest.mark.e2e
@@ -68,9 +69,12 @@ write_files:
   - [systemd-run, --no-block, --unit=pv-status, /usr/local/bin/pv-status]
 """
 ENVS = {"GREETING": "hello world", "PV_TOKEN": TOKEN}
-# command + args: one runcmd entry, an argv list with `env NAME=value …` in front.
+# command + args: the VM's workload (docs/annotations.md), an argv list run
+# with the container's env after the user's runcmd; its stdout reaches the
+# console. It keeps running so that the VM stays up for the module (the guest
+# powers off when the command ends).
 COMMAND = ["/bin/sh", "-c"]
-ARGS = ['echo "PVCOMMAND greeting=[$GREETING] token=$PV_TOKEN argv=$0,$1" >/dev/ttyS0', "first arg", "second"]
+ARGS = ['echo "PVCOMMAND greeting=[$GREETING] token=$PV_TOKEN argv=$0,$1"; exec sleep 86400', "first arg", "second"]
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +134,8 @@ def test_container_envs_land_in_etc_environment(debian_vm: DebianVM) -> None:
 def test_command_and_args_run_with_the_env(debian_vm: DebianVM) -> None:
     text = debian_vm.wait_log("PVCOMMAND ")
     assert f"PVCOMMAND greeting=[hello world] token={TOKEN} argv=first arg,second" in text
+    # The command still runs: the container is running, not exited.
+    assert debian_vm.vma.status(debian_vm.vm).status.state == pb.CONTAINER_RUNNING
 
 
 def test_network_config_gives_the_guest_the_pod_ip(debian_vm: DebianVM) -> None:
