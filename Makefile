@@ -9,6 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: run test test-deps unit integration fuzz check-wire lint bench setup deps host proto clean guest
 
 include images/tiny/Makefile.inc
+include images/debian/Makefile.inc
 
 setup: deps $(STAMPS)/venv proto host
 
@@ -44,14 +45,16 @@ check-wire: $(STAMPS)/venv
 guest:
 	@images/tiny/build.sh $(TINY_IMAGE_DIR) || (apt-get update -q && images/tiny/build.sh $(TINY_IMAGE_DIR))
 
+# The stock Debian 12 guest (images/debian/Makefile.inc: debian-image, cached
+# per machine; a few minutes the first time) is only for the e2e tests.
 # --require-integration: an integration or e2e test that would skip fails (tests/conftest.py).
-test: setup test-deps check-wire lint guest
+test: setup test-deps check-wire lint guest debian-image
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest --require-integration $(PYTEST_ARGS) tests
 
 unit: setup test-deps
 	$(PY) -m pytest -m "not integration and not e2e" $(PYTEST_ARGS) tests
 
-integration: setup test-deps guest
+integration: setup test-deps guest debian-image
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -m "integration or e2e" --require-integration $(PYTEST_ARGS) tests
 
 # The fuzz tests with a long budget (hypothesis profile "fuzz"); `make test`

@@ -63,3 +63,20 @@ def test_workload_exit_reads_what_the_guest_reported(tmp_path: Path) -> None:
     # Noise from the guest before the wrapper's line: only the end is read, the last number counts.
     exit_file.write_bytes(b"x" * 100_000 + b"\n42\n")
     assert files.workload_exit(paths.directory) == WorkloadExit(code=42)
+
+
+def test_container_dir_removal_takes_the_vm_sockets_with_it(tmp_path: Path) -> None:
+    files = VMFiles(tmp_path / "sandboxes", tmp_path / "run")
+    paths = files.container_paths(GOOD, "b" * 64)
+    directory = Path(paths.directory)
+    directory.mkdir(parents=True)
+    sockets = Path(paths.serial_socket).parent
+    sockets.mkdir(parents=True, exist_ok=True)
+    mine = [sockets / ("b" * 32 + ".serial"), sockets / ("b" * 32 + ".qga")]
+    other = sockets / ("c" * 32 + ".qga")
+    for f in [*mine, other]:
+        f.touch()
+    files.remove_container_dir(str(directory))
+    assert not directory.exists()
+    assert [f for f in mine if f.exists()] == []
+    assert other.exists()
