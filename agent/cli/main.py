@@ -27,7 +27,7 @@ from google.protobuf.message import Message
 from agent import __version__
 from agent.api.gen.podvisor.v1 import podvisor_pb2, podvisor_pb2_grpc
 from agent.api.gen.runtime.v1 import api_pb2, api_pb2_grpc
-from agent.cli import image_build
+from agent.cli import image_build, streams
 
 PROG = "podvisorctl"
 DEFAULT_SOCKET = "/run/podvisor/podvisor.sock"
@@ -252,6 +252,114 @@ def cmd_rm_pod(client: Client, args: argparse.Namespace) -> None:
     print(f"removed pod sandbox {args.id}")
 
 
+# Into a VM: exec, attach, port-forward ---------------------------------------
+
+
+def find_pod(client: Client, ref: str, namespace: str) -> Any:
+    """The pod sandbox ``ref`` names: an id or unique id prefix, else a pod name in ``namespace``."""
+    pods = client.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=client.timeout).items
+    by_id = [p for p in pods if p.id.startswith(ref)]
+    if len(by_id) == 1:
+        return by_id[0]
+    if len(by_id) > 1:
+        raise CliError(f"pod id prefix {ref!r} is ambiguous: it matches {len(by_id)} sandboxes; give more of it")
+    by_name = [p for p in pods if p.metadata.name == ref and p.metadata.namespace == namespace]
+    ready = [p for p in by_name if p.state == api_pb2.SANDBOX_READY]
+    if ready or by_name:
+        return (ready or by_name)[-1]
+    raise CliError(f"no pod {ref!r} in namespace {namespace!r} (nor a sandbox id starting with it); "
+                   f"see `{PROG} pods`")
+
+
+def find_vm(client: Client, ref: str, namespace: str) -> Any:
+    """The running VM container of the pod ``ref`` names (or the container ``ref`` is the id of)."""
+    containers = client.runtime.ListContainers(api_pb2.ListContainersRequest(), timeout=client.timeout)
+    running = [c for c in containers.containers if c.state == api_pb2.CONTAINER_RUNNING]
+    direct = [c for c in running if c.id.startswith(ref)] if len(ref) >= 6 else []
+    if len(direct) == 1:
+        return direct[0]
+    pod = find_pod(client, ref, namespace)
+    mine = [c for c in running if c.pod_sandbox_id == pod.id]
+    if not mine:
+        raise CliError(f"pod {pod.metadata.name} ({pod.id[:SHORT_ID]}) has no running VM; "
+                       f"start it, or see `{PROG} pods`")
+    return mine[-1]
+
+
+def _finish(code: int, message: str) -> None:
+    if code != 0:
+        if message:
+            print(f"{PROG}: {message}", file=sys.stderr)
+        raise SystemExit(code)
+
+
+def cmd_exec(client: Client, args: argparse.Namespace) -> None:
+    if not args.cmd:
+        raise CliError("exec needs a command after --, e.g. `podvisorctl exec POD -- uname -a`")
+    vm = find_vm(client, args.pod, args.namespace)
+    resp = client.runtime.Exec(api_pb2.ExecRequest(
+        container_id=vm.id, cmd=args.cmd, tty=args.tty, stdin=args.stdin, stdout=True,
+        stderr=not args.tty), timeout=client.timeout)
+    _finish(*run_stream(resp.url, args, detach_key=None))
+
+
+def cmd_attach(client: Client, args: argparse.Namespace) -> None:
+    vm = find_vm(client, args.pod, args.namespace)
+    resp = client.runtime.Attach(api_pb2.AttachRequest(
+        container_id=vm.id, tty=args.tty, stdin=args.stdin, stdout=True, stderr=not args.tty),
+        timeout=client.timeout)
+    if args.tty and args.stdin and os.isatty(0):
+        print("[attached to the VM's console; Ctrl-] detaches]", file=sys.stderr, flush=True)
+    _finish(*run_stream(resp.url, args, detach_key=streams.DETACH_KEY))
+
+
+def run_stream(url: str, args: argparse.Namespace, detach_key: bytes | None) -> tuple[int, str]:
+    try:
+        return streams.run_remotecommand(url, stdin=args.stdin, tty_mode=args.tty,
+                                         ca_file=args.stream_ca, detach_key=detach_key)
+    except streams.StreamError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _port_pair(text: str) -> tuple[int, int]:
+    local, sep, remote = text.rpartition(":")
+    try:
+        remote_port = int(remote)
+        local_port = int(local) if sep and local else (remote_port if not sep else 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not [LOCAL:]REMOTE (ports as numbers)") from None
+    if not 1 <= remote_port <= 65535 or not 0 <= local_port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: ports are 1-65535 (LOCAL may be 0: any free port)")
+    return local_port, remote_port
+
+
+def cmd_port_forward(client: Client, args: argparse.Namespace) -> None:
+    pod = find_pod(client, args.pod, args.namespace)
+    listeners: list[tuple[socket.socket, int]] = []
+    for local, remote in args.ports:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((args.address, local))
+        except OSError as exc:
+            raise CliError(f"cannot listen on {args.address}:{local}: {exc.strerror}") from None
+        s.listen(64)
+        listeners.append((s, remote))
+        print(f"Forwarding from {args.address}:{s.getsockname()[1]} -> {remote}", flush=True)
+
+    def new_url(port: int) -> str:
+        resp = client.runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id=pod.id, port=[port]),
+                                          timeout=client.timeout)
+        return str(resp.url)
+
+    try:
+        streams.serve_forwards(listeners, new_url, args.stream_ca,
+                               report=lambda line: print(line, flush=True))
+    finally:
+        for s, _ in listeners:
+            s.close()
+
+
 # Argument parsing ---------------------------------------------------------
 
 
@@ -311,6 +419,27 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         add(name, fn, text).add_argument("id", metavar="ID", help="sandbox id or unique prefix")
     image_build.add_parser(sub)
+    for name, fn, text in (
+        ("exec", cmd_exec, "run a command in a pod's VM (CRI Exec; streams over the runtime's URL)"),
+        ("attach", cmd_attach, "attach to a pod's VM serial console (CRI Attach)"),
+    ):
+        sp = add(name, fn, text)
+        sp.add_argument("-i", "--stdin", action="store_true", help="pass stdin to the VM")
+        sp.add_argument("-t", "--tty", action="store_true", help="a terminal (raw mode, resizes)")
+        sp.add_argument("-n", "--namespace", default="default", help="the pod's namespace (default: default)")
+        sp.add_argument("--stream-ca", default=None, metavar="FILE",
+                        help="CA bundle for an https streaming URL")
+        sp.add_argument("pod", metavar="POD", help="pod name, pod sandbox id (prefix) or container id")
+        if name == "exec":
+            sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD",
+                            help="the command and its arguments")
+    pf = add("port-forward", cmd_port_forward, "forward local ports to a pod's VM (CRI PortForward)")
+    pf.add_argument("-n", "--namespace", default="default", help="the pod's namespace (default: default)")
+    pf.add_argument("--address", default="127.0.0.1", help="local address to listen on (default: 127.0.0.1)")
+    pf.add_argument("--stream-ca", default=None, metavar="FILE", help="CA bundle for an https streaming URL")
+    pf.add_argument("pod", metavar="POD", help="pod name or pod sandbox id (prefix)")
+    pf.add_argument("ports", nargs="+", type=_port_pair, metavar="[LOCAL:]REMOTE",
+                    help="ports to forward (LOCAL 0: any free port; default LOCAL = REMOTE)")
     return p
 
 
