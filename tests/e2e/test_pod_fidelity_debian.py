@@ -10,16 +10,13 @@ the guest powers off, and ContainerStatus must report that code.
 
 Two VMs (exit 3 and exit 0) boot together under one agent without pod
 networking (no NIC: nothing here needs one). The Debian disk is the one
-images/debian builds (cached per machine); the fixture below is h-debian's,
-kept local to this module until the branches meet.
+images/debian builds (cached per machine), pushed by tests/e2e/conftest.py.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,17 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.adapters.registry import RegistryClient
 from agent.api.gen.runtime.v1 import api_pb2 as pb
-from agent.cli import oci_layout
-from agent.domain.imageref import RemoteRepository
-from tests.e2e.conftest import VM, VMAgent, purge_domains
+from tests.e2e.conftest import DEBIAN_MEMORY, VM, VMAgent, purge_domains
 from tests.integration.agentproc import AgentProcess
-from tests.integration.registry_fixture import RunningRegistry
 
-ROOT = Path(__file__).resolve().parents[2]
-DEBIAN_DIR = Path(os.environ.get("PODVISOR_DEBIAN_IMAGE_DIR", "/var/cache/podvisor/images/debian"))
-DEBIAN_MEMORY = 768 << 20
 BOOT_TIMEOUT_S = 900
 
 DNS = pb.DNSConfig(servers=["10.96.0.10", "10.96.0.11"],
@@ -57,29 +47,13 @@ PROBE = (
 
 
 @pytest.fixture(scope="module")
-def fidelity_debian_image(registry: RunningRegistry, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The stock Debian guest as a containerDisk in the test registry."""
-    build = ROOT / "images/debian/build.sh"
-    if build.exists():
-        subprocess.run([str(build), str(DEBIAN_DIR)], check=True, timeout=3600)
-    disk = DEBIAN_DIR / "debian.qcow2"
-    assert disk.is_file(), f"{disk} missing: build the Debian guest (images/debian/build.sh {DEBIAN_DIR})"
-    layout = tmp_path_factory.mktemp("debian-layout")
-    built = oci_layout.build(disk, layout, "12")
-    repo = RemoteRepository(registry=registry.host, host=registry.host, name="podvisor/debian")
-    with RegistryClient(timeout=600) as client:
-        oci_layout.push(client, layout, built, repo, "12")
-    return f"{registry.host}/podvisor/debian:12"
-
-
-@pytest.fixture(scope="module")
-def debian_agent(fidelity_debian_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VMAgent]:
+def debian_agent(debian_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VMAgent]:
     """A TCG agent without pod networking, for the module; everything it made goes at exit."""
     workdir = tmp_path_factory.mktemp("fidelity")
     state = Path(tempfile.mkdtemp(prefix="pv-e2e-fid-", dir="/var/tmp"))
     state.chmod(0o711)
     agent = AgentProcess(workdir, state_dir=state / "state")
-    helper = VMAgent(agent, fidelity_debian_image, workdir / "pods")
+    helper = VMAgent(agent, debian_image, workdir / "pods")
     try:
         agent.config_path.write_text(agent.config_path.read_text().replace(
             "[libvirt]\n", '[libvirt]\nvirt_type = "qemu"\n'))
