@@ -73,7 +73,8 @@ class Proc:
             ok = self.cond.wait_for(lambda: text.encode() in self.out or self.proc.poll() is not None, timeout)
             ok = text.encode() in self.out
             out, err = self.out.decode(errors="replace"), self.err.decode(errors="replace")
-        assert ok, f"{text!r} not in the output of {self.argv[:3]} in {timeout}s:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+        assert ok, (f"{text!r} not in the output of {self.argv[:3]} in {timeout}s:\n{out[-3000:]}\n"
+                    f"stderr:\n{err[-3000:]}")
         return out
 
     def line(self, timeout: float = 60) -> str:
