@@ -29,7 +29,8 @@ from tests.e2e.streamclients import (
     ws_read_until,
 )
 
-pytestmark = pytest.mark.e2e
+# The first test also waits for the image push and the VM boot (minutes under a loaded TCG host).
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 POD_NAME, NAMESPACE = "debian-vm", "e2e"  # DebianVMSpec's hostname is the pod's name
 V1, V2, V3, V4 = "channel.k8s.io", "v2.channel.k8s.io", "v3.channel.k8s.io", "v4.channel.k8s.io"
 
@@ -199,7 +200,9 @@ def test_podvisorctl_exec(vm: DebianVM, by: str) -> None:
     ref = POD_NAME if by == "name" else vm.vm.sandbox_id[:12]
     sock = vm.vma.agent.socket
     r = ctl(sock, "exec", "-n", NAMESPACE, ref, "--", "sh", "-c", "echo out-$((1+1)); echo err >&2; exit 9")
-    assert (r.returncode, r.stdout, r.stderr) == (9, b"out-2\n", b"err\n")
+    # as kubectl, it says why it exits non-zero, after the command's own stderr
+    assert (r.returncode, r.stdout, r.stderr) == (
+        9, b"out-2\n", b"err\npodvisorctl: command terminated with non-zero exit code: exit status 9\n")
     r = ctl(sock, "exec", "-n", NAMESPACE, ref, "--", "hostname")
     assert (r.returncode, r.stdout) == (0, b"debian-vm\n"), r.stderr
     r = ctl(sock, "exec", "-i", "-n", NAMESPACE, ref, "--", "cat", stdin=b"piped in\nand more\n")
