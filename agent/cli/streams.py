@@ -245,16 +245,19 @@ def forward_connection(url: str, port: int, conn: socket.socket, ca_file: str | 
             while not done.is_set():
                 data = conn.recv(65536)
                 if not data:
-                    break
+                    # The local side's end of input (maybe a half-close):
+                    # its reply may still come. The protocol has no
+                    # half-close; the server ends the session once the pod
+                    # closed the connection.
+                    return
                 ws.send_binary(b"\x00" + data)
         except (OSError, websocket.WebSocketException):
             pass
-        finally:
-            done.set()
-            try:
-                ws.close()
-            except (OSError, websocket.WebSocketException):
-                pass
+        done.set()
+        try:
+            ws.close()
+        except (OSError, websocket.WebSocketException):
+            pass
 
     pump = threading.Thread(target=upstream, name="port-forward-up", daemon=True)
     pump.start()

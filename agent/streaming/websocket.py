@@ -293,6 +293,11 @@ def _port_forward(channels: Channels, request: PortForwardRequest, query: dict[s
     pumps = [threading.Thread(target=_pump, args=(conn, channels, 2 * i), daemon=True) for i, conn in conns.items()]
     for p in pumps:
         p.start()
+    if pumps:
+        # The pod closed every connection: the session ends, as kubelet's
+        # does once the runtime's forwards return (a WebSocket port forward
+        # has no half-close, so the client learns the end only this way).
+        threading.Thread(target=_close_when_done, args=(pumps, channels), daemon=True).start()
     channels.serve(on_message)
     for conn in conns.values():
         try:
@@ -302,6 +307,12 @@ def _port_forward(channels: Channels, request: PortForwardRequest, query: dict[s
         conn.close()
     for p in pumps:
         p.join(LINGER)
+    channels.close()
+
+
+def _close_when_done(pumps: list[threading.Thread], channels: Channels) -> None:
+    for p in pumps:
+        p.join()
     channels.close()
 
 

@@ -276,8 +276,12 @@ class DebianVMSpec:
     command: list[str] | None = None
     args: list[str] | None = None
     memory: int = DEBIAN_MEMORY
-    # Printed on the console when the guest is ready for the module's tests.
-    ready_marker: str = "Cloud-init target"
+    # Printed on the console when the guest is ready for the module's tests:
+    # cloud-init's own last line ("Cloud-init v. N finished at ..."). Not
+    # systemd's "Reached target ... Cloud-init target": systemd stops printing
+    # unit status once the serial getty holds the console, which under TCG
+    # often comes first.
+    ready_marker: str = " finished at "
     boot_timeout: float = 900
 
 

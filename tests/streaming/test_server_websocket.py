@@ -238,3 +238,57 @@ def test_v1_subprotocols_report_errors_as_text(server: StreamingServer, protocol
     finally:
         ws.close()
     assert got == {1: b"hi\n", 3: b"command terminated with non-zero exit code: exit status 4"}
+
+
+def test_port_forward_ends_when_the_pod_closes_the_connection(server: StreamingServer, pod_http: dict[int, int]):
+    """No half-close in the WebSocket port-forward protocol: the session's
+    close is how a client learns that the pod ended the connection."""
+    import websocket
+
+    url = get_websocket_url(server.url_for(PortForwardRequest("sb1", (80,))), [("ports", "80")])
+    ws = websocket.create_connection(url, subprotocols=[V4], timeout=30)
+    try:
+        ws.send_binary(b"\x00GET /once HTTP/1.0\r\nHost: pod\r\n\r\n")  # HTTP/1.0: the server closes after
+        got: dict[int, bytes] = {}
+        while True:
+            op, data = ws.recv_data()
+            if op == websocket.ABNF.OPCODE_CLOSE:
+                break
+            got[data[0]] = got.get(data[0], b"") + data[1:]
+    finally:
+        ws.close()
+    assert got[0].startswith(b"\x50\x00HTTP/1.1 200") and got[0].endswith(b"path /once\n")
+    assert got[1] == b"\x50\x00"  # the port prefix, no error
+
+
+def test_podvisorctl_forward_keeps_the_reply_of_a_half_closed_connection(server: StreamingServer,
+                                                                       pod_http: dict[int, int]):
+    """A local client that shuts its sending side down after its request
+    (HTTP/1.0 clients, `nc -N`) still gets the pod's whole reply."""
+    import socket
+    import threading
+
+    from agent.cli import streams
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+    errors: list[str] = []
+    t = threading.Thread(target=streams.serve_forwards, daemon=True,
+                         args=([(listener, 80)], lambda port: server.url_for(PortForwardRequest("sb1", (port,)))),
+                         kwargs={"report": errors.append, "stop": stop})
+    t.start()
+    try:
+        with socket.create_connection(listener.getsockname(), timeout=30) as c:
+            c.sendall(b"GET /half HTTP/1.0\r\nHost: pod\r\n\r\n")
+            c.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := c.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"path /half\n"), data
+        assert [e for e in errors if e.startswith("error")] == []
+    finally:
+        stop.set()
+        t.join(10)
+        listener.close()
