@@ -176,9 +176,6 @@ def terminal_size(fd: int) -> tuple[int, int] | None:
 @contextmanager
 def raw_terminal(fd: int) -> Iterator[None]:
     """The local terminal in raw mode for the session, restored after."""
-    if not os.isatty(fd):
-        yield
-        return
     saved = termios.tcgetattr(fd)
     tty.setraw(fd)
     try:
@@ -213,17 +210,16 @@ def run_remotecommand(url: str, *, stdin: bool, tty_mode: bool, ca_file: str | N
     fd = sys.stdin.fileno()
     if not tty_mode:
         return session.run()
-    undo = watch_resizes(session, fd) if os.isatty(fd) else (lambda: None)
+    if not os.isatty(fd):
+        return session.run()
+    undo = watch_resizes(session, fd)
     try:
-        with raw_terminal(fd if stdin else -1) if stdin and os.isatty(fd) else _nothing():
+        if not stdin:
+            return session.run()
+        with raw_terminal(fd):
             return session.run()
     finally:
         undo()
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 # Port forward -----------------------------------------------------------------
