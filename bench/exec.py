@@ -212,6 +212,35 @@ def ms(v: float) -> str:
     return f"{v * 1000:7.1f} ms"
 
 
+def report_exec_sync(agent_s: list[float], hand_s: list[float]) -> None:
+    a50, a95 = statistics.median(agent_s), percentile(agent_s, 95)
+    h50, h95 = statistics.median(hand_s), percentile(hand_s, 95)
+    print(f"  ExecSync `true` ({len(agent_s)} runs each, interleaved)")
+    print(f"    agent gRPC ExecSync                    p50 {ms(a50)}   p95 {ms(a95)}")
+    print(f"    guest-exec + status by hand (libvirt)  p50 {ms(h50)}   p95 {ms(h95)}")
+    print(f"    ratio p50 {a50 / h50:.2f}x  p95 {a95 / h95:.2f}x   "
+          f"(target <= 1.20x at p50: {'met' if a50 / h50 <= 1.2 else 'NOT met'})", flush=True)
+
+
+def report_port_forward(direct_s: list[float], forward_s: list[float]) -> None:
+    mib = FILE_SIZE / (1 << 20)
+    d_mbs = [mib / s for s in direct_s]
+    f_mbs = [mib / s for s in forward_s]
+    d50, f50 = statistics.median(d_mbs), statistics.median(f_mbs)
+    print(f"  port-forward, 100 MiB download ({len(direct_s)} runs each, interleaved)")
+    print(f"    direct TCP to the pod IP         median {d50:7.1f} MiB/s   best {max(d_mbs):7.1f} MiB/s")
+    print(f"    agent PortForward (WebSocket)    median {f50:7.1f} MiB/s   best {max(f_mbs):7.1f} MiB/s")
+    print(f"    ratio {f50 / d50:.2f}x   (target >= 0.50x: {'met' if f50 / d50 >= 0.5 else 'NOT met'})",
+          flush=True)
+
+
+def report_exec(first_s: list[float], ssh_s: list[float]) -> None:
+    e50, s50 = statistics.median(first_s), statistics.median(ssh_s)
+    print(f"  streaming Exec `echo hi`, request to first stdout byte ({len(first_s)} runs)")
+    print(f"    p50 {ms(e50)}   p95 {ms(percentile(first_s, 95))}")
+    print(f"    of which the SSH connection (measured apart) p50 {ms(s50)}  ({s50 / e50:.0%})", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=30, help="ExecSync runs per side")
@@ -237,6 +266,7 @@ def main() -> int:
     conn = libvirt.open("qemu:///system")
     proc = None
     rt: Any = None
+    channel: grpc.Channel | None = None
     sid = ""
     try:
         with debian_image(work) as image:
@@ -276,6 +306,8 @@ def main() -> int:
             exec_sync(["true"], timeout=BOOT_TIMEOUT_S)
             exec_sync(["sh", "-c", "cloud-init status --wait >/dev/null; true"], timeout=BOOT_TIMEOUT_S)
             boot_s = time.monotonic() - t_boot
+            print(f"bench/exec: TCG, stock Debian 12 guest {MEMORY >> 20} MiB "
+                  f"(booted and cloud-init done {boot_s:.0f} s after StartContainer)", flush=True)
 
             # ExecSync vs. guest-exec by hand, interleaved after a warm-up.
             for _ in range(3):
@@ -293,6 +325,7 @@ def main() -> int:
                     else:
                         assert isinstance(took, float)
                         hand_s.append(took)
+            report_exec_sync(agent_s, hand_s)
 
             # The server and its file, in RAM (the guest's /dev/shm).
             exec_sync(["sh", "-c", f"head -c {FILE_SIZE} /dev/urandom > /dev/shm/big"], timeout=300)
@@ -318,6 +351,7 @@ def main() -> int:
                 else:
                     forward_s.append(forwarded_download(rt, sid))
                     direct_s.append(direct_download(pod_ip))
+            report_port_forward(direct_s, forward_s)
 
             # Streaming Exec to its first output byte; the SSH connection apart.
             exec_first_byte(rt, cid)  # warm-up
@@ -326,42 +360,32 @@ def main() -> int:
             for _ in range(args.exec_runs):
                 first_s.append(exec_first_byte(rt, cid))
                 ssh_s.append(ssh_connect(pod_ip, info["directory"]))
-            channel.close()
+            report_exec(first_s, ssh_s)
     finally:
+        # Each step on its own: one failing must not keep the next from running.
         if rt is not None and sid:
             try:
                 rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=120)
                 rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
-            except grpc.RpcError:
-                pass
+            except Exception as exc:  # noqa: BLE001 - the domain and network go below
+                print(f"removing the pod through the agent failed: {exc}", file=sys.stderr)
+        if channel is not None:
+            channel.close()
         if proc is not None:
             proc.terminate()
-            proc.wait(60)
-        cleanup(conn, work, work / "agent" / "state")
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
+        try:
+            cleanup(conn, work, work / "agent" / "state")
+        except Exception as exc:  # noqa: BLE001
+            print(f"cleanup failed: {exc}", file=sys.stderr)
         conn.close()
         subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
         shutil.rmtree(work, ignore_errors=True)
 
-    a50, a95 = statistics.median(agent_s), percentile(agent_s, 95)
-    h50, h95 = statistics.median(hand_s), percentile(hand_s, 95)
-    mib = FILE_SIZE / (1 << 20)
-    d_mbs = [mib / s for s in direct_s]
-    f_mbs = [mib / s for s in forward_s]
-    d50, f50 = statistics.median(d_mbs), statistics.median(f_mbs)
-    e50, s50 = statistics.median(first_s), statistics.median(ssh_s)
-    print(f"bench/exec: TCG, stock Debian 12 guest {MEMORY >> 20} MiB (booted and cloud-init done in {boot_s:.0f} s)")
-    print(f"  ExecSync `true` ({args.runs} runs each, interleaved)")
-    print(f"    agent gRPC ExecSync                    p50 {ms(a50)}   p95 {ms(a95)}")
-    print(f"    guest-exec + status by hand (libvirt)  p50 {ms(h50)}   p95 {ms(h95)}")
-    print(f"    ratio p50 {a50 / h50:.2f}x  p95 {a95 / h95:.2f}x   "
-          f"(target <= 1.20x: {'met' if a50 / h50 <= 1.2 else 'NOT met'})")
-    print(f"  port-forward, 100 MiB download ({args.pf_runs} runs each, interleaved)")
-    print(f"    direct TCP to the pod IP         median {d50:7.1f} MiB/s   best {max(d_mbs):7.1f} MiB/s")
-    print(f"    agent PortForward (WebSocket)    median {f50:7.1f} MiB/s   best {max(f_mbs):7.1f} MiB/s")
-    print(f"    ratio {f50 / d50:.2f}x   (target >= 0.50x: {'met' if f50 / d50 >= 0.5 else 'NOT met'})")
-    print(f"  streaming Exec `echo hi`, request to first stdout byte ({args.exec_runs} runs)")
-    print(f"    p50 {ms(e50)}   p95 {ms(percentile(first_s, 95))}")
-    print(f"    of which the SSH connection (measured apart) p50 {ms(s50)}  ({s50 / e50:.0%})")
     return 0
 
 
