@@ -138,7 +138,7 @@ def forwarded_download(rt: Any, sid: str) -> float:
             if channel == 1 and payload:
                 errors.append(payload)
             elif channel == 0 and payload:
-                return payload
+                return bytes(payload)
 
     try:
         got = http_get(lambda b: ws.send_binary(b"\x00" + b), recv)
