@@ -12,6 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_DIR = Path("/var/cache/podvisor/images/tiny")
+DEBIAN_DIR = Path("/var/cache/podvisor/images/debian")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -20,23 +21,41 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @contextmanager
-def tiny_image(workdir: Path, repository: str = "bench/tiny") -> Iterator[str]:
-    """The tiny test guest (built once per machine) pushed as a containerDisk
-    to a loopback registry under ``workdir``; yields its reference while the
-    registry runs."""
+def pushed_image(disk: Path, workdir: Path, repository: str, tag: str,
+                 timeout: float = 120) -> Iterator[str]:
+    """``disk`` pushed as a containerDisk to a loopback registry under
+    ``workdir``; yields its reference while the registry runs."""
     from agent.adapters.registry import RegistryClient
     from agent.cli import oci_layout
     from agent.domain.imageref import RemoteRepository
     from tests.integration.registry_fixture import run_registry
 
-    subprocess.run([str(ROOT / "images/tiny/build.sh"), str(TINY_DIR)], check=True)
     with run_registry(workdir / "registry") as registry:
         layout = workdir / "layout"
-        built = oci_layout.build(TINY_DIR / "tiny.qcow2", layout, "1")
-        with RegistryClient(timeout=120) as client:
+        built = oci_layout.build(disk, layout, tag)
+        with RegistryClient(timeout=timeout) as client:
             oci_layout.push(client, layout, built, RemoteRepository(
-                registry=registry.host, host=registry.host, name=repository), "1")
-        yield f"{registry.host}/{repository}:1"
+                registry=registry.host, host=registry.host, name=repository), tag)
+        yield f"{registry.host}/{repository}:{tag}"
+
+
+@contextmanager
+def tiny_image(workdir: Path, repository: str = "bench/tiny") -> Iterator[str]:
+    """The tiny test guest (built once per machine) as a containerDisk in a
+    loopback registry under ``workdir``; yields its reference while the
+    registry runs."""
+    subprocess.run([str(ROOT / "images/tiny/build.sh"), str(TINY_DIR)], check=True)
+    with pushed_image(TINY_DIR / "tiny.qcow2", workdir, repository, "1") as ref:
+        yield ref
+
+
+@contextmanager
+def debian_image(workdir: Path, repository: str = "bench/debian") -> Iterator[str]:
+    """The stock Debian 12 guest (images/debian, built once per machine) as a
+    containerDisk in a loopback registry under ``workdir``."""
+    subprocess.run([str(ROOT / "images/debian/build.sh"), str(DEBIAN_DIR)], check=True, timeout=3600)
+    with pushed_image(DEBIAN_DIR / "debian.qcow2", workdir, repository, "12", timeout=600) as ref:
+        yield ref
 
 
 def start_agent(workdir: Path, *, virt_type: str = "auto",
