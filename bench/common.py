@@ -3,12 +3,15 @@ and (optional) CNI configuration, and percentiles."""
 
 from __future__ import annotations
 
+import json
+import secrets
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_DIR = Path("/var/cache/podvisor/images/tiny")
@@ -18,6 +21,26 @@ DEBIAN_DIR = Path("/var/cache/podvisor/images/debian")
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def private_cni_network(work: Path, bridge_prefix: str, name: str) -> tuple[str, dict[str, Any]]:
+    """A bridge + host-local + portmap network of the benchmark's own (a fresh
+    bridge name and a random /24 in 10.230-249.x), written to ``work/net.d``.
+    Returns the bridge name (to delete at the end) and the configuration list."""
+    suffix = secrets.token_hex(3)
+    bridge = f"{bridge_prefix}{suffix}"
+    conflist: dict[str, Any] = {
+        "cniVersion": "1.0.0", "name": f"{name}-{suffix}",
+        "plugins": [
+            {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
+             "ipam": {"type": "host-local",
+                      "ranges": [[{"subnet": f"10.{230 + secrets.randbelow(20)}.{secrets.randbelow(250)}.0/24"}]],
+                      "dataDir": str(work / "ipam"), "routes": [{"dst": "0.0.0.0/0"}]}},
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+        ]}
+    (work / "net.d").mkdir()
+    (work / "net.d" / "10-bench.conflist").write_text(json.dumps(conflist))
+    return bridge, conflist
 
 
 @contextmanager

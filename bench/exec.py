@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import shutil
 import socket
 import statistics
@@ -53,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 from agent.api.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
 from agent.api.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
 from agent.cli.streams import PORTFORWARD, REMOTECOMMAND, STDOUT, connect  # noqa: E402
-from bench.common import debian_image, percentile, start_agent  # noqa: E402
+from bench.common import debian_image, percentile, private_cni_network, start_agent  # noqa: E402
 
 MEMORY = 768 << 20  # what the stock Debian guest is comfortable in (images/debian/README.md)
 HTTP_PORT = 8080
@@ -278,19 +277,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="pv-bench-exec-", dir="/var/tmp"))
     work.chmod(0o711)  # QEMU's user traverses it (checked at start)
-    suffix = secrets.token_hex(3)
-    bridge = f"pvbe{suffix}"
-    conflist = {
-        "cniVersion": "1.0.0", "name": f"bench-exec-{suffix}",
-        "plugins": [
-            {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
-             "ipam": {"type": "host-local",
-                      "ranges": [[{"subnet": f"10.{230 + secrets.randbelow(20)}.{secrets.randbelow(250)}.0/24"}]],
-                      "dataDir": str(work / "ipam"), "routes": [{"dst": "0.0.0.0/0"}]}},
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-        ]}
-    (work / "net.d").mkdir()
-    (work / "net.d" / "10-bench.conflist").write_text(json.dumps(conflist))
+    bridge, conflist = private_cni_network(work, "pvbe", "bench-exec")
     conn = libvirt.open("qemu:///system")
     proc = None
     rt: Any = None
@@ -304,7 +291,7 @@ def main() -> int:
             rt = api_pb2_grpc.RuntimeServiceStub(channel)
             api_pb2_grpc.ImageServiceStub(channel).PullImage(
                 pb.PullImageRequest(image=pb.ImageSpec(image=image)), timeout=600)
-            name = f"bench-exec-{suffix}"
+            name = str(conflist["name"])  # bench-exec-<suffix>, unique to this run
             sb_cfg = pb.PodSandboxConfig(
                 metadata=pb.PodSandboxMetadata(name=name, namespace="bench", uid=uuid.uuid4().hex),
                 hostname=name, log_directory=str(work / "logs"))

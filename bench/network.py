@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from agent.api.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
 from agent.api.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
-from bench.common import start_agent  # noqa: E402
+from bench.common import private_cni_network, start_agent  # noqa: E402
 
 CNI_BIN = "/usr/lib/cni"
 SETTLE_S = 0.3
@@ -90,19 +90,7 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pv-bench-net-", dir="/var/tmp"))
     work.chmod(0o711)  # QEMU's user traverses it (checked at start)
-    suffix = secrets.token_hex(3)
-    bridge = f"pvbn{suffix}"
-    conflist = {
-        "cniVersion": "1.0.0", "name": f"bench-{suffix}",
-        "plugins": [
-            {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
-             "ipam": {"type": "host-local",
-                      "ranges": [[{"subnet": f"10.{230 + secrets.randbelow(20)}.{secrets.randbelow(250)}.0/24"}]],
-                      "dataDir": str(work / "ipam"), "routes": [{"dst": "0.0.0.0/0"}]}},
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-        ]}
-    (work / "net.d").mkdir()
-    (work / "net.d" / "10-bench.conflist").write_text(json.dumps(conflist))
+    bridge, conflist = private_cni_network(work, "pvbn", "bench")
     proc, sock = start_agent(work / "agent", cni_conf_dir=work / "net.d")
     agent_s: list[float] = []
     hand_s: list[float] = []
