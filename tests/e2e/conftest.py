@@ -44,6 +44,16 @@ DEBIAN_DIR = Path(os.environ.get("PODVISOR_DEBIAN_IMAGE_DIR", "/var/cache/podvis
 DEBIAN_MEMORY = 768 << 20
 
 
+def push_disk(disk: Path, registry: RunningRegistry, layout: Path, name: str, tag: str,  # noqa: F811
+              timeout: float) -> str:
+    """``disk`` as a containerDisk ``name:tag`` in the test registry; returns its reference."""
+    built = oci_layout.build(disk, layout, tag)
+    repo = RemoteRepository(registry=registry.host, host=registry.host, name=name)
+    with RegistryClient(timeout=timeout) as client:
+        oci_layout.push(client, layout, built, repo, tag)
+    return f"{registry.host}/{name}:{tag}"
+
+
 @pytest.fixture(scope="session")
 def tiny_disk() -> Path:
     subprocess.run([str(ROOT / "images/tiny/build.sh"), str(TINY_DIR)], check=True, timeout=900)
@@ -54,12 +64,7 @@ def tiny_disk() -> Path:
 def tiny_image(tiny_disk: Path, registry: RunningRegistry,  # noqa: F811
                tmp_path_factory: pytest.TempPathFactory) -> str:
     """The tiny guest pushed as a containerDisk; returns its reference."""
-    layout = tmp_path_factory.mktemp("tiny-layout")
-    built = oci_layout.build(tiny_disk, layout, "1")
-    repo = RemoteRepository(registry=registry.host, host=registry.host, name="podvisor/tiny")
-    with RegistryClient(timeout=120) as client:
-        oci_layout.push(client, layout, built, repo, "1")
-    return f"{registry.host}/podvisor/tiny:1"
+    return push_disk(tiny_disk, registry, tmp_path_factory.mktemp("tiny-layout"), "podvisor/tiny", "1", 120)
 
 
 @pytest.fixture(scope="session")
@@ -73,12 +78,8 @@ def debian_disk() -> Path:
 def debian_image(debian_disk: Path, registry: RunningRegistry,  # noqa: F811
                  tmp_path_factory: pytest.TempPathFactory) -> str:
     """The Debian guest pushed as a containerDisk; returns its reference."""
-    layout = tmp_path_factory.mktemp("debian-layout")
-    built = oci_layout.build(debian_disk, layout, "12")
-    repo = RemoteRepository(registry=registry.host, host=registry.host, name="podvisor/debian")
-    with RegistryClient(timeout=600) as client:
-        oci_layout.push(client, layout, built, repo, "12")
-    return f"{registry.host}/podvisor/debian:12"
+    return push_disk(debian_disk, registry, tmp_path_factory.mktemp("debian-layout"), "podvisor/debian", "12",
+                     600)
 
 
 def virsh(*args: str) -> subprocess.CompletedProcess[str]:
