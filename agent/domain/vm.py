@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from agent.domain.sandbox import DNSConfig
+from agent.domain.volumes import Device, Mount
 
 METADATA_NAMESPACE = "https://podvisor.io/xmlns/domain/1"
 METADATA_PREFIX = "podvisor"
@@ -175,6 +176,8 @@ class ContainerSpec:
     cpu_quota: int = 0
     cpu_period: int = 0
     cpu_shares: int = 0
+    mounts: tuple[Mount, ...] = ()  # pod volumes: virtiofs shares the guest mounts (docs/volumes.md)
+    devices: tuple[Device, ...] = ()  # raw block volumes: virtio disks with stable serials
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,12 @@ def _run_request() -> pb.RunPodSandboxRequest:
     ))
 
 
+def _volume_request(mounts: list[pb.Mount] | None = None,
+                    devices: list[pb.Device] | None = None) -> pb.CreateContainerRequest:
+    return pb.CreateContainerRequest(pod_sandbox_id="5b", config=pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name="vm"), mounts=mounts or [], devices=devices or []))
+
+
 def _create_request() -> pb.CreateContainerRequest:
     return pb.CreateContainerRequest(
         pod_sandbox_id=SANDBOX_ID,
@@ -149,7 +155,10 @@ def _create_request() -> pb.CreateContainerRequest:
             labels={"io.kubernetes.container.name": "vm"},
             annotations={"podvisor.io/firmware": "uefi"},
             log_path="vm/1.log",
-            mounts=[pb.Mount(container_path="/dev/termination-log", host_path="/var/lib/kubelet/x")],
+            mounts=[pb.Mount(container_path="/dev/termination-log", host_path="/var/lib/kubelet/x"),
+                    pb.Mount(container_path="/etc/config/", host_path="/var/lib/kubelet/cm", readonly=True,
+                             propagation=pb.PROPAGATION_HOST_TO_CONTAINER)],
+            devices=[pb.Device(container_path="/dev/xvda", host_path="/dev/loop7", permissions="r")],
             linux=pb.LinuxContainerConfig(resources=pb.LinuxContainerResources(
                 memory_limit_in_bytes=1 << 30, cpu_quota=250_000, cpu_period=100_000, cpu_shares=512)),
         ),
@@ -226,6 +235,17 @@ CASES = (
     Case("containers", "spec_from_config", containers.container_spec_from_pb, (_create_request(),)),
     Case("containers", "spec_env_without_key", containers.container_spec_from_pb, (_bad_env_request(),)),
     Case("containers", "spec_env_not_utf8", containers.container_spec_from_pb, (_non_utf8_env_request(),)),
+    Case("containers", "spec_mount_relative", containers.container_spec_from_pb, (_volume_request(
+        mounts=[pb.Mount(container_path="data", host_path="/srv/data")]),)),
+    Case("containers", "spec_mount_dotdot", containers.container_spec_from_pb, (_volume_request(
+        mounts=[pb.Mount(container_path="/a/../etc", host_path="/srv/data")]),)),
+    Case("containers", "spec_mount_no_host_path", containers.container_spec_from_pb, (_volume_request(
+        mounts=[pb.Mount(container_path="/data")]),)),
+    Case("containers", "spec_mount_twice", containers.container_spec_from_pb, (_volume_request(
+        mounts=[pb.Mount(container_path="/data", host_path="/srv/a"),
+                pb.Mount(container_path="/data/", host_path="/srv/b")]),)),
+    Case("containers", "spec_device_bad_permissions", containers.container_spec_from_pb, (_volume_request(
+        devices=[pb.Device(container_path="/dev/xvdb", host_path="/dev/loop3", permissions="rx")]),)),
     Case("containers", "spec_without_sandbox", containers.container_spec_from_pb,
          (pb.CreateContainerRequest(config=pb.ContainerConfig()),)),
     Case("containers", "filter_absent", containers.container_filter_from_pb, (pb.ListContainersRequest(),)),

@@ -8,6 +8,7 @@ from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.domain.errors import InvalidArgument
 from agent.domain.vm import Container, ContainerSpec, ContainerState, quota_for_vcpus
 from agent.domain.vmrequest import CRIResources
+from agent.domain.volumes import Propagation, check_device, check_mount, check_unique
 from agent.services.container_events import ContainerEvent
 from agent.services.containers import ContainerFilter, ContainerStats
 
@@ -42,17 +43,28 @@ def container_spec_from_pb(req: pb.CreateContainerRequest) -> ContainerSpec:
             except UnicodeDecodeError:
                 raise InvalidArgument(f"config.envs[{i}].value", "is not UTF-8") from None
         env[kv.key] = value
-    # Host mounts cannot enter a VM (no shared filesystem yet). kubelet always
-    # sends some (termination log, service account token): they are accepted
-    # and not attached, as documented in docs/vms.md.
+    mounts = tuple(
+        check_mount(f"config.mounts[{i}]", m.container_path, m.host_path, m.readonly,
+                    _PROPAGATION.get(m.propagation, Propagation.PRIVATE))
+        for i, m in enumerate(cfg.mounts))
+    devices = tuple(check_device(f"config.devices[{i}]", d.container_path, d.host_path, d.permissions)
+                    for i, d in enumerate(cfg.devices))
+    check_unique(mounts, devices)
     res = cfg.linux.resources
     return ContainerSpec(
         sandbox_id=req.pod_sandbox_id, name=cfg.metadata.name, attempt=cfg.metadata.attempt,
         image=cfg.image.image, command=tuple(cfg.command), args=tuple(cfg.args), env=env,
         labels=dict(cfg.labels), annotations=dict(cfg.annotations), log_path=cfg.log_path,
         memory_limit_in_bytes=res.memory_limit_in_bytes, cpu_quota=res.cpu_quota,
-        cpu_period=res.cpu_period, cpu_shares=res.cpu_shares,
+        cpu_period=res.cpu_period, cpu_shares=res.cpu_shares, mounts=mounts, devices=devices,
     )
+
+
+_PROPAGATION = {
+    pb.PROPAGATION_PRIVATE: Propagation.PRIVATE,
+    pb.PROPAGATION_HOST_TO_CONTAINER: Propagation.HOST_TO_CONTAINER,
+    pb.PROPAGATION_BIDIRECTIONAL: Propagation.BIDIRECTIONAL,
+}
 
 
 def container_filter_from_pb(req: pb.ListContainersRequest) -> ContainerFilter | None:

@@ -1,0 +1,108 @@
+"""Pod volumes of a VM container: CRI mounts and block devices, as model values.
+
+kubelet hands a container its volumes as CRI ``mounts`` (host path →
+container path) and raw block persistent volumes as ``devices``. In a VM the
+mounts reach the guest over virtiofs and the devices as virtio disks
+(docs/volumes.md). This module holds the values and the checks that need no
+I/O; where a host path leads is found out by an adapter.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import posixpath
+from dataclasses import dataclass
+
+from agent.domain.errors import InvalidArgument
+
+
+class Propagation(enum.Enum):
+    """CRI MountPropagation (Linux mount propagation of a bind mount)."""
+
+    PRIVATE = "private"
+    HOST_TO_CONTAINER = "rslave"
+    BIDIRECTIONAL = "rshared"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One CRI mount of a container, checked."""
+
+    container_path: str  # absolute, normalised, inside the guest
+    host_path: str  # absolute, as kubelet gave it (may be a symlink)
+    readonly: bool = False
+    propagation: Propagation = Propagation.PRIVATE
+
+
+@dataclass(frozen=True)
+class Device:
+    """One CRI device (a raw block volume), checked."""
+
+    container_path: str  # where the guest should find it (a symlink to its by-id name)
+    host_path: str  # a block device on the host
+    permissions: str = "rwm"  # cgroup-style subset of "rwm"; no "w" attaches it read-only
+
+    @property
+    def readonly(self) -> bool:
+        return "w" not in self.permissions
+
+
+# Linux virtio-blk serials are at most 20 bytes; /dev/disk/by-id/virtio-<serial>.
+DEVICE_SERIAL_LENGTH = 20
+
+
+def device_serial(container_path: str) -> str:
+    """A stable virtio serial for a device at ``container_path`` (same path, same serial)."""
+    digest = hashlib.sha256(container_path.encode()).hexdigest()
+    return ("pv-" + digest)[:DEVICE_SERIAL_LENGTH]
+
+
+def _absolute(field: str, value: str) -> str:
+    if not value:
+        raise InvalidArgument(field, "is required")
+    if "\0" in value or "\n" in value:
+        raise InvalidArgument(field, "must not contain NUL or newline characters")
+    if not value.startswith("/"):
+        raise InvalidArgument(field, f"must be an absolute path, not {value!r}")
+    if len(value) > 4096:
+        raise InvalidArgument(field, "is longer than 4096 bytes")
+    return value
+
+
+def check_mount(field: str, container_path: str, host_path: str, readonly: bool,
+                propagation: Propagation) -> Mount:
+    """A Mount from CRI's fields; ``field`` is e.g. ``config.mounts[2]``."""
+    cpath = _absolute(f"{field}.container_path", container_path)
+    if ".." in cpath.split("/"):
+        raise InvalidArgument(f"{field}.container_path", "must not contain '..'")
+    cpath = posixpath.normpath(cpath)
+    if cpath == "/":
+        raise InvalidArgument(f"{field}.container_path", "must not be / (a VM's root is its disk)")
+    hpath = _absolute(f"{field}.host_path", host_path)
+    return Mount(container_path=cpath, host_path=hpath, readonly=readonly, propagation=propagation)
+
+
+def check_device(field: str, container_path: str, host_path: str, permissions: str) -> Device:
+    """A Device from CRI's fields; ``field`` is e.g. ``config.devices[0]``."""
+    cpath = _absolute(f"{field}.container_path", container_path)
+    if ".." in cpath.split("/"):
+        raise InvalidArgument(f"{field}.container_path", "must not contain '..'")
+    hpath = _absolute(f"{field}.host_path", host_path)
+    perms = permissions or "rwm"
+    if set(perms) - set("rwm"):
+        raise InvalidArgument(f"{field}.permissions", f"must be letters of 'rwm', not {permissions!r}")
+    if "r" not in perms:
+        raise InvalidArgument(f"{field}.permissions", "must include 'r' (a VM cannot attach a write-only disk)")
+    return Device(container_path=posixpath.normpath(cpath), host_path=hpath, permissions=perms)
+
+
+def check_unique(mounts: tuple[Mount, ...], devices: tuple[Device, ...]) -> None:
+    """No two mounts or devices at one container path."""
+    seen: dict[str, str] = {}
+    paths = [("mounts", i, m.container_path) for i, m in enumerate(mounts)]
+    paths += [("devices", i, d.container_path) for i, d in enumerate(devices)]
+    for kind, i, path in paths:
+        if path in seen:
+            raise InvalidArgument(f"config.{kind}[{i}].container_path", f"{path!r} is also {seen[path]}")
+        seen[path] = f"config.{kind}[{i}]"
