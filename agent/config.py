@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.domain import imageref
+from agent.domain.tls_identity import parse_allow_entry, split_listen
 from agent.domain.vmrequest import VMDefaults
 
 DEFAULT_SOCKET = Path("/run/podvisor/podvisor.sock")
@@ -141,6 +142,34 @@ class StreamingConfig:
 
 
 @dataclass(frozen=True)
+class MTLSConfig:
+    """The control-plane endpoint: gRPC over mutual TLS 1.3 on TCP (docs/security.md)."""
+
+    # HOST:PORT ("[::]:10010" for IPv6); empty: no TCP listener, the unix socket only.
+    listen: str = ""
+    # PEM files: the server's certificate (chain) and key, the CA bundle client certificates must chain to.
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""
+    # Client identities let in: "dns:NAME", "uri:URI", "ip:ADDRESS", "cn:NAME", or "*" (any
+    # certificate the CA signed). Must not be empty when listen is set.
+    allowed_clients: tuple[str, ...] = ()
+    # How often the three files are checked for changes (then re-read); 0: only on SIGHUP.
+    reload_interval_seconds: float = 2.0
+    handshake_timeout_seconds: float = 10.0
+    # The HTTPS streaming server behind the Exec/Attach/PortForward URLs of calls made over
+    # this endpoint: address (empty: the host of listen), port (0: ephemeral) and the host
+    # written into the URLs (empty: the address; required when the address is a wildcard).
+    streaming_address: str = ""
+    streaming_port: int = 0
+    streaming_url_host: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen)
+
+
+@dataclass(frozen=True)
 class ExecConfig:
     # How long Exec and ExecSync without a timeout of their own wait for a
     # booting guest's agent (or SSH server) to answer.
@@ -163,6 +192,7 @@ class AgentConfig:
     registries: RegistriesConfig = field(default_factory=RegistriesConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     exec: ExecConfig = field(default_factory=ExecConfig)
+    mtls: MTLSConfig = field(default_factory=MTLSConfig)
 
     @property
     def images_dir(self) -> Path:
@@ -186,6 +216,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "vm": VMDefaults,
     "streaming": StreamingConfig,
     "exec": ExecConfig,
+    "mtls": MTLSConfig,
 }
 
 
@@ -198,6 +229,10 @@ def _coerce(where: str, default: Any, value: Any) -> Any:
         if not path.is_absolute():
             raise ConfigError(f"{where}: {value!r} must be an absolute path")
         return path
+    if isinstance(default, tuple) and where.endswith("allowed_clients"):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{where}: expected a list of identities (dns:NAME, uri:URI, ip:ADDRESS, cn:NAME, *)")
+        return tuple(value)
     if isinstance(default, tuple) and where.endswith("mirrors"):
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{where}: expected a list of endpoints")
@@ -371,6 +406,43 @@ def _validate_streaming(st: StreamingConfig) -> None:
         raise ConfigError("[streaming] idle_timeout_seconds: must be greater than 0")
 
 
+def _validate_mtls(m: MTLSConfig) -> None:
+    """Syntax only: whether the files exist and fit is checked when the agent starts."""
+    if not m.listen:
+        return
+    try:
+        host, _ = split_listen(m.listen)
+    except ValueError as exc:
+        raise ConfigError(f"[mtls] listen: {exc} (HOST:PORT with an IP address, e.g. 0.0.0.0:10010)") from None
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        value = getattr(m, key)
+        if not value:
+            raise ConfigError(f"[mtls] {key}: required when listen is set")
+        if not Path(value).is_absolute():
+            raise ConfigError(f"[mtls] {key}: must be an absolute path")
+    if not m.allowed_clients:
+        raise ConfigError('[mtls] allowed_clients: empty, so every client would be refused; list the '
+                          'identities to let in (dns:NAME, uri:URI, ip:ADDRESS, cn:NAME), or "*" for any '
+                          "certificate client_ca_file signed")
+    for entry in m.allowed_clients:
+        try:
+            parse_allow_entry(entry)
+        except ValueError as exc:
+            raise ConfigError(f"[mtls] allowed_clients: {exc}") from None
+    address = m.streaming_address or host
+    try:
+        wildcard = ipaddress.ip_address(address).is_unspecified
+    except ValueError:
+        raise ConfigError(f"[mtls] streaming_address: {address!r} is not an IP address") from None
+    if wildcard and not m.streaming_url_host:
+        raise ConfigError(f"[mtls] streaming_url_host: required when the streaming server listens on {address} "
+                          "(the host name or address clients reach it by, written into the URLs)")
+    if m.streaming_port > 65535:
+        raise ConfigError("[mtls] streaming_port: must be 0 (ephemeral) to 65535")
+    if m.handshake_timeout_seconds <= 0:
+        raise ConfigError("[mtls] handshake_timeout_seconds: must be greater than 0")
+
+
 def validate(cfg: AgentConfig) -> None:
     """Cross-field and enumerated-value checks."""
     _validate_server(cfg.server)
@@ -416,5 +488,6 @@ def validate(cfg: AgentConfig) -> None:
                 f"[server] socket_group: no group named {cfg.server.socket_group!r}"
             ) from None
     _validate_streaming(cfg.streaming)
+    _validate_mtls(cfg.mtls)
     if len(str(cfg.server.socket).encode()) > 107:
         raise ConfigError("[server] socket: path longer than a unix socket address allows")

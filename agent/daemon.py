@@ -47,6 +47,7 @@ from agent.api.images import ImageServicer
 from agent.api.runtime_service import RuntimeServicer
 from agent.config import AgentConfig
 from agent.domain import imageref
+from agent.mtls import MTLSEndpoint, MTLSStartupError
 from agent.services.attach import AttachService
 from agent.services.containers import ContainerService
 from agent.services.exec import ExecService
@@ -226,11 +227,20 @@ class Daemon:
         execs = ExecService(containers, libvirt, sandboxes=sandboxes, keys=ExecKeys(), shell=GuestSSH(),
                             guest_ready_timeout_s=cfg.exec.guest_ready_timeout_seconds)
         consoles = ConsoleHub()
-        streaming = start_streaming_server(cfg, GuestStreams(
-            execs, AttachService(containers, consoles), PortForwardService(sandboxes, PodDialer())))
+        guest_streams = GuestStreams(execs, AttachService(containers, consoles),
+                                     PortForwardService(sandboxes, PodDialer()))
+        streaming = start_streaming_server(cfg, guest_streams)
+        mtls = None
+        try:  # the control-plane endpoint: files checked now, listening once the socket serves
+            mtls = MTLSEndpoint.prepare(cfg.mtls, cfg.streaming, guest_streams, cfg.server.socket) \
+                if cfg.mtls.enabled else None
+        except MTLSStartupError as exc:
+            streaming.stop()
+            raise StartupError(str(exc)) from None
+        urls = mtls.urls(streaming) if mtls else streaming
         grpc_server, health = api_server.build(
             RuntimeServicer(runtime, sandboxes, str(cfg.sandboxes_dir), containers,
-                            StatsService(sandboxes, containers), StreamingService(containers, sandboxes, streaming),
+                            StatsService(sandboxes, containers), StreamingService(containers, sandboxes, urls),
                             execs),
             ImageServicer(images, str(cfg.images_dir)),
             HostServicer(runtime),
@@ -238,6 +248,7 @@ class Daemon:
             max_concurrent_rpcs=cfg.server.rpc_limit,
             max_event_streams=cfg.server.max_event_streams,
             max_concurrent_stops=cfg.server.max_concurrent_stops,
+            outer_interceptors=mtls.interceptors() if mtls else (),
         )
         sock = cfg.server.socket
         _prepare_socket(sock)
@@ -250,6 +261,12 @@ class Daemon:
             os.chown(sock, 0, grp.getgrnam(cfg.server.socket_group).gr_gid)
         os.chmod(sock, 0o660)
         grpc_server.start()
+        if mtls is not None:
+            try:
+                mtls.start()
+            except MTLSStartupError as exc:
+                grpc_server.stop(0)
+                raise StartupError(str(exc)) from None
         api_server.set_serving(health, True)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -266,6 +283,8 @@ class Daemon:
         grace = cfg.server.shutdown_grace_seconds
         containers.close_streams()
         grpc_server.stop(grace).wait(grace + 5)
+        if mtls is not None:
+            mtls.stop()
         streaming.stop()
         consoles.close()
         console.close()

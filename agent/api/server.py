@@ -102,6 +102,7 @@ def build(
     max_concurrent_rpcs: int | None = None,
     max_event_streams: int = 16,
     max_concurrent_stops: int = 16,
+    outer_interceptors: tuple[grpc.ServerInterceptor, ...] = (),
 ) -> tuple[grpc.Server, health.HealthServicer]:
     """The server, not started.
 
@@ -114,7 +115,7 @@ def build(
     limit = max_concurrent_rpcs or workers
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-        interceptors=[ApiInterceptor(), CallLimiter({
+        interceptors=[*outer_interceptors, ApiInterceptor(), CallLimiter({
             "GetContainerEvents": (max_event_streams, "max_event_streams"),
             "StopContainer": (max_concurrent_stops, "max_concurrent_stops"),
         })],

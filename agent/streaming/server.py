@@ -69,7 +69,12 @@ def negotiate(client: list[str], server: tuple[str, ...]) -> str:
 
 class StreamingServer:
     def __init__(self, backend: StreamBackend, settings: Settings = Settings(),
-                 cache: RequestCache | None = None) -> None:
+                 cache: RequestCache | None = None, *,
+                 tls_wrap: Callable[[socket.socket], socket.socket] | None = None,
+                 url_host: str = "") -> None:
+        """``tls_wrap``: a handshake of the caller's own (the mTLS endpoint's: TLS 1.3,
+        client certificate, allow-list), instead of ``settings``' plain certificate;
+        ``url_host``: the host written into URLs (default: the listening address)."""
         self._backend = backend
         self.settings = settings
         self.cache = cache if cache is not None else RequestCache()
@@ -77,6 +82,8 @@ class StreamingServer:
         if settings.tls_cert_file:
             self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self._tls.load_cert_chain(settings.tls_cert_file, settings.tls_key_file or None)
+        self._tls_wrap = tls_wrap
+        self._url_host = url_host
         self._listener: socket.socket | None = None
         self._lock = threading.Lock()
         self._active: dict[socket.socket, Callable[[], None] | None] = {}
@@ -97,9 +104,11 @@ class StreamingServer:
     def base_url(self) -> str:
         assert self._listener is not None, "not started"
         host, port = self._listener.getsockname()[:2]
+        host = self._url_host or host
         if ":" in host:
             host = f"[{host}]"
-        return f"{'https' if self._tls else 'http'}://{host}:{port}"
+        secure = self._tls is not None or self._tls_wrap is not None
+        return f"{'https' if secure else 'http'}://{host}:{port}"
 
     def url_for(self, request: StreamRequest) -> str:
         kind = next(k for k, cls in _KINDS.items() if isinstance(request, cls))
@@ -156,7 +165,9 @@ class StreamingServer:
         sock: socket.socket = raw
         try:
             raw.settimeout(HEADER_TIMEOUT)
-            if self._tls is not None:
+            if self._tls_wrap is not None:
+                sock = self._tls_wrap(raw)
+            elif self._tls is not None:
                 sock = self._tls.wrap_socket(raw, server_side=True)
             self._serve(sock)
         except (OSError, ssl.SSLError, h11.ProtocolError) as exc:

@@ -1,0 +1,378 @@
+"""The control-plane endpoint: a mutual-TLS 1.3 terminator in front of the gRPC server.
+
+grpcio's server credentials can neither pin TLS 1.3 nor refuse a client
+identity during the handshake, so the agent terminates TLS itself (the
+``ssl`` module, OpenSSL underneath) and relays the plaintext HTTP/2 bytes to
+its own unix socket. Per connection:
+
+1. TLS 1.3 handshake (nothing older is offered or accepted) with a required
+   client certificate that must chain to the configured client CA and be
+   within its validity period — OpenSSL refuses otherwise, in the handshake.
+2. The verified certificate's identities (SAN DNS/URI/IP, subject CN) are
+   matched against the allow-list; a client not on it is cut off at the end
+   of the handshake, before a single byte it sent is read or relayed.
+3. Only then a unix connection to the gRPC server is opened. It is bound to a
+   private abstract address (``@podvisor-mtls-<random>/<n>``) so the gRPC
+   layer can tell from ``context.peer()`` that a call came over mTLS, and
+   from whom (``identity_of``).
+
+Every refusal is logged with the peer address, the identity when known and
+the reason; key material never is. ``reload()`` (SIGHUP, or a change of the
+files seen by ``watch()``) builds a fresh SSL context for new connections;
+established connections keep theirs and are never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import secrets
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from agent.domain.tls_identity import AllowList, describe, identities
+
+log = structlog.get_logger(__name__)
+
+_RELAY_CHUNK = 256 * 1024
+
+
+class TLSSetupError(Exception):
+    """The certificate files cannot make a server context; the message names the file."""
+
+
+class Refused(Exception):
+    """A client the endpoint does not let in."""
+
+    def __init__(self, reason: str, identity: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.identity = identity
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    cert_file: str
+    key_file: str
+    client_ca_file: str
+
+
+# Contexts -------------------------------------------------------------------
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise TLSSetupError(f"{what} {path}: {exc.strerror or exc}") from None
+
+
+def check_files(files: TLSFiles) -> None:
+    """Every file there, parseable, and the key the certificate's: a clear error otherwise."""
+    cert_pem = _read(files.cert_file, "cert_file")
+    try:
+        cert = x509.load_pem_x509_certificates(cert_pem)[0]
+    except ValueError:
+        raise TLSSetupError(f"cert_file {files.cert_file}: no PEM certificate in it") from None
+    key_pem = _read(files.key_file, "key_file")
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        # The message never quotes the file: it is a secret.
+        raise TLSSetupError(f"key_file {files.key_file}: not an unencrypted PEM private key") from None
+    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+    enc = serialization.Encoding.DER
+    if key.public_key().public_bytes(enc, fmt) != cert.public_key().public_bytes(enc, fmt):
+        raise TLSSetupError(f"key_file {files.key_file}: does not match the certificate in {files.cert_file}")
+    try:
+        cas = x509.load_pem_x509_certificates(_read(files.client_ca_file, "client_ca_file"))
+    except ValueError:
+        raise TLSSetupError(f"client_ca_file {files.client_ca_file}: no PEM certificate in it") from None
+    if not cas:  # pragma: no cover - cryptography raises on an empty bundle
+        raise TLSSetupError(f"client_ca_file {files.client_ca_file}: no PEM certificate in it")
+
+
+def server_context(files: TLSFiles) -> ssl.SSLContext:
+    """TLS 1.3 only, client certificate required and verified against the client CA."""
+    check_files(files)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    try:
+        ctx.load_cert_chain(files.cert_file, files.key_file)
+        ctx.load_verify_locations(cafile=files.client_ca_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise TLSSetupError(f"cannot load the certificates ({files.cert_file}, {files.client_ca_file}): "
+                            f"{exc}") from None
+    return ctx
+
+
+def _refusal_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"client certificate rejected: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or ""
+        if reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
+            return "no client certificate"
+        if reason in ("UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION", "WRONG_VERSION_NUMBER",
+                      "NO_SHARED_CIPHER", "VERSION_TOO_LOW"):
+            return f"not TLS 1.3 ({reason})"
+        return f"TLS handshake failed: {reason or exc}"
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "TLS handshake timed out"
+    return f"TLS handshake failed: {exc}"
+
+
+class Gate:
+    """The current server context, the allow-list, reloads and the refusal log."""
+
+    def __init__(self, files: TLSFiles, allowed: Iterable[str], *, endpoint: str = "mtls") -> None:
+        self.files = files
+        self.allow = AllowList(allowed)
+        self.endpoint = endpoint
+        self._lock = threading.Lock()
+        self._ctx = server_context(files)
+        self._stamp = self._file_stamp()
+        self.reloads = 0
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        with self._lock:
+            return self._ctx
+
+    def _file_stamp(self) -> tuple[tuple[int, int, int, int], ...]:
+        out = []
+        for path in (self.files.cert_file, self.files.key_file, self.files.client_ca_file):
+            try:
+                st = os.stat(path)
+                out.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            except OSError:
+                out.append((0, 0, 0, 0))
+        return tuple(out)
+
+    def reload(self, why: str = "SIGHUP") -> bool:
+        """A new context for new connections; on failure the old one stays."""
+        stamp = self._file_stamp()
+        try:
+            ctx = server_context(self.files)
+        except TLSSetupError as exc:
+            log.error("TLS certificates not reloaded; the previous ones stay in use", endpoint=self.endpoint,
+                      trigger=why, error=str(exc))
+            with self._lock:
+                self._stamp = stamp  # do not retry the same broken files every poll
+            return False
+        with self._lock:
+            self._ctx = ctx
+            self._stamp = stamp
+            self.reloads += 1
+        log.info("TLS certificates reloaded", endpoint=self.endpoint, trigger=why)
+        return True
+
+    def changed(self) -> bool:
+        with self._lock:
+            return self._file_stamp() != self._stamp
+
+    def check_peer(self, peercert: dict[str, Any] | None) -> str:
+        """The identity string of an admitted, verified peer; raises Refused."""
+        names = identities(peercert or {})
+        who = describe(names)
+        if not self.allow.admits(names):
+            raise Refused("identity not on the allow-list", who)
+        return who
+
+    def refused(self, peer: str, exc: BaseException) -> None:
+        if isinstance(exc, Refused):
+            log.warning("TLS client refused", endpoint=self.endpoint, peer=peer, identity=exc.identity,
+                        reason=exc.reason)
+        else:
+            log.warning("TLS client refused", endpoint=self.endpoint, peer=peer, identity="(unverified)",
+                        reason=_refusal_reason(exc))
+
+    def wrap_blocking(self, raw: socket.socket) -> ssl.SSLSocket:
+        """Handshake on a blocking socket (the streaming server's threads); raises on refusal."""
+        peer = _peer_of(raw)
+        try:
+            tls = self.context.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            self.refused(peer, exc)
+            raise
+        try:
+            self.check_peer(tls.getpeercert())
+        except Refused as exc:
+            self.refused(peer, exc)
+            tls.close()
+            raise ConnectionRefusedError(f"TLS client refused: {exc.reason}") from None
+        return tls
+
+
+def _peer_of(sock: socket.socket) -> str:
+    try:
+        addr = sock.getpeername()
+    except OSError:
+        return "?"
+    return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+
+
+# The terminator ---------------------------------------------------------------
+
+
+class Terminator:
+    """Listens on TCP, admits mTLS 1.3 clients, relays them to the gRPC unix socket."""
+
+    def __init__(self, gate: Gate, host: str, port: int, backend: Path, *,
+                 handshake_timeout: float = 10.0, reload_interval: float = 2.0) -> None:
+        self.gate = gate
+        self._host = host
+        self._port = port
+        self._backend = str(backend)
+        self._handshake_timeout = handshake_timeout
+        self._reload_interval = reload_interval
+        self._prefix = f"podvisor-mtls-{os.getpid()}-{secrets.token_hex(6)}/"
+        self._ids = itertools.count(1)
+        self._peers: dict[str, str] = {}  # abstract backend address → client identity
+        self._peers_lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.address: tuple[str, int] = (host, port)
+
+    # lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        sock = socket.create_server((self._host, self._port),
+                                    family=socket.AF_INET6 if ":" in self._host else socket.AF_INET,
+                                    backlog=128)
+        sock.setblocking(False)
+        self.address = sock.getsockname()[:2]
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._connection, sock=sock, limit=_RELAY_CHUNK))
+        self._thread = threading.Thread(target=self._loop.run_forever, name="mtls-endpoint", daemon=True)
+        self._thread.start()
+        if self._reload_interval > 0:
+            self._watcher = threading.Thread(target=self._watch, name="mtls-reload", daemon=True)
+            self._watcher.start()
+        log.info("mTLS endpoint listening", address=f"{self.address[0]}:{self.address[1]}",
+                 tls="1.3 only, client certificate required")
+
+    def stop(self) -> None:
+        """Close the listener and every relayed connection (after the gRPC drain)."""
+        self._stopping.set()
+        if self._thread is None:
+            return
+
+        async def shut() -> None:
+            if self._server is not None:
+                self._server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=5)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shut(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        if self._watcher is not None:
+            self._watcher.join(5)
+        with contextlib.suppress(Exception):
+            self._loop.close()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self._reload_interval):
+            if self.gate.changed():
+                self.gate.reload("files changed")
+
+    def identity_of(self, peer: str) -> str | None:
+        """The client identity of a relayed connection, from the gRPC peer string."""
+        name = peer.removeprefix("unix-abstract:")
+        if name == peer or not name.startswith(self._prefix):
+            return None
+        with self._peers_lock:
+            return self._peers.get(name)
+
+    def connections(self) -> int:
+        with self._peers_lock:
+            return len(self._peers)
+
+    # connections -------------------------------------------------------------
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        peername = writer.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        name = ""
+        up_writer: asyncio.StreamWriter | None = None
+        try:
+            try:
+                await writer.start_tls(self.gate.context, ssl_handshake_timeout=self._handshake_timeout)
+                who = self.gate.check_peer(writer.get_extra_info("peercert"))
+            except (TimeoutError, Refused, ssl.SSLError, OSError, ConnectionError) as exc:
+                self.gate.refused(peer, exc)
+                return
+            name = f"{self._prefix}{next(self._ids)}"
+            with self._peers_lock:
+                self._peers[name] = who
+            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                up.bind("\0" + name)
+                up.setblocking(False)
+                await self._loop.sock_connect(up, self._backend)
+            except OSError as exc:
+                up.close()
+                log.error("mTLS endpoint cannot reach the gRPC socket", socket=self._backend, error=str(exc))
+                return
+            up_reader, up_writer = await asyncio.open_unix_connection(sock=up, limit=_RELAY_CHUNK)
+            log.debug("mTLS client admitted", peer=peer, identity=who)
+            await asyncio.gather(_relay(reader, up_writer), _relay(up_reader, writer))
+        except asyncio.CancelledError:
+            pass
+        finally:
+            if name:
+                with self._peers_lock:
+                    self._peers.pop(name, None)
+            for w in (up_writer, writer):
+                if w is not None:
+                    w.close()
+            self._tasks.discard(task)
+
+
+async def _relay(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            data = await src.read(_RELAY_CHUNK)
+            if not data:
+                break
+            dst.write(data)
+            if dst.transport.get_write_buffer_size() > _RELAY_CHUNK:
+                await dst.drain()
+    except (OSError, ssl.SSLError, ConnectionError):
+        pass
+    finally:
+        with contextlib.suppress(OSError, RuntimeError):
+            if dst.can_write_eof():
+                dst.write_eof()
+            else:
+                dst.close()
+
+
+def on_hup(gate: Gate) -> Callable[..., None]:
+    """A SIGHUP handler: the reload runs in a thread, never inside the signal handler."""
+    def handler(*_: object) -> None:
+        threading.Thread(target=gate.reload, args=("SIGHUP",), name="mtls-sighup", daemon=True).start()
+    return handler
