@@ -24,11 +24,11 @@ established connections keep theirs and are never dropped.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import os
 import secrets
+import selectors
 import socket
 import ssl
 import threading
@@ -131,7 +131,7 @@ def _refusal_reason(exc: BaseException) -> str:
                       "NO_SHARED_CIPHER", "VERSION_TOO_LOW"):
             return f"not TLS 1.3 ({reason})"
         return f"TLS handshake failed: {reason or exc}"
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+    if isinstance(exc, TimeoutError):
         return "TLS handshake timed out"
     return f"TLS handshake failed: {exc}"
 
@@ -230,7 +230,13 @@ def _peer_of(sock: socket.socket) -> str:
 
 
 class Terminator:
-    """Listens on TCP, admits mTLS 1.3 clients, relays them to the gRPC unix socket."""
+    """Listens on TCP, admits mTLS 1.3 clients, relays them to the gRPC unix socket.
+
+    One thread per connection does the handshake, then relays both ways with
+    non-blocking sockets and a selector: one thread owns the SSL object (OpenSSL
+    objects must not be read and written from two threads at once) and a
+    small call costs two system calls per hop, not an event loop's round.
+    """
 
     def __init__(self, gate: Gate, host: str, port: int, backend: Path, *,
                  handshake_timeout: float = 10.0, reload_interval: float = 2.0) -> None:
@@ -242,55 +248,41 @@ class Terminator:
         self._reload_interval = reload_interval
         self._prefix = f"podvisor-mtls-{os.getpid()}-{secrets.token_hex(6)}/"
         self._ids = itertools.count(1)
+        self._lock = threading.Lock()
         self._peers: dict[str, str] = {}  # abstract backend address → client identity
-        self._peers_lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._server: asyncio.base_events.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._thread: threading.Thread | None = None
+        self._conns: dict[socket.socket, threading.Thread] = {}
+        self._listener: socket.socket | None = None
         self._stopping = threading.Event()
-        self._watcher: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.address: tuple[str, int] = (host, port)
 
     # lifecycle -------------------------------------------------------------
     def start(self) -> None:
-        sock = socket.create_server((self._host, self._port),
-                                    family=socket.AF_INET6 if ":" in self._host else socket.AF_INET,
-                                    backlog=128)
-        sock.setblocking(False)
-        self.address = sock.getsockname()[:2]
-        self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._connection, sock=sock, limit=_RELAY_CHUNK))
-        self._thread = threading.Thread(target=self._loop.run_forever, name="mtls-endpoint", daemon=True)
-        self._thread.start()
+        self._listener = socket.create_server(
+            (self._host, self._port), family=socket.AF_INET6 if ":" in self._host else socket.AF_INET, backlog=128)
+        self.address = self._listener.getsockname()[:2]
+        self._threads = [threading.Thread(target=self._accept_loop, name="mtls-accept", daemon=True)]
         if self._reload_interval > 0:
-            self._watcher = threading.Thread(target=self._watch, name="mtls-reload", daemon=True)
-            self._watcher.start()
+            self._threads.append(threading.Thread(target=self._watch, name="mtls-reload", daemon=True))
+        for t in self._threads:
+            t.start()
         log.info("mTLS endpoint listening", address=f"{self.address[0]}:{self.address[1]}",
                  tls="1.3 only, client certificate required")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         """Close the listener and every relayed connection (after the gRPC drain)."""
         self._stopping.set()
-        if self._thread is None:
-            return
-
-        async def shut() -> None:
-            if self._server is not None:
-                self._server.close()
-            for task in list(self._tasks):
-                task.cancel()
-            if self._tasks:
-                await asyncio.wait(list(self._tasks), timeout=5)
-
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(shut(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        if self._watcher is not None:
-            self._watcher.join(5)
-        with contextlib.suppress(Exception):
-            self._loop.close()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+        with self._lock:
+            conns = list(self._conns.items())
+        for sock, _ in conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for t in [*self._threads, *(t for _, t in conns)]:
+            t.join(timeout)
 
     def _watch(self) -> None:
         while not self._stopping.wait(self._reload_interval):
@@ -302,73 +294,153 @@ class Terminator:
         name = peer.removeprefix("unix-abstract:")
         if name == peer or not name.startswith(self._prefix):
             return None
-        with self._peers_lock:
+        with self._lock:
             return self._peers.get(name)
 
     def connections(self) -> int:
-        with self._peers_lock:
+        with self._lock:
             return len(self._peers)
 
     # connections -------------------------------------------------------------
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        peername = writer.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
-        name = ""
-        up_writer: asyncio.StreamWriter | None = None
-        try:
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
             try:
-                await writer.start_tls(self.gate.context, ssl_handshake_timeout=self._handshake_timeout)
-                who = self.gate.check_peer(writer.get_extra_info("peercert"))
-            except (TimeoutError, Refused, ssl.SSLError, OSError, ConnectionError) as exc:
+                raw, _ = self._listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                continue
+            t = threading.Thread(target=self._connection, args=(raw,), name="mtls-conn", daemon=True)
+            with self._lock:
+                self._conns[raw] = t
+            t.start()
+
+    def _connection(self, raw: socket.socket) -> None:
+        peer = _peer_of(raw)
+        name = ""
+        tls: ssl.SSLSocket | None = None
+        up: socket.socket | None = None
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.settimeout(self._handshake_timeout)
+            try:
+                tls = self.gate.context.wrap_socket(raw, server_side=True)
+                who = self.gate.check_peer(tls.getpeercert())
+            except (Refused, ssl.SSLError, OSError) as exc:
                 self.gate.refused(peer, exc)
                 return
             name = f"{self._prefix}{next(self._ids)}"
-            with self._peers_lock:
+            with self._lock:
                 self._peers[name] = who
             up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 up.bind("\0" + name)
-                up.setblocking(False)
-                await self._loop.sock_connect(up, self._backend)
+                up.settimeout(self._handshake_timeout)
+                up.connect(self._backend)
             except OSError as exc:
-                up.close()
                 log.error("mTLS endpoint cannot reach the gRPC socket", socket=self._backend, error=str(exc))
                 return
-            up_reader, up_writer = await asyncio.open_unix_connection(sock=up, limit=_RELAY_CHUNK)
             log.debug("mTLS client admitted", peer=peer, identity=who)
-            await asyncio.gather(_relay(reader, up_writer), _relay(up_reader, writer))
-        except asyncio.CancelledError:
-            pass
+            _relay(tls, up, self._stopping)
+        except Exception:  # noqa: BLE001 - one connection's bug must not end the endpoint
+            log.exception("mTLS connection failed", peer=peer)
         finally:
-            if name:
-                with self._peers_lock:
-                    self._peers.pop(name, None)
-            for w in (up_writer, writer):
-                if w is not None:
-                    w.close()
-            self._tasks.discard(task)
+            with self._lock:
+                self._peers.pop(name, None)
+                self._conns.pop(raw, None)
+            for s in (up, tls, raw):
+                if s is not None:
+                    with contextlib.suppress(OSError):
+                        s.close()
 
 
-async def _relay(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+def _relay(tls: ssl.SSLSocket, up: socket.socket, stopping: threading.Event) -> None:
+    """Both directions until either side ends; this thread alone touches ``tls``."""
+    tls.setblocking(False)
+    up.setblocking(False)
+    to_up = bytearray()  # read from the client, not yet written to the gRPC socket
+    to_tls = bytearray()  # the other way
+    tls_eof = up_eof = False
+    sel = selectors.DefaultSelector()
     try:
-        while True:
-            data = await src.read(_RELAY_CHUNK)
-            if not data:
-                break
-            dst.write(data)
-            if dst.transport.get_write_buffer_size() > _RELAY_CHUNK:
-                await dst.drain()
-    except (OSError, ssl.SSLError, ConnectionError):
-        pass
+        while not stopping.is_set():
+            tls_events = 0
+            if not tls_eof and len(to_up) < _RELAY_CHUNK:
+                tls_events |= selectors.EVENT_READ
+            if to_tls:
+                tls_events |= selectors.EVENT_WRITE
+            up_events = 0
+            if not up_eof and len(to_tls) < _RELAY_CHUNK:
+                up_events |= selectors.EVENT_READ
+            if to_up:
+                up_events |= selectors.EVENT_WRITE
+            if tls_eof and up_eof and not to_up and not to_tls:
+                return
+            if (tls_eof and not to_up and not up_events) or (up_eof and not to_tls and not tls_events):
+                return
+            _register(sel, tls, tls_events)
+            _register(sel, up, up_events)
+            # Bytes OpenSSL already decrypted wait in its buffer, not in the socket.
+            ready = [] if tls.pending() and tls_events & selectors.EVENT_READ else sel.select(1.0)
+            readable = {key.fileobj for key, ev in ready if ev & selectors.EVENT_READ}
+            writable = {key.fileobj for key, ev in ready if ev & selectors.EVENT_WRITE}
+            if (tls in readable or tls.pending()) and not tls_eof and len(to_up) < _RELAY_CHUNK:
+                try:
+                    data = tls.recv(_RELAY_CHUNK)
+                    if data:
+                        to_up += data
+                    else:
+                        tls_eof = True
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+                except (ssl.SSLError, OSError):
+                    return
+            if up in readable and not up_eof:
+                try:
+                    data = up.recv(_RELAY_CHUNK)
+                    if data:
+                        to_tls += data
+                    else:
+                        up_eof = True
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    return
+            if to_up:
+                try:
+                    del to_up[:up.send(to_up)]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    return
+            if to_tls and (tls in writable or True):
+                try:
+                    del to_tls[:tls.send(to_tls)]
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+                except (ssl.SSLError, OSError):
+                    return
+            if tls_eof and not to_up:
+                with contextlib.suppress(OSError):
+                    up.shutdown(socket.SHUT_WR)
+            if up_eof and not to_tls:
+                return  # the gRPC server hung up: so does the client's connection
     finally:
-        with contextlib.suppress(OSError, RuntimeError):
-            if dst.can_write_eof():
-                dst.write_eof()
-            else:
-                dst.close()
+        sel.close()
+
+
+def _register(sel: selectors.BaseSelector, sock: socket.socket, events: int) -> None:
+    try:
+        key = sel.get_key(sock)
+    except KeyError:
+        if events:
+            sel.register(sock, events)
+        return
+    if not events:
+        sel.unregister(sock)
+    elif key.events != events:
+        sel.modify(sock, events)
 
 
 def on_hup(gate: Gate) -> Callable[..., None]:

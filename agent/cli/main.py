@@ -27,7 +27,7 @@ from google.protobuf.message import Message
 from agent import __version__
 from agent.api.gen.podvisor.v1 import podvisor_pb2, podvisor_pb2_grpc
 from agent.api.gen.runtime.v1 import api_pb2, api_pb2_grpc
-from agent.cli import image_build, streams
+from agent.cli import certs, connect, image_build, streams
 
 PROG = "podvisorctl"
 DEFAULT_SOCKET = "/run/podvisor/podvisor.sock"
@@ -71,10 +71,12 @@ def _check_socket(path: str) -> None:
 class Client:
     """Stubs for the services podvisorctl talks to, with one deadline for all calls."""
 
-    def __init__(self, path: str, timeout: float) -> None:
-        _check_socket(path)
+    def __init__(self, path: str, timeout: float, channel: grpc.Channel | None = None) -> None:
+        if channel is None:  # the unix socket (else the mTLS channel of agent.cli.connect)
+            _check_socket(path)
+            channel = grpc.insecure_channel(f"unix:{path}")
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(f"unix:{path}")
+        self.channel = channel
         self.runtime = api_pb2_grpc.RuntimeServiceStub(self.channel)
         self.host = podvisor_pb2_grpc.HostStub(self.channel)
 
@@ -385,11 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Inspect and drive a podvisor-agent over its CRI unix socket.",
     )
-    p.add_argument(
-        "--socket",
-        default=os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET,
-        help=f"agent socket (default: ${SOCKET_ENV} or {DEFAULT_SOCKET})",
-    )
+    connect.add_arguments(p, SOCKET_ENV, DEFAULT_SOCKET)
     p.add_argument("-o", "--output", choices=("table", "json"), default="table",
                    help="output format (default: table)")
     p.add_argument("--timeout", type=_positive, default=10.0,
@@ -403,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=fn)
         return sp
 
+    certs.add_parser(sub)
     add("version", cmd_version, "runtime name and versions (CRI Version)")
     add("status", cmd_status, "runtime conditions and verbose runtime info (CRI Status)")
     add("host-info", cmd_host_info, "host capabilities and free resources (podvisor.v1 Host/Info)")
@@ -454,12 +453,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     try:
-        client = Client(str(Path(args.socket)), args.timeout)
+        channel = connect.remote_channel(args)
+        client = Client(str(Path(args.socket)), args.timeout, channel)
         try:
             args.func(client, args)
         finally:
             client.close()
-    except CliError as exc:
+    except (CliError, connect.EndpointError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     except grpc.RpcError as exc:

@@ -50,11 +50,22 @@ def ws_url(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path, parts.query, parts.fragment))
 
 
+_client_certificate: tuple[str, str] | None = None
+
+
+def use_client_certificate(cert_file: str, key_file: str) -> None:
+    """Present this certificate to HTTPS streaming servers (URLs from the mTLS endpoint)."""
+    global _client_certificate
+    _client_certificate = (cert_file, key_file)
+
+
 def connect(url: str, protocols: tuple[str, ...], ca_file: str | None = None,
             timeout: float = 30.0) -> websocket.WebSocket:
     sslopt: dict[str, Any] = {}
     if ca_file:
         sslopt = {"cert_reqs": ssl.CERT_REQUIRED, "ca_certs": ca_file}
+    if _client_certificate is not None:
+        sslopt.update(certfile=_client_certificate[0], keyfile=_client_certificate[1])
     try:
         ws = websocket.create_connection(ws_url(url), subprotocols=list(protocols), timeout=timeout,
                                          sslopt=sslopt, enable_multithread=True)
