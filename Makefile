@@ -70,6 +70,7 @@ lint: $(STAMPS)/venv proto
 
 bench: setup guest debian-image
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/rpc.py
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/tls.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/pull.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/start.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/network.py

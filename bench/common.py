@@ -81,9 +81,10 @@ def debian_image(workdir: Path, repository: str = "bench/debian") -> Iterator[st
         yield ref
 
 
-def start_agent(workdir: Path, *, virt_type: str = "auto",
-                cni_conf_dir: Path | None = None) -> tuple[subprocess.Popen[bytes], Path]:
-    """Start podvisor-agent under ``workdir``; pod networking only with ``cni_conf_dir``."""
+def start_agent(workdir: Path, *, virt_type: str = "auto", cni_conf_dir: Path | None = None,
+                extra_config: str = "") -> tuple[subprocess.Popen[bytes], Path]:
+    """Start podvisor-agent under ``workdir``; pod networking only with ``cni_conf_dir``;
+    ``extra_config``: more TOML sections."""
     workdir.mkdir(parents=True, exist_ok=True)
     # QEMU's user must traverse to the state (the agent checks it at start).
     workdir.chmod(0o711)
@@ -94,6 +95,7 @@ def start_agent(workdir: Path, *, virt_type: str = "auto",
     cfg.write_text(
         f'state_dir = "{workdir / "state"}"\nruntime_dir = "{workdir}"\n[server]\nsocket = "{sock}"\n'
         f'[libvirt]\nvirt_type = "{virt_type}"\n{cni}[log]\nformat = "json"\nlevel = "info"\n'
+        + extra_config
     )
     log = open(workdir / "agent.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(cfg)], stdout=log,
