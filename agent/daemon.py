@@ -47,7 +47,7 @@ from agent.api.images import ImageServicer
 from agent.api.runtime_service import RuntimeServicer
 from agent.config import AgentConfig
 from agent.domain import imageref
-from agent.mtls import MTLSEndpoint, MTLSStartupError
+from agent.mtls import MTLSEndpoint, MTLSStartupError, sighup_handler
 from agent.services.attach import AttachService
 from agent.services.containers import ContainerService
 from agent.services.exec import ExecService
@@ -271,6 +271,7 @@ class Daemon:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self.request_stop)
+        signal.signal(signal.SIGHUP, sighup_handler(mtls))
         systemd.notify(f"READY=1\nSTATUS=serving on {sock}\nMAINPID={os.getpid()}")
         log.info("podvisor-agent serving", version=__version__, socket=str(sock),
                  state_dir=str(cfg.state_dir), virt_type=choice.virt_type)

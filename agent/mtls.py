@@ -9,11 +9,12 @@ it after the gRPC drain.
 
 from __future__ import annotations
 
-import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import structlog
 
 from agent.adapters.tls_endpoint import Gate, Terminator, TLSFiles, TLSSetupError, on_hup
 from agent.api.origin import OriginInterceptor, RoutedURLs
@@ -22,6 +23,20 @@ from agent.domain.tls_identity import split_listen
 from agent.services.ports import StreamURLs
 from agent.streaming.backend import StreamBackend
 from agent.streaming.server import Settings, StreamingServer
+
+log = structlog.get_logger(__name__)
+
+
+def sighup_handler(endpoint: MTLSEndpoint | None) -> Callable[..., None]:
+    """SIGHUP re-reads the endpoint's certificates; without an endpoint it is logged and ignored
+    (never the default action, which would end the agent)."""
+    if endpoint is not None:
+        return on_hup(endpoint.gate)
+
+    def ignore(*_: object) -> None:
+        log.info("SIGHUP: nothing to reload ([mtls] is off)")
+
+    return ignore
 
 
 class MTLSStartupError(Exception):
@@ -67,7 +82,6 @@ class MTLSEndpoint:
         except OSError as exc:
             self.streaming.stop()
             raise MTLSStartupError(f"[mtls] listen: cannot listen on {self.terminator.address}: {exc}") from None
-        signal.signal(signal.SIGHUP, on_hup(self.gate))
 
     def stop(self) -> None:
         self.terminator.stop()

@@ -27,7 +27,7 @@ from agent.api.gen.runtime.v1 import api_pb2 as pb
 from agent.api.gen.runtime.v1 import api_pb2_grpc
 from tests.integration.agentproc import AgentProcess
 from tests.integration.test_sandbox_lifecycle import sandbox_config
-from tests.mtls.certfiles import Generation, client_context, generation, install, server_serial
+from tests.mtls.certfiles import Generation, generation, install, server_serial
 
 
 @dataclass
