@@ -323,6 +323,11 @@ class Terminator:
         up: socket.socket | None = None
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # A client that vanishes without a FIN (a dead machine, a cut link) frees its thread.
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
             raw.settimeout(self._handshake_timeout)
             try:
                 tls = self.gate.context.wrap_socket(raw, server_side=True)
@@ -384,7 +389,6 @@ def _relay(tls: ssl.SSLSocket, up: socket.socket, stopping: threading.Event) -> 
             # Bytes OpenSSL already decrypted wait in its buffer, not in the socket.
             ready = [] if tls.pending() and tls_events & selectors.EVENT_READ else sel.select(1.0)
             readable = {key.fileobj for key, ev in ready if ev & selectors.EVENT_READ}
-            writable = {key.fileobj for key, ev in ready if ev & selectors.EVENT_WRITE}
             if (tls in readable or tls.pending()) and not tls_eof and len(to_up) < _RELAY_CHUNK:
                 try:
                     data = tls.recv(_RELAY_CHUNK)
@@ -414,7 +418,7 @@ def _relay(tls: ssl.SSLSocket, up: socket.socket, stopping: threading.Event) -> 
                     pass
                 except OSError:
                     return
-            if to_tls and (tls in writable or True):
+            if to_tls:
                 try:
                     del to_tls[:tls.send(to_tls)]
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError):

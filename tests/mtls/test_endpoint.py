@@ -276,3 +276,17 @@ def test_bad_files_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(TLSSetupError) as err:
         Gate(TLSFiles(gen.path("server.crt"), str(tmp_path / "junk.key"), gen.path("ca.crt")), ["*"])
     assert "secret" not in str(err.value)
+
+
+def test_a_stalled_handshake_is_dropped(tmp_path: Path, logs: list[dict[str, Any]]) -> None:
+    gen = generation(tmp_path / "g")
+    gate = Gate(TLSFiles(gen.path("server.crt"), gen.path("server.key"), gen.path("ca.crt")), ["*"])
+    term = Terminator(gate, "127.0.0.1", 0, tmp_path / "unused.sock", handshake_timeout=0.3, reload_interval=0)
+    term.start()
+    try:
+        with socket.create_connection(("127.0.0.1", term.address[1]), timeout=30) as raw:
+            assert raw.recv(1) == b""  # the endpoint hung up on a client that says nothing
+        wait_for(lambda: refusals(logs), "the refusal")
+        assert refusals(logs)[0]["reason"] == "TLS handshake timed out"
+    finally:
+        term.stop()
