@@ -335,12 +335,14 @@ class Terminator:
             except (Refused, ssl.SSLError, OSError) as exc:
                 self.gate.refused(peer, exc)
                 return
-            name = f"{self._prefix}{next(self._ids)}"
-            with self._lock:
-                self._peers[name] = who
+            # Abstract names are visible in /proc/net/unix: a random part per connection keeps
+            # anyone from binding a name before the endpoint does.
+            name = f"{self._prefix}{next(self._ids)}.{secrets.token_hex(6)}"
             up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 up.bind("\0" + name)
+                with self._lock:
+                    self._peers[name] = who
                 up.settimeout(self._handshake_timeout)
                 up.connect(self._backend)
             except OSError as exc:

@@ -30,9 +30,9 @@ def _wrap(behavior: Callable[..., Any], lookup: Callable[[str], str | None]) -> 
         if who is None:
             return behavior(request, context)
         token = mtls_client.set(who)
-        structlog.contextvars.bind_contextvars(mtls_client=who)
         try:
-            return behavior(request, context)
+            with structlog.contextvars.bound_contextvars(mtls_client=who):
+                return behavior(request, context)
         finally:
             mtls_client.reset(token)
 
