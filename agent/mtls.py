@@ -58,6 +58,10 @@ class MTLSEndpoint:
         host, port = split_listen(m.listen)
         terminator = Terminator(gate, host, port, socket, handshake_timeout=m.handshake_timeout_seconds,
                                 reload_interval=m.reload_interval_seconds)
+        try:
+            terminator.bind()
+        except OSError as exc:
+            raise MTLSStartupError(f"[mtls] listen: cannot listen on {m.listen}: {exc}") from None
         streaming = StreamingServer(
             backend,
             Settings(address=m.streaming_address or host, port=m.streaming_port,
@@ -66,6 +70,7 @@ class MTLSEndpoint:
         try:
             streaming.start()
         except OSError as exc:
+            terminator.stop()
             raise MTLSStartupError(f"[mtls] streaming_address/streaming_port: cannot serve on "
                                    f"{m.streaming_address or host}:{m.streaming_port}: {exc}") from None
         return cls(gate, terminator, streaming)

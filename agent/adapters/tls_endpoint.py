@@ -32,6 +32,7 @@ import selectors
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,10 +258,16 @@ class Terminator:
         self.address: tuple[str, int] = (host, port)
 
     # lifecycle -------------------------------------------------------------
+    def bind(self) -> None:
+        """Take the address (OSError if it cannot); clients wait in the backlog until ``start``."""
+        if self._listener is None:
+            self._listener = socket.create_server(
+                (self._host, self._port), family=socket.AF_INET6 if ":" in self._host else socket.AF_INET,
+                backlog=128)
+            self.address = self._listener.getsockname()[:2]
+
     def start(self) -> None:
-        self._listener = socket.create_server(
-            (self._host, self._port), family=socket.AF_INET6 if ":" in self._host else socket.AF_INET, backlog=128)
-        self.address = self._listener.getsockname()[:2]
+        self.bind()
         self._threads = [threading.Thread(target=self._accept_loop, name="mtls-accept", daemon=True)]
         if self._reload_interval > 0:
             self._threads.append(threading.Thread(target=self._watch, name="mtls-reload", daemon=True))
@@ -281,8 +288,9 @@ class Terminator:
         for sock, _ in conns:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + timeout  # for all of them: relays notice within a second
         for t in [*self._threads, *(t for _, t in conns)]:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def _watch(self) -> None:
         while not self._stopping.wait(self._reload_interval):

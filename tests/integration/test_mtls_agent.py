@@ -238,3 +238,22 @@ def test_agent_refuses_to_start_with_a_key_that_is_not_the_certificates(tmp_path
         assert "PRIVATE KEY" not in agent.log()
     finally:
         agent.cleanup()
+
+
+def test_agent_refuses_to_start_when_the_port_is_taken(tmp_path: Path) -> None:
+    import socket
+
+    gen = generation(tmp_path / "a")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        agent = AgentProcess(tmp_path, extra_config=(
+            f'[mtls]\nlisten = "127.0.0.1:{port}"\ncert_file = "{gen.path("server.crt")}"\n'
+            f'key_file = "{gen.path("server.key")}"\nclient_ca_file = "{gen.path("ca.crt")}"\n'
+            'allowed_clients = ["*"]\n'))
+        try:
+            agent.start(wait=False)
+            assert agent.wait(60) != 0
+            assert f"[mtls] listen: cannot listen on 127.0.0.1:{port}" in agent.log()
+            assert not agent.socket.exists()  # refused before the socket served
+        finally:
+            agent.cleanup()
