@@ -12,13 +12,13 @@ its own unix socket. Per connection:
    matched against the allow-list; a client not on it is cut off at the end
    of the handshake, before a single byte it sent is read or relayed.
 3. Only then a unix connection to the gRPC server is opened. It is bound to a
-   private abstract address (``@podvisor-mtls-<random>/<n>``) so the gRPC
+   private abstract address (``@podvisor-mtls-<pid>-<random>/<n>.<random>``) so the gRPC
    layer can tell from ``context.peer()`` that a call came over mTLS, and
    from whom (``identity_of``).
 
 Every refusal is logged with the peer address, the identity when known and
 the reason; key material never is. ``reload()`` (SIGHUP, or a change of the
-files seen by ``watch()``) builds a fresh SSL context for new connections;
+files, polled every ``reload_interval`` seconds) builds a fresh SSL context for new connections;
 established connections keep theirs and are never dropped.
 """
 
