@@ -65,6 +65,8 @@ def split_listen(value: str) -> tuple[str, int]:
         raise ValueError(f"{value!r} is not HOST:PORT")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{value!r}: an IPv6 address goes in brackets ([::1]:PORT)")
     ipaddress.ip_address(host)
     port = int(port_text)
     if not 0 <= port <= 65535:
