@@ -87,11 +87,13 @@ SYSCTL_SCRIPT = ('rc=0; while [ "$#" -ge 2 ]; do printf "%s\\n" "$2" > "$1" || '
 # bootcmd links the container path kubelet asked for to that name at every
 # boot (/dev is made afresh at each). A path that is something else already
 # is left alone, unless it is that very device; the reason goes to the console.
+# udev has named the disks long before cloud-init's first stage as a rule; a
+# device still missing is waited for up to DEVICE_LINK_WAIT_S.
 DEVICE_LINK_WAIT_S = 30
 DEVICE_LINK_SCRIPT = (
     'rc=0; while [ "$#" -ge 2 ]; do link=$1; dev=$2; shift 2; i=0; '
     'while [ ! -e "$dev" ] && [ "$i" -lt ' + str(DEVICE_LINK_WAIT_S) + ' ]; do '
-    'udevadm settle --timeout=5 2>/dev/null || sleep 1; i=$((i + 1)); done; '
+    'sleep 1; i=$((i + 1)); done; '
     'if [ ! -e "$dev" ]; then echo "podvisor: device $dev for $link did not appear" >&2; rc=1; '
     'elif [ -e "$link" ] && [ ! -L "$link" ]; then [ "$link" -ef "$dev" ] || '
     '{ echo "podvisor: $link exists and is not a symlink; the device is $dev" >&2; rc=1; }; '
