@@ -8,6 +8,9 @@ folder, gives the NIC (host bridge and MAC) and the seed's default
 network-config, so a guest comes up on the pod network even without DHCP;
 the sandbox's DHCP server is started for the VM here too. A hostNetwork
 (NODE) sandbox's VM gets a QEMU user-mode NIC instead, and no network-config.
+CRI devices (raw block volumes), their host paths checked through the
+``HostBlockDevices`` port, become raw virtio disks after the VM's own, and
+the seed links their container paths (docs/volumes.md).
 
 The container service calls this through its ``VMBuild`` port, so the
 lifecycle (records, files, libvirt, rollback) and the VM's shape are tested
