@@ -104,6 +104,17 @@ def attachable_device(field: str, device: Device, found: HostPath) -> Device:
     return dataclasses.replace(device, host_path=found.real_path)
 
 
+def check_distinct_devices(devices: tuple[Device, ...]) -> None:
+    """No block device twice (resolved host paths): QEMU's image locking
+    refuses a second opening of one device in one VM."""
+    seen: dict[str, int] = {}
+    for i, d in enumerate(devices):
+        if d.host_path in seen:
+            raise InvalidArgument(f"config.devices[{i}].host_path",
+                                  f"leads to {d.host_path}, as config.devices[{seen[d.host_path]}] does")
+        seen[d.host_path] = i
+
+
 def _absolute(field: str, value: str) -> str:
     if not value:
         raise InvalidArgument(field, "is required")

@@ -37,7 +37,7 @@ from agent.domain.vm import (
     VMRequest,
 )
 from agent.domain.vmrequest import VMDefaults
-from agent.domain.volumes import MAX_DEVICES, Device, attachable_device, device_serial
+from agent.domain.volumes import MAX_DEVICES, Device, attachable_device, check_distinct_devices, device_serial
 from agent.render import cloudinit, domain_xml, nocloud
 from agent.services.ports import ExecKeyStore, HostBlockDevices, HostSize, SandboxFiles, VMFiles, VMNetwork
 
@@ -87,8 +87,10 @@ class VMBuilder:
             raise InvalidArgument("config.devices", f"{len(spec.devices)} devices; a VM takes at most {MAX_DEVICES}")
         if self._block_devices is None:
             raise FailedPrecondition("config.devices: this agent attaches no block devices")
-        return tuple(attachable_device(f"config.devices[{i}]", d, self._block_devices.lookup(d.host_path))
-                     for i, d in enumerate(spec.devices))
+        devices = tuple(attachable_device(f"config.devices[{i}]", d, self._block_devices.lookup(d.host_path))
+                        for i, d in enumerate(spec.devices))
+        check_distinct_devices(devices)
+        return devices
 
     def _wiring(self, sandbox: Sandbox) -> PodWiring | None:
         if self._network is None or sandbox.spec.network_mode is not NetworkMode.POD:

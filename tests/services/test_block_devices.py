@@ -135,3 +135,26 @@ def test_the_service_defines_the_domain_with_the_devices() -> None:
     xml = fakes.libvirt.xml[c.domain_name]
     assert xml.count('<disk type="block" device="disk">') == 2
     assert xml.count("<readonly />") == 2  # the seed and the read-only device
+
+
+def test_a_kubevirt_manifest_vm_gets_the_devices_after_its_own_disks() -> None:
+    # The VMI spec's own disks (a SATA boot disk here) come first; CRI devices
+    # come from the container, not from the manifest, and need nothing in it.
+    vmi = ('{"domain": {"devices": {"disks": [{"name": "root", "disk": {"bus": "sata"}}]}}, '
+           '"volumes": [{"name": "root", "containerDisk": {"image": "x"}}]}')
+    journal = Journal()
+    files = FakeFiles(journal)
+    builder = _builder(journal, files)
+    req = builder.request(cspec(devices=(RW,), annotations={"podvisor.io/vm": vmi}), sandbox())
+    assert req.disk_bus == "sata"
+    c = _container()
+    spec = builder.domain_spec(c, sandbox(), req, files.container_paths(c.sandbox_id, c.id))
+    assert [(d.target, d.kind, d.serial) for d in spec.disks] == [
+        ("sda", "file", "containerdisk"), ("vda", "file", "cloudinit"),
+        ("vdb", "block", device_serial("/dev/xvda"))]
+
+
+def test_one_block_device_twice_is_refused() -> None:
+    # Both host paths lead to /dev/sdb (kubelet's map of one volume, twice).
+    again = Device(container_path="/dev/xvdc", host_path=RW.host_path, permissions="r")
+    _refused((RW, again), InvalidArgument, "config.devices[1].host_path: leads to /dev/sdb, as config.devices[0]")
