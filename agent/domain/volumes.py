@@ -105,14 +105,15 @@ def attachable_device(field: str, device: Device, found: HostPath) -> Device:
 
 
 def check_distinct_devices(devices: tuple[Device, ...]) -> None:
-    """No block device twice (resolved host paths): QEMU's image locking
-    refuses a second opening of one device in one VM."""
+    """No block device twice (resolved host paths) unless every time read-only:
+    QEMU's image locking refuses a second opening of a device it writes."""
     seen: dict[str, int] = {}
     for i, d in enumerate(devices):
-        if d.host_path in seen:
+        first = seen.setdefault(d.host_path, i)
+        if first != i and not (d.readonly and devices[first].readonly):
             raise InvalidArgument(f"config.devices[{i}].host_path",
-                                  f"leads to {d.host_path}, as config.devices[{seen[d.host_path]}] does")
-        seen[d.host_path] = i
+                                  f"leads to {d.host_path}, as config.devices[{first}] does; one block device "
+                                  "is attached twice only when both are read-only")
 
 
 def _absolute(field: str, value: str) -> str:

@@ -158,3 +158,10 @@ def test_one_block_device_twice_is_refused() -> None:
     # Both host paths lead to /dev/sdb (kubelet's map of one volume, twice).
     again = Device(container_path="/dev/xvdc", host_path=RW.host_path, permissions="r")
     _refused((RW, again), InvalidArgument, "config.devices[1].host_path: leads to /dev/sdb, as config.devices[0]")
+
+
+def test_one_block_device_twice_read_only_is_attached_twice() -> None:
+    journal = Journal()
+    twice = (RO, dataclasses.replace(RO, container_path="/data/ro-again"))
+    req = _builder(journal, FakeFiles(journal)).request(cspec(devices=twice), sandbox())
+    assert [d.host_path for d in req.devices] == ["/dev/loop7", "/dev/loop7"]
