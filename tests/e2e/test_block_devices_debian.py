@@ -189,7 +189,7 @@ def test_the_read_only_device_refuses_writes(guest: Guest) -> None:
     out = guest.sh(f"blockdev --getro {RO_PATH}")
     assert (out.exit_code, out.stdout.strip()) == (0, b"1"), out
     out = guest.sh(f"printf %s {GUEST_WRITE.decode()} | dd of={RO_PATH} bs=512 oflag=direct status=none")
-    assert out.exit_code != 0, out
+    assert out.exit_code != 0 and out.stderr, out
     assert guest.loops["ro"].head(len(RO_HEAD)) == RO_HEAD
     assert guest.loops["ro"].head(len(GUEST_WRITE), offset=512) != GUEST_WRITE
 
