@@ -25,13 +25,13 @@ _KINDS = (
 
 
 class BlockDevices:
+    """The ``HostBlockDevices`` port."""
+
     def lookup(self, path: str) -> HostPath:
         try:
             st = os.stat(path)  # follows symlinks
             real = os.path.realpath(path, strict=True)
-        except FileNotFoundError:
-            return HostPath(HostPathKind.MISSING)
-        except NotADirectoryError:
+        except (FileNotFoundError, NotADirectoryError):  # also a dangling symlink
             return HostPath(HostPathKind.MISSING)
         except OSError as exc:  # a symlink loop, a path too long, no permission
             return HostPath(HostPathKind.OTHER, what=f"unusable ({exc.strerror or exc})")
