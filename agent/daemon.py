@@ -24,6 +24,7 @@ import structlog
 
 from agent import __version__, faults
 from agent.adapters import kvm, qemu_access, qemu_img, systemd
+from agent.adapters.block_devices import BlockDevices
 from agent.adapters.cgroups import PodCgroups
 from agent.adapters.console import ConsoleHub
 from agent.adapters.console_log import ConsoleLogs
@@ -135,7 +136,7 @@ def build_container_service(cfg: AgentConfig, store: Store, libvirt: Libvirt, co
     """VM containers over their adapters; what a VM is made of from ``VMBuilder``."""
     vm_files = VMFiles(cfg.sandboxes_dir, cfg.runtime_dir)
     builder = VMBuilder(defaults=cfg.vm, virt_type=virt_type, files=vm_files, sandbox_files=sandbox_files,
-                        network=network, host=host, keys=ExecKeys())
+                        network=network, host=host, keys=ExecKeys(), block_devices=BlockDevices())
     return ContainerService(ContainerPorts(
         store=store, hypervisor=libvirt, files=vm_files, console=console, sandboxes=sandboxes, images=images,
         vm=builder, clock=SystemClock(), cgroups=PodCgroups(),

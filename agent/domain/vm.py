@@ -64,6 +64,8 @@ class CloudInit:
     command: tuple[str, ...] = ()  # command + args → the VM's workload (runcmd through a wrapper)
     dns: DNSConfig = field(default_factory=DNSConfig)  # the pod's dns_config → /etc/resolv.conf
     sysctls: Mapping[str, str] = field(default_factory=dict)  # the pod's linux.sysctls → the guest kernel
+    # CRI devices' container paths: symlinks to their /dev/disk/by-id names, made at every boot.
+    device_paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class VMRequest:
     pod_network: bool = True  # False: no NIC (the VMI lists no networks)
     guest_agent: bool = True  # the org.qemu.guest_agent.0 channel (podvisor.io/guest-agent: "false" drops it)
     cloud_init: CloudInit = field(default_factory=CloudInit)
+    devices: tuple[Device, ...] = ()  # CRI devices, host paths resolved to the node's block devices
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class DiskSpec:
     readonly: bool = False
     boot_order: int | None = None
     serial: str = ""
+    kind: str = "file"  # "file" (source is an image file) or "block" (a host block device, raw)
 
 
 @dataclass(frozen=True)

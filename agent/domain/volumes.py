@@ -9,12 +9,13 @@ I/O; where a host path leads is found out by an adapter.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import posixpath
 from dataclasses import dataclass
 
-from agent.domain.errors import InvalidArgument
+from agent.domain.errors import InvalidArgument, NotFound
 
 
 class Propagation(enum.Enum):
@@ -56,6 +57,63 @@ def device_serial(container_path: str) -> str:
     """A stable virtio serial for a device at ``container_path`` (same path, same serial)."""
     digest = hashlib.sha256(container_path.encode()).hexdigest()
     return ("pv-" + digest)[:DEVICE_SERIAL_LENGTH]
+
+
+# Where the guest finds a device: udev names virtio disks by their serial.
+DEVICE_BY_ID_DIR = "/dev/disk/by-id"
+
+# At most this many CRI devices per container: each is a virtio disk on its
+# own PCIe root port, named vdc.. after the VM's boot disk and seed.
+MAX_DEVICES = 16
+
+
+def device_by_id(container_path: str) -> str:
+    """The guest's stable name of the device kubelet wants at ``container_path``."""
+    return f"{DEVICE_BY_ID_DIR}/virtio-{device_serial(container_path)}"
+
+
+class HostPathKind(enum.Enum):
+    """What a CRI device's host path is on this node, symlinks followed."""
+
+    MISSING = "missing"
+    BLOCK = "block device"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class HostPath:
+    """A host path as the node answers: its kind and where its symlinks lead."""
+
+    kind: HostPathKind
+    real_path: str = ""  # absolute, symlinks resolved ("" when missing)
+    what: str = ""  # for OTHER: "a directory", "a regular file", "a character device", ...
+
+
+def attachable_device(field: str, device: Device, found: HostPath) -> Device:
+    """``device`` with its host path resolved to the block device it leads to.
+
+    NotFound when the path does not exist; InvalidArgument when it leads to
+    anything but a block device. ``field`` is e.g. ``config.devices[0]``.
+    """
+    where = f"{field}.host_path"
+    if found.kind is HostPathKind.MISSING:
+        raise NotFound(f"{where}: {device.host_path!r} does not exist on this node")
+    if found.kind is not HostPathKind.BLOCK:
+        raise InvalidArgument(where, f"{device.host_path!r} is {found.what or 'not a block device'}; "
+                                     "a VM attaches only block devices (raw block volumes)")
+    return dataclasses.replace(device, host_path=found.real_path)
+
+
+def check_distinct_devices(devices: tuple[Device, ...]) -> None:
+    """No block device twice (resolved host paths) unless every time read-only:
+    QEMU's image locking refuses a second opening of a device it writes."""
+    seen: dict[str, int] = {}
+    for i, d in enumerate(devices):
+        first = seen.setdefault(d.host_path, i)
+        if first != i and not (d.readonly and devices[first].readonly):
+            raise InvalidArgument(f"config.devices[{i}].host_path",
+                                  f"leads to {d.host_path}, as config.devices[{first}] does; one block device "
+                                  "is attached twice only when both are read-only")
 
 
 def _absolute(field: str, value: str) -> str:

@@ -7,8 +7,10 @@ user-data
     Podvisor adds to the user's user-data: SSH keys
     (``podvisor.io/ssh-authorized-keys``), the container env (appended to
     ``/etc/environment``, and exported to the command), the container
-    command (a ``runcmd`` entry run as an argv list) and the hostname (only
-    when the user set neither ``hostname`` nor ``fqdn``).
+    command (a ``runcmd`` entry run as an argv list), the pod's DNS and
+    sysctls and the links to CRI devices (``bootcmd`` entries, every boot)
+    and the hostname (only when the user set neither ``hostname`` nor
+    ``fqdn``).
 
     * nothing to add: the user's user-data byte for byte (comments and all);
       without any, a ``#cloud-config`` naming the hostname, since cloud-init
@@ -57,6 +59,7 @@ import yaml
 from agent.domain.guest_settings import has_dns, resolv_conf_lines, sysctl_proc_path
 from agent.domain.vm import WORKLOAD_EXIT_CHANNEL, CloudInit, GuestAccess
 from agent.domain.vmrequest import CLOUD_CONFIG_HEADER, UserDataFormat, parse_cloud_config, user_data_format
+from agent.domain.volumes import device_by_id
 from agent.render.nocloud import render_meta_data
 
 ENVIRONMENT_FILE = "/etc/environment"
@@ -79,6 +82,23 @@ SYSCTL_FILE = "/etc/sysctl.d/90-podvisor-pod.conf"
 SYSCTL_HEADER = "# Podvisor: the pod's linux.sysctls.\n"
 SYSCTL_SCRIPT = ('rc=0; while [ "$#" -ge 2 ]; do printf "%s\\n" "$2" > "$1" || '
                  '{ echo "podvisor: cannot set $1" >&2; rc=1; }; shift 2; done; exit "$rc"')
+
+# CRI devices: the guest finds each by its serial under /dev/disk/by-id; a
+# bootcmd links the container path kubelet asked for to that name at every
+# boot (/dev is made afresh at each). A path that is something else already
+# is left alone, unless it is that very device; the reason goes to the console.
+# udev has named the disks long before cloud-init's first stage as a rule; a
+# device still missing is waited for up to DEVICE_LINK_WAIT_S.
+DEVICE_LINK_WAIT_S = 30
+DEVICE_LINK_SCRIPT = (
+    'rc=0; while [ "$#" -ge 2 ]; do link=$1; dev=$2; shift 2; i=0; '
+    'while [ ! -e "$dev" ] && [ "$i" -lt ' + str(DEVICE_LINK_WAIT_S) + ' ]; do '
+    'sleep 1; i=$((i + 1)); done; '
+    'if [ ! -e "$dev" ]; then echo "podvisor: device $dev for $link did not appear" >&2; rc=1; '
+    'elif [ -e "$link" ] && [ ! -L "$link" ]; then [ "$link" -ef "$dev" ] || '
+    '{ echo "podvisor: $link exists and is not a symlink; the device is $dev" >&2; rc=1; }; '
+    'else mkdir -p "$(dirname "$link")" && ln -sfn "$dev" "$link" || '
+    '{ echo "podvisor: cannot link $link to $dev" >&2; rc=1; }; fi; done; exit "$rc"')
 
 # The container's command as the VM's workload.
 WORKLOAD_SCRIPT = "/var/lib/podvisor/workload"
@@ -245,7 +265,8 @@ def _cloud_config(doc: Mapping[str, Any]) -> bytes:
 def _has_additions(ci: CloudInit) -> bool:
     # The hostname alone does not justify wrapping a user's script: meta-data's
     # local-hostname already names the guest.
-    return bool(ci.ssh_authorized_keys or ci.env or ci.command or has_dns(ci.dns) or ci.sysctls)
+    return bool(ci.ssh_authorized_keys or ci.env or ci.command or has_dns(ci.dns) or ci.sysctls
+                or ci.device_paths)
 
 
 def _merge_additions(base: Mapping[str, Any], ci: CloudInit, hostname: str) -> dict[str, Any]:
@@ -280,6 +301,9 @@ def _merge_additions(base: Mapping[str, Any], ci: CloudInit, hostname: str) -> d
                       "content": SYSCTL_HEADER + "".join(f"{n} = {ci.sysctls[n]}\n" for n in names)})
         pairs = [word for n in names for word in (sysctl_proc_path(n), ci.sysctls[n])]
         bootcmd.append(_Argv(["sh", "-c", SYSCTL_SCRIPT, "podvisor-sysctl", *pairs]))
+    if ci.device_paths:
+        pairs = [word for path in ci.device_paths for word in (path, device_by_id(path))]
+        bootcmd.append(_Argv(["sh", "-c", DEVICE_LINK_SCRIPT, "podvisor-devices", *pairs]))
     if ci.command:
         files.append({"path": WORKLOAD_SCRIPT, "permissions": "0700", "content": WORKLOAD_SCRIPT_CONTENT})
     if bootcmd:

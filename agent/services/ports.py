@@ -42,6 +42,7 @@ from agent.domain.vm import (
     VMRequest,
     WorkloadExit,
 )
+from agent.domain.volumes import HostPath
 from agent.streaming.backend import ExitStatus, Streams
 
 # Shared ------------------------------------------------------------------------------
@@ -267,6 +268,12 @@ class ExecKeyStore(Protocol):
 
     def create(self, directory: str) -> GuestAccess: ...
     def load(self, directory: str) -> ExecCredentials: ...
+
+
+class HostBlockDevices(Protocol):
+    """What a CRI device's host path is on this node (agent.adapters.block_devices)."""
+
+    def lookup(self, path: str) -> HostPath: ...
 
 
 class VMBuild(Protocol):

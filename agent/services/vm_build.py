@@ -8,6 +8,9 @@ folder, gives the NIC (host bridge and MAC) and the seed's default
 network-config, so a guest comes up on the pod network even without DHCP;
 the sandbox's DHCP server is started for the VM here too. A hostNetwork
 (NODE) sandbox's VM gets a QEMU user-mode NIC instead, and no network-config.
+CRI devices (raw block volumes), their host paths checked through the
+``HostBlockDevices`` port, become raw virtio disks after the VM's own, and
+the seed links their container paths (docs/volumes.md).
 
 The container service calls this through its ``VMBuild`` port, so the
 lifecycle (records, files, libvirt, rollback) and the VM's shape are tested
@@ -21,6 +24,7 @@ import uuid
 
 from agent.domain import vmrequest
 from agent.domain.cgroups import pod_cgroup
+from agent.domain.errors import FailedPrecondition, InvalidArgument
 from agent.domain.network.wiring import PodWiring
 from agent.domain.sandbox import NetworkMode, Sandbox
 from agent.domain.vm import (
@@ -33,8 +37,9 @@ from agent.domain.vm import (
     VMRequest,
 )
 from agent.domain.vmrequest import VMDefaults
+from agent.domain.volumes import MAX_DEVICES, Device, attachable_device, check_distinct_devices, device_serial
 from agent.render import cloudinit, domain_xml, nocloud
-from agent.services.ports import ExecKeyStore, HostSize, SandboxFiles, VMFiles, VMNetwork
+from agent.services.ports import ExecKeyStore, HostBlockDevices, HostSize, SandboxFiles, VMFiles, VMNetwork
 
 
 class VMBuilder:
@@ -42,8 +47,10 @@ class VMBuilder:
     ``keys`` None leaves Exec's SSH access out of the seed."""
 
     def __init__(self, *, defaults: VMDefaults, virt_type: str, files: VMFiles, sandbox_files: SandboxFiles,
-                 network: VMNetwork | None, host: HostSize, keys: ExecKeyStore | None = None) -> None:
+                 network: VMNetwork | None, host: HostSize, keys: ExecKeyStore | None = None,
+                 block_devices: HostBlockDevices | None = None) -> None:
         self._defaults = defaults
+        self._block_devices = block_devices
         self._keys = keys
         self._host = host
         self._virt_type = virt_type
@@ -65,9 +72,25 @@ class VMBuilder:
             pod_annotations=sandbox.spec.annotations, container_annotations=spec.annotations,
             env=spec.env, command=spec.command, args=spec.args, defaults=self._defaults,
             ceiling=self._defaults.ceiling(capacity.cpus, capacity.memory_bytes))
-        # The pod's resolver and kernel settings reach the guest through its seed.
-        return dataclasses.replace(request, cloud_init=dataclasses.replace(
-            request.cloud_init, dns=sandbox.spec.dns, sysctls=dict(sandbox.spec.sysctls)))
+        devices = self._devices(spec)
+        # The pod's resolver and kernel settings reach the guest through its
+        # seed, and so do the links to its block devices.
+        return dataclasses.replace(request, devices=devices, cloud_init=dataclasses.replace(
+            request.cloud_init, dns=sandbox.spec.dns, sysctls=dict(sandbox.spec.sysctls),
+            device_paths=tuple(d.container_path for d in devices)))
+
+    def _devices(self, spec: ContainerSpec) -> tuple[Device, ...]:
+        """The CRI devices, each host path checked to be (or lead to) a block device here."""
+        if not spec.devices:
+            return ()
+        if len(spec.devices) > MAX_DEVICES:
+            raise InvalidArgument("config.devices", f"{len(spec.devices)} devices; a VM takes at most {MAX_DEVICES}")
+        if self._block_devices is None:
+            raise FailedPrecondition("config.devices: this agent attaches no block devices")
+        devices = tuple(attachable_device(f"config.devices[{i}]", d, self._block_devices.lookup(d.host_path))
+                        for i, d in enumerate(spec.devices))
+        check_distinct_devices(devices)
+        return devices
 
     def _wiring(self, sandbox: Sandbox) -> PodWiring | None:
         if self._network is None or sandbox.spec.network_mode is not NetworkMode.POD:
@@ -112,6 +135,7 @@ class VMBuilder:
                      target=_target("virtio", 1 if request.disk_bus == "virtio" else 0),
                      bus="virtio", readonly=True, serial="cloudinit"),
         ]
+        disks += _device_disks(request.devices, {d.target for d in disks})
         interfaces: list[InterfaceSpec] = []
         if request.pod_network and sandbox.spec.network_mode is NetworkMode.NODE:
             # hostNetwork: QEMU's user-mode stack, outbound through the node.
@@ -145,6 +169,13 @@ class VMBuilder:
     def is_podvisor_domain(self, xml: str) -> bool:
         """Whether a domain carries Podvisor's metadata (made by a Podvisor agent)."""
         return domain_xml.parse_metadata(xml) is not None
+
+
+def _device_disks(devices: tuple[Device, ...], taken: set[str]) -> list[DiskSpec]:
+    """CRI devices as raw virtio disks on the next free vdX, found in the guest by their serial."""
+    free = (t for t in (_target("virtio", i) for i in range(26)) if t not in taken)
+    return [DiskSpec(source=d.host_path, format="raw", target=next(free), bus="virtio", readonly=d.readonly,
+                     serial=device_serial(d.container_path), kind="block") for d in devices]
 
 
 def _target(bus: str, index: int) -> str:

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from agent.domain.vm import DomainSpec
-from agent.render.domain_xml import DISK_CACHE, parse_metadata, render
+from agent.render.domain_xml import BLOCK_CACHE, DISK_CACHE, parse_metadata, render
 from tests.render.test_domain_xml import CASES, OVMF_CODE, OVMF_VARS, case_spec
 
 URI = "qemu:///system"
@@ -76,7 +76,8 @@ def _prepare(case: str, root: Path) -> DomainSpec:
     spec = dataclasses.replace(case_spec(case, str(root)), name=f"podvisor-test-{suffix}",
                                uuid=str(uuid.uuid4()), virt_type="qemu")
     for disk in spec.disks:
-        if Path(disk.source).exists():
+        # Block devices need not exist to define (test_block_devices_libvirt.py starts one).
+        if disk.kind == "block" or Path(disk.source).exists():
             continue
         if disk.format == "qcow2":
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", disk.source, "64M"], check=True,
@@ -123,10 +124,13 @@ def _assert_libvirt_kept_our_settings(spec: DomainSpec, dumped: str) -> None:
     for want in spec.disks:
         got = disks[want.target]
         assert got.get("device") == want.device
-        assert got.find("source").get("file") == want.source  # type: ignore[union-attr]
+        assert got.get("type") == want.kind
+        source_attr = "dev" if want.kind == "block" else "file"
+        assert got.find("source").get(source_attr) == want.source  # type: ignore[union-attr]
         assert got.find("target").get("bus") == want.bus  # type: ignore[union-attr]
         driver = got.find("driver")
-        assert driver is not None and driver.get("type") == want.format and driver.get("cache") == DISK_CACHE
+        cache = BLOCK_CACHE if want.kind == "block" else DISK_CACHE
+        assert driver is not None and driver.get("type") == want.format and driver.get("cache") == cache
         assert (got.find("readonly") is not None) == want.readonly
         assert (got.findtext("serial") or "") == want.serial
         boot = got.find("boot")

@@ -89,6 +89,15 @@ CASES: dict[str, Callable[[str], DomainSpec]] = {
     "no-nic": lambda root: _base(root, interfaces=()),
     # kubelet's systemd driver: the pod's slice as a libvirt resource partition.
     "pod-slice-partition": lambda root: _base(root, partition="/kubepods/burstable/pod5f0c2a4e_1b7d"),
+    # CRI devices: host block devices after the VM's own disks, found by serial; one read-only.
+    "block-devices": lambda root: _base(root, disks=(
+        DiskSpec(source=f"{root}/overlay.qcow2", format="qcow2", target="vda", bus="virtio", boot_order=1),
+        _seed(root),
+        DiskSpec(source="/dev/loop7", format="raw", target="vdc", bus="virtio", serial="pv-3f0d4f5fa2a0b3a7c",
+                 kind="block"),
+        DiskSpec(source="/dev/sdb", format="raw", target="vdd", bus="virtio", readonly=True,
+                 serial="pv-0b1e6a7d8c9f0e1d2", kind="block"),
+    )),
 }
 
 
@@ -333,6 +342,19 @@ def test_emulator_when_named() -> None:
             '<driver name="qemu" type="raw" cache="writeback" discard="unmap" />'
             '<source file="/d/d.raw" /><target dev="sda" bus="scsi" /><boot order="2" /></disk>',
             id="scsi"),
+        pytest.param(
+            DiskSpec(source="/dev/sdb", format="raw", target="vdc", bus="virtio", serial="pv-1", kind="block"),
+            '<disk type="block" device="disk">'
+            '<driver name="qemu" type="raw" cache="none" io="native" discard="unmap" />'
+            '<source dev="/dev/sdb" /><target dev="vdc" bus="virtio" /><serial>pv-1</serial></disk>',
+            id="block-device"),
+        pytest.param(
+            DiskSpec(source="/dev/loop3", format="raw", target="vdd", bus="virtio", readonly=True, serial="pv-2",
+                     kind="block"),
+            '<disk type="block" device="disk"><driver name="qemu" type="raw" cache="none" io="native" />'
+            '<source dev="/dev/loop3" /><target dev="vdd" bus="virtio" /><readonly />'
+            "<serial>pv-2</serial></disk>",
+            id="read-only-block-device"),
     ],
 )
 def test_disk(disk: DiskSpec, expected: str) -> None:
@@ -484,6 +506,11 @@ def test_special_characters_are_escaped_and_never_add_elements() -> None:
         pytest.param({"disks": (DiskSpec(source="/x", format="raw", target="vda", bus="virtio", boot_order=1),
                                 DiskSpec(source="/y", format="raw", target="vdb", bus="virtio", boot_order=1))},
                      "boot orders", id="same-boot-order"),
+        pytest.param({"disks": (DiskSpec(source="/x", format="raw", target="vda", bus="virtio", kind="volume"),)},
+                     "kind 'volume'", id="disk-kind"),
+        pytest.param({"disks": (DiskSpec(source="/dev/sdb", format="qcow2", target="vda", bus="virtio",
+                                         kind="block"),)},
+                     "block device is attached raw", id="block-not-raw"),
     ],
 )
 def test_invalid_specs_are_refused(changes: dict[str, object], message: str) -> None:
