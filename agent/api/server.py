@@ -20,6 +20,7 @@ from agent.api.interceptor import ApiInterceptor
 from agent.api.limits import CallLimiter
 from agent.api.runtime_service import RuntimeServicer
 from agent.domain.errors import InvalidArgument
+from agent.services.ports import Metrics
 
 # kubelet sends and accepts messages up to 16 MiB.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -102,6 +103,7 @@ def build(
     max_concurrent_rpcs: int | None = None,
     max_event_streams: int = 16,
     max_concurrent_stops: int = 16,
+    metrics: Metrics | None = None,
 ) -> tuple[grpc.Server, health.HealthServicer]:
     """The server, not started.
 
@@ -114,7 +116,7 @@ def build(
     limit = max_concurrent_rpcs or workers
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-        interceptors=[ApiInterceptor(), CallLimiter({
+        interceptors=[ApiInterceptor(metrics), CallLimiter({
             "GetContainerEvents": (max_event_streams, "max_event_streams"),
             "StopContainer": (max_concurrent_stops, "max_concurrent_stops"),
         })],
