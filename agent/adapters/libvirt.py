@@ -210,8 +210,10 @@ class Libvirt:
             was = self._conn
             self._conn = None
             self._last_error = why
+            if was is not None:
+                # Under the connection lock: a reconnection cannot slip in before it.
+                self._set_up(False)
         if was is not None:
-            self._set_up(False)
             log.warning("libvirt connection lost", uri=self.uri, reason=why)
             try:
                 was.close()
