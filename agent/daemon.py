@@ -244,6 +244,9 @@ class Daemon:
         if os.environ.get(faults.ENV):
             log.warning("crash point armed: this agent kills itself there (tests only)",
                         crash_at=os.environ[faults.ENV])
+        if os.environ.get(faults.WEDGE_ENV):
+            log.warning("wedge point armed: a watched loop hangs on its trigger (tests only)",
+                        wedge=os.environ[faults.WEDGE_ENV])
         console.start()
 
         runtime = RuntimeInfoService(
@@ -272,6 +275,9 @@ class Daemon:
             max_concurrent_stops=cfg.server.max_concurrent_stops,
             metrics=metrics,
         )
+        if metrics is not None:
+            metrics.watch(StateSources(sandboxes.state_counts, containers.state_counts, images.usage))
+            start_metrics(cfg, metrics)
         sock = cfg.server.socket
         _prepare_socket(sock)
         old_umask = os.umask(0o117)  # the socket is born 0660, never wider
@@ -286,9 +292,6 @@ class Daemon:
         # Health follows libvirt: NOT_SERVING while libvirtd cannot be reached.
         api_server.set_serving(health, False)
         libvirt.on_connection(lambda up: api_server.set_serving(health, up and not self._stop.is_set()))
-        if metrics is not None:
-            metrics.watch(StateSources(sandboxes.state_counts, containers.state_counts, images.usage))
-            start_metrics(cfg, metrics)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self.request_stop)
