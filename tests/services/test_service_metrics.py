@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
-from agent.domain.errors import FailedPrecondition
+from agent.domain.errors import FailedPrecondition, NotFound
 from agent.services.containers import ContainerService
 from agent.services.ports import Metrics, NoMetrics
 from tests.services.container_fakes import ContainerFakes, cspec
+from tests.services.test_image_service import CIRROS, make_env, publish_cirros
 
 
 class RecordingMetrics:
@@ -58,3 +60,17 @@ def test_state_counts_cover_every_state() -> None:
     assert set(counts) == {"creating", "created", "running", "exited", "unknown", "removing"}
     service.start(c.id)
     assert service.state_counts()["running"] == 1
+
+
+def test_pulls_are_reported_with_their_size_and_result(tmp_path: Path) -> None:
+    metrics = RecordingMetrics()
+    env = make_env(tmp_path, metrics=metrics)
+    try:
+        publish_cirros(env)
+        img = env.service.pull(CIRROS)
+        with pytest.raises(NotFound):
+            env.service.pull("docker.io/kubevirt/absent:1")
+    finally:
+        env.store.close()
+    assert [name for name, _ in metrics.calls] == [f"image_pulled {img.size} True", "image_pulled 0 False"]
+    assert img.size > 0
