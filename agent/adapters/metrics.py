@@ -98,6 +98,7 @@ class PrometheusMetrics:
             self._cni_failures.labels(command)
         # Resident memory, open descriptors, CPU time: process_* as every exporter names them.
         ProcessCollector(registry=r)
+        self._rpc_series: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self._ever_up = False
         self._lock = threading.Lock()
         self._server: WSGIServer | None = None
@@ -106,8 +107,12 @@ class PrometheusMetrics:
     # What happens (the services' Metrics port) -----------------------------------
 
     def rpc_done(self, service: str, method: str, code: str, seconds: float) -> None:
-        self._rpcs.labels(service, method, code).inc()
-        self._rpc_seconds.labels(service, method, code).observe(seconds)
+        key = (service, method, code)
+        series = self._rpc_series.get(key)
+        if series is None:  # the first call of its kind; then a dict lookup, not two labels() calls
+            series = self._rpc_series.setdefault(key, (self._rpcs.labels(*key), self._rpc_seconds.labels(*key)))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def vm_started(self, seconds: float) -> None:
         self._vm_start.observe(seconds)
