@@ -288,10 +288,11 @@ class Daemon:
         if cfg.server.socket_group:
             os.chown(sock, 0, grp.getgrnam(cfg.server.socket_group).gr_gid)
         os.chmod(sock, 0o660)
-        grpc_server.start()
-        # Health follows libvirt: NOT_SERVING while libvirtd cannot be reached.
+        # Health follows libvirt: NOT_SERVING while libvirtd cannot be reached
+        # (set before the server answers, so no client sees an unknown status).
         api_server.set_serving(health, False)
         libvirt.on_connection(lambda up: api_server.set_serving(health, up and not self._stop.is_set()))
+        grpc_server.start()
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self.request_stop)
