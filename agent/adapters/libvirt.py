@@ -110,7 +110,8 @@ def _start_event_loop() -> None:
             return
         libvirt.registerErrorHandler(_ignore_errors, None)
         libvirt.virEventRegisterDefaultImpl()
-        libvirt.virEventAddTimeout(EVENT_LOOP_TICK_MS, _tick, None)
+        if libvirt.virEventAddTimeout(EVENT_LOOP_TICK_MS, _tick, None) < 0:
+            log.error("libvirt event loop: no timer; the watchdog cannot see it turn")
 
         def run() -> None:
             while True:
