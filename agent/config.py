@@ -141,6 +141,21 @@ class StreamingConfig:
     max_sessions: int = 64
 
 
+# Not among the ports of common exporters (node_exporter 9100, Prometheus 9090-9093, ...).
+DEFAULT_METRICS_PORT = 9847
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint (http://<address>:<port>/metrics)."""
+
+    enabled: bool = True
+    # Loopback by default: the series name pods and images.
+    address: str = "127.0.0.1"
+    # 0: an ephemeral port chosen at start (logged as "metrics serving").
+    port: int = DEFAULT_METRICS_PORT
+
+
 @dataclass(frozen=True)
 class MTLSConfig:
     """The control-plane endpoint: gRPC over mutual TLS 1.3 on TCP (docs/security.md)."""
@@ -193,6 +208,7 @@ class AgentConfig:
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     exec: ExecConfig = field(default_factory=ExecConfig)
     mtls: MTLSConfig = field(default_factory=MTLSConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def images_dir(self) -> Path:
@@ -217,6 +233,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "streaming": StreamingConfig,
     "exec": ExecConfig,
     "mtls": MTLSConfig,
+    "metrics": MetricsConfig,
 }
 
 
@@ -251,7 +268,7 @@ def _coerce(where: str, default: Any, value: Any) -> Any:
         return float(value)
     if isinstance(default, int):
         # A default of 0 means "0 allowed" (e.g. no headroom); so does a reserve.
-        zero_ok = default == 0 or where.endswith("min_free_bytes")
+        zero_ok = default == 0 or where.endswith("min_free_bytes") or where == "[metrics] port"
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
             raise ConfigError(f"{where}: expected a {'non-negative' if zero_ok else 'positive'} integer")
         return value
@@ -389,6 +406,15 @@ def _validate_server(server: ServerConfig) -> None:
             "calls beyond the threads would wait in line behind held ones")
 
 
+def _validate_metrics(m: MetricsConfig) -> None:
+    try:
+        ipaddress.ip_address(m.address)
+    except ValueError:
+        raise ConfigError(f"[metrics] address: {m.address!r} is not an IP address") from None
+    if m.port > 65535:
+        raise ConfigError("[metrics] port: must be 0 (ephemeral) to 65535")
+
+
 def _validate_streaming(st: StreamingConfig) -> None:
     try:
         ipaddress.ip_address(st.address)
@@ -489,5 +515,6 @@ def validate(cfg: AgentConfig) -> None:
             ) from None
     _validate_streaming(cfg.streaming)
     _validate_mtls(cfg.mtls)
+    _validate_metrics(cfg.metrics)
     if len(str(cfg.server.socket).encode()) > 107:
         raise ConfigError("[server] socket: path longer than a unix socket address allows")

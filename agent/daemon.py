@@ -24,6 +24,7 @@ import structlog
 
 from agent import __version__, faults
 from agent.adapters import kvm, qemu_access, qemu_img, systemd
+from agent.adapters import libvirt as libvirt_adapter
 from agent.adapters.block_devices import BlockDevices
 from agent.adapters.cgroups import PodCgroups
 from agent.adapters.console import ConsoleHub
@@ -34,6 +35,7 @@ from agent.adapters.host import Host
 from agent.adapters.image_files import ImageFiles
 from agent.adapters.layers import DiskExtractor
 from agent.adapters.libvirt import Libvirt
+from agent.adapters.metrics import PrometheusMetrics, StateSources
 from agent.adapters.network.dial import PodDialer
 from agent.adapters.network.pod_network import PodNetworkManager, disabled_readiness
 from agent.adapters.registry import RegistryClient
@@ -42,6 +44,7 @@ from agent.adapters.registry.transport import RegistryHostConfig
 from agent.adapters.ssh import GuestSSH
 from agent.adapters.store import Store
 from agent.adapters.vm_files import VMFiles
+from agent.adapters.watchdog import GrpcProbe, Watchdog, interval_from_environment
 from agent.api import server as api_server
 from agent.api.host import HostServicer
 from agent.api.images import ImageServicer
@@ -54,7 +57,7 @@ from agent.services.containers import ContainerService
 from agent.services.exec import ExecService
 from agent.services.images import ImageService
 from agent.services.port_forward import PortForwardService
-from agent.services.ports import ContainerPorts, ImagePorts, Ports, SystemClock
+from agent.services.ports import ContainerPorts, ImagePorts, Metrics, NoMetrics, Ports, SystemClock
 from agent.services.recovery import recover
 from agent.services.runtime import RuntimeInfoService, choose_virt
 from agent.services.sandboxes import LateMembers, SandboxService
@@ -104,7 +107,7 @@ def _prepare_socket(path: Path) -> None:
     raise StartupError(f"another process is already serving on {path}")
 
 
-def build_image_service(cfg: AgentConfig, store: Store) -> ImageService:
+def build_image_service(cfg: AgentConfig, store: Store, metrics: Metrics | None = None) -> ImageService:
     """Registry client, image files and store behind the image use cases."""
     reg = cfg.registries
     client = RegistryClient(
@@ -124,6 +127,7 @@ def build_image_service(cfg: AgentConfig, store: Store) -> ImageService:
         inspect_disk=lambda path, source, limit, fmt: qemu_img.info(
             path, source=source, max_virtual_size=limit, declared_format=fmt),
         clock=SystemClock(),
+        metrics=metrics or NoMetrics(),
     )
     return ImageService(ports, max_virtual_size=cfg.images.max_virtual_size_bytes,
                         parallelism=cfg.images.pull_parallelism, max_pull_bytes=cfg.images.max_pull_bytes,
@@ -132,14 +136,15 @@ def build_image_service(cfg: AgentConfig, store: Store) -> ImageService:
 
 def build_container_service(cfg: AgentConfig, store: Store, libvirt: Libvirt, console: ConsoleLogs,
                             sandbox_files: SandboxFiles, sandboxes: SandboxService, images: ImageService,
-                            virt_type: str, network: PodNetworkManager | None, host: Host) -> ContainerService:
+                            virt_type: str, network: PodNetworkManager | None, host: Host,
+                            metrics: Metrics | None = None) -> ContainerService:
     """VM containers over their adapters; what a VM is made of from ``VMBuilder``."""
     vm_files = VMFiles(cfg.sandboxes_dir, cfg.runtime_dir)
     builder = VMBuilder(defaults=cfg.vm, virt_type=virt_type, files=vm_files, sandbox_files=sandbox_files,
                         network=network, host=host, keys=ExecKeys(), block_devices=BlockDevices())
     return ContainerService(ContainerPorts(
         store=store, hypervisor=libvirt, files=vm_files, console=console, sandboxes=sandboxes, images=images,
-        vm=builder, clock=SystemClock(), cgroups=PodCgroups(),
+        vm=builder, clock=SystemClock(), cgroups=PodCgroups(), metrics=metrics or NoMetrics(),
     ), max_stop_timeout=cfg.server.max_stop_timeout_seconds)
 
 
@@ -155,6 +160,28 @@ def start_streaming_server(cfg: AgentConfig, backend: StreamBackend) -> Streamin
         raise StartupError(f"[streaming]: cannot serve on {st.address}:{st.port} "
                            f"(TLS {'on' if st.tls_cert_file else 'off'}): {exc}") from None
     return server
+
+
+def start_metrics(cfg: AgentConfig, metrics: PrometheusMetrics) -> None:
+    """The Prometheus endpoint, listening on its own thread."""
+    try:
+        metrics.serve(cfg.metrics.address, cfg.metrics.port)
+    except OSError as exc:
+        raise StartupError(f"[metrics]: cannot serve on {cfg.metrics.address}:{cfg.metrics.port}: {exc} "
+                           "(another port, or enabled = false)") from None
+
+
+def start_watchdog(sock: Path, console: ConsoleLogs) -> tuple[Watchdog, GrpcProbe] | None:
+    """systemd's watchdog over the agent's loops, when the unit asks for one (WatchdogSec=)."""
+    interval = interval_from_environment()
+    if interval is None:
+        return None
+    probe = GrpcProbe(f"unix:{sock}", period=min(1.0, interval / 8))
+    probe.start()
+    dog = Watchdog(interval, {"grpc": probe.progress, "libvirt-events": libvirt_adapter.event_loop_progress,
+                              "console-logs": console.progress}, systemd.notify)
+    dog.start()
+    return dog, probe
 
 
 class Daemon:
@@ -177,29 +204,33 @@ class Daemon:
                 raise StartupError(problem)
         store = Store(cfg.db_path)
         files = SandboxFiles(cfg.sandboxes_dir)
+        metrics = PrometheusMetrics(__version__) if cfg.metrics.enabled else None
         network = None
         if cfg.cni.enabled:
             network = PodNetworkManager(cfg.cni.conf_dirs, cfg.cni.bin_dirs, cfg.state_dir / "cni",
-                                        cfg.cni.builtin_bridge, cfg.cni.builtin_subnet)
+                                        cfg.cni.builtin_bridge, cfg.cni.builtin_subnet,
+                                        observe_cni=metrics.cni_done if metrics else None)
         host = Host(cfg.state_dir)
         ports = Ports(store=store, files=files, clock=SystemClock(), network=network, host=host)
         # The sandbox service needs its members (the container service) and
         # the container service needs the sandbox service: bound below.
         members = LateMembers()
         sandboxes = SandboxService(ports, members)
-        images = build_image_service(cfg, store)
+        images = build_image_service(cfg, store, metrics)
         qemu_img_problem = qemu_img.version_warning()
         if qemu_img_problem:
             log.warning("qemu-img is not safe for untrusted images", problem=qemu_img_problem)
 
         libvirt = Libvirt(cfg.libvirt.uri, cfg.libvirt.reconnect_interval_seconds)
+        if metrics is not None:
+            libvirt.on_connection(metrics.libvirt_connection)
         libvirt.start()
         choice, facts = choose_virt(cfg.libvirt.virt_type, kvm)
         log.info("virtualisation type chosen", virt_type=choice.virt_type, reason=choice.reason)
 
         console = ConsoleLogs()
         containers = build_container_service(cfg, store, libvirt, console, files, sandboxes, images,
-                                             choice.virt_type, network, host)
+                                             choice.virt_type, network, host, metrics)
         members.bind(containers)
         images.set_in_use(containers.image_ids_in_use)
         libvirt.on_lifecycle(lambda ev: containers.on_domain_event(ev.domain, ev.kind, ev.detail))
@@ -209,11 +240,15 @@ class Daemon:
         # with the same environment recovers before it can crash again.
         try:
             faults.arm_from_environment()
+            faults.arm_wedge(os.environ.get(faults.WEDGE_ENV))
         except ValueError as exc:  # an unknown crash point: a clear start-up error, not a traceback
             raise StartupError(str(exc)) from None
         if os.environ.get(faults.ENV):
             log.warning("crash point armed: this agent kills itself there (tests only)",
                         crash_at=os.environ[faults.ENV])
+        if os.environ.get(faults.WEDGE_ENV):
+            log.warning("wedge point armed: a watched loop hangs on its trigger (tests only)",
+                        wedge=os.environ[faults.WEDGE_ENV])
         console.start()
 
         runtime = RuntimeInfoService(
@@ -250,7 +285,11 @@ class Daemon:
             max_event_streams=cfg.server.max_event_streams,
             max_concurrent_stops=cfg.server.max_concurrent_stops,
             outer_interceptors=mtls.interceptors() if mtls else (),
+            metrics=metrics,
         )
+        if metrics is not None:
+            metrics.watch(StateSources(sandboxes.state_counts, containers.state_counts, images.usage))
+            start_metrics(cfg, metrics)
         sock = cfg.server.socket
         _prepare_socket(sock)
         old_umask = os.umask(0o117)  # the socket is born 0660, never wider
@@ -261,6 +300,10 @@ class Daemon:
         if cfg.server.socket_group:
             os.chown(sock, 0, grp.getgrnam(cfg.server.socket_group).gr_gid)
         os.chmod(sock, 0o660)
+        # Health follows libvirt: NOT_SERVING while libvirtd cannot be reached
+        # (set before the server answers, so no client sees an unknown status).
+        api_server.set_serving(health, False)
+        libvirt.on_connection(lambda up: api_server.set_serving(health, up and not self._stop.is_set()))
         grpc_server.start()
         if mtls is not None:
             try:
@@ -268,7 +311,6 @@ class Daemon:
             except MTLSStartupError as exc:
                 grpc_server.stop(0)
                 raise StartupError(str(exc)) from None
-        api_server.set_serving(health, True)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self.request_stop)
@@ -276,12 +318,18 @@ class Daemon:
         systemd.notify(f"READY=1\nSTATUS=serving on {sock}\nMAINPID={os.getpid()}")
         log.info("podvisor-agent serving", version=__version__, socket=str(sock),
                  state_dir=str(cfg.state_dir), virt_type=choice.virt_type)
+        watchdog = start_watchdog(sock, console)
 
         while not self._stop.wait(1.0):
             pass
 
         systemd.notify("STOPPING=1")
         api_server.set_serving(health, False)
+        if watchdog is not None:
+            for part in watchdog:
+                part.close()
+        if metrics is not None:
+            metrics.close()
         grace = cfg.server.shutdown_grace_seconds
         containers.close_streams()
         grpc_server.stop(grace).wait(grace + 5)

@@ -134,3 +134,51 @@ def _reached(armed: _Armed, name: str) -> None:
     sys.stderr.write(f"podvisor: {ENV}: crashing at {name}\n")
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+# Wedged loops, for the watchdog's tests --------------------------------------------------
+#
+# ``PODVISOR_WEDGE=<loop>@<file>`` in the agent's environment: once ``file``
+# exists, the named loop blocks for ever the next time it passes its wedge
+# point, as a deadlock would. The watchdog must then stop sending WATCHDOG=1
+# (tests/integration/test_watchdog.py). Disarmed (the default, and always in
+# production) ``wedge`` is one comparison of a module global with None.
+
+WEDGE_ENV = "PODVISOR_WEDGE"
+
+# The loops the watchdog watches, each with a wedge point in it.
+LOOPS = (
+    "grpc",            # an RPC handler (agent.api.interceptor): the self-probe hangs
+    "libvirt-events",  # libvirt's event loop thread (agent.adapters.libvirt)
+    "console-logs",    # the console follower's thread (agent.adapters.console_log)
+)
+
+_wedge: tuple[str, str] | None = None
+
+
+def parse_wedge(setting: str) -> tuple[str, str]:
+    """``<loop>@<file>`` → (loop, file); ValueError naming the problem."""
+    loop, sep, trigger = setting.strip().partition("@")
+    if loop not in LOOPS:
+        raise ValueError(f"{WEDGE_ENV}: unknown loop {loop!r} (one of {', '.join(LOOPS)})")
+    if not sep or not trigger.startswith("/"):
+        raise ValueError(f"{WEDGE_ENV}: expected <loop>@<absolute path of the trigger file>")
+    return loop, trigger
+
+
+def arm_wedge(setting: str | None) -> None:
+    """Arm the wedge ``setting`` names (None or "" disarms)."""
+    global _wedge
+    _wedge = parse_wedge(setting) if setting else None
+
+
+def wedge(loop: str) -> None:
+    """A wedge point of ``loop``: blocks for ever once armed for it and triggered."""
+    if _wedge is None:
+        return
+    name, trigger = _wedge
+    if name != loop or not os.path.exists(trigger):
+        return
+    sys.stderr.write(f"podvisor: {WEDGE_ENV}: loop {loop} wedged\n")
+    sys.stderr.flush()
+    threading.Event().wait()

@@ -95,6 +95,7 @@ def start_agent(workdir: Path, *, virt_type: str = "auto", cni_conf_dir: Path | 
     cfg.write_text(
         f'state_dir = "{workdir / "state"}"\nruntime_dir = "{workdir}"\n[server]\nsocket = "{sock}"\n'
         f'[libvirt]\nvirt_type = "{virt_type}"\n{cni}[log]\nformat = "json"\nlevel = "info"\n'
+        "[metrics]\nport = 0\n"  # never the fixed port another agent may hold
         + extra_config
     )
     log = open(workdir / "agent.log", "wb")

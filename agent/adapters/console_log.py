@@ -33,6 +33,7 @@ from pathlib import Path
 
 import structlog
 
+from agent import faults
 from agent.adapters.atomic import write_atomic
 from agent.domain.errors import FailedPrecondition, PodvisorError
 
@@ -200,6 +201,11 @@ class ConsoleLogs:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._progress = time.monotonic()
+
+    def progress(self) -> float:
+        """When (monotonic) the follower's loop last went round: it turns while this moves."""
+        return self._progress
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="console-logs", daemon=True)
@@ -261,6 +267,8 @@ class ConsoleLogs:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
+            faults.wedge("console-logs")  # tests only: a copy that never returns
+            self._progress = time.monotonic()
             with self._lock:
                 followers = list(self._followers.values())
             for f in followers:

@@ -20,6 +20,7 @@ import libvirt
 import libvirt_qemu
 import structlog
 
+from agent import faults
 from agent.domain.errors import (
     FailedPrecondition,
     GuestAgentNotReady,
@@ -35,6 +36,9 @@ T = TypeVar("T")
 
 _event_loop_lock = threading.Lock()
 _event_loop_started = False
+# A timer on libvirt's event loop marks that the loop turns (the watchdog reads it).
+EVENT_LOOP_TICK_MS = 500
+_event_loop_tick = time.monotonic()
 
 # libvirt error codes that mean "the connection is gone", not "the call was wrong".
 # VIR_ERR_SYSTEM_ERROR is not among them: libvirtd reports every failed system
@@ -106,6 +110,8 @@ def _start_event_loop() -> None:
             return
         libvirt.registerErrorHandler(_ignore_errors, None)
         libvirt.virEventRegisterDefaultImpl()
+        if libvirt.virEventAddTimeout(EVENT_LOOP_TICK_MS, _tick, None) < 0:
+            log.error("libvirt event loop: no timer; the watchdog cannot see it turn")
 
         def run() -> None:
             while True:
@@ -113,6 +119,17 @@ def _start_event_loop() -> None:
 
         threading.Thread(target=run, name="libvirt-events", daemon=True).start()
         _event_loop_started = True
+
+
+def _tick(_timer: int, _opaque: object) -> None:
+    global _event_loop_tick
+    faults.wedge("libvirt-events")  # tests only: a callback that never returns
+    _event_loop_tick = time.monotonic()
+
+
+def event_loop_progress() -> float:
+    """When (monotonic) libvirt's event loop last ran its timer: it turns while this moves."""
+    return _event_loop_tick
 
 
 def _fmt_version(v: int) -> str:
@@ -157,6 +174,10 @@ class Libvirt:
         self._monitor: threading.Thread | None = None
         self._lifecycle: list[Callable[[LifecycleEvent], None]] = []
         self._reconnected: list[Callable[[], None]] = []
+        # Connection state (None: not tried yet) and who wants to hear of changes.
+        self._state_lock = threading.Lock()
+        self._up: bool | None = None
+        self._state_listeners: list[Callable[[bool], None]] = []
 
     # Connection management -------------------------------------------------
 
@@ -190,6 +211,9 @@ class Libvirt:
             was = self._conn
             self._conn = None
             self._last_error = why
+            if was is not None:
+                # Under the connection lock: a reconnection cannot slip in before it.
+                self._set_up(False)
         if was is not None:
             log.warning("libvirt connection lost", uri=self.uri, reason=why)
             try:
@@ -205,6 +229,7 @@ class Libvirt:
             conn = libvirt.open(self.uri)
         except libvirt.libvirtError as exc:
             self._last_error = f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}"
+            self._set_up(False)
             raise Unavailable(self._last_error) from None
         try:
             conn.registerCloseCallback(self._on_close, None)
@@ -218,10 +243,29 @@ class Libvirt:
             log.warning("libvirt domain events unavailable", error=exc.get_error_message())
         log.info("libvirt connected", uri=self.uri,
                  libvirtd=_fmt_version(conn.getLibVersion()))
+        self._set_up(True)
         for fn in self._reconnected:
             # Outside the connection lock: callbacks may call back into us.
             threading.Thread(target=fn, name="libvirt-reconnected", daemon=True).start()
         return conn
+
+    def _set_up(self, up: bool) -> None:
+        with self._state_lock:
+            if self._up is up:
+                return
+            self._up = up
+            for fn in self._state_listeners:
+                fn(up)
+
+    def on_connection(self, fn: Callable[[bool], None]) -> None:
+        """Call ``fn(True)`` when the connection opens and ``fn(False)`` when it
+        is lost or cannot be opened, once per change, and now with the current
+        state if it is known. ``fn`` must be quick and must not call back into
+        this adapter (it runs under the state lock, which keeps calls in order)."""
+        with self._state_lock:
+            self._state_listeners.append(fn)
+            if self._up is not None:
+                fn(self._up)
 
     def on_lifecycle(self, fn: Callable[[LifecycleEvent], None]) -> None:
         """Call ``fn`` (on libvirt's event thread) for every domain lifecycle event."""

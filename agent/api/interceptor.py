@@ -16,7 +16,9 @@ from typing import Any
 import grpc
 import structlog
 
+from agent import faults
 from agent.domain.errors import PodvisorError
+from agent.services.ports import Metrics, NoMetrics
 
 log = structlog.get_logger("agent.api")
 
@@ -40,9 +42,10 @@ _CLIENT_ERRORS = frozenset({
 class _Call:
     """Bookkeeping for one RPC."""
 
-    def __init__(self, full_method: str) -> None:
+    def __init__(self, full_method: str, metrics: Metrics) -> None:
         self.full_method = full_method
-        self.method = full_method.rsplit("/", 1)[-1]
+        self.service, _, self.method = full_method.lstrip("/").rpartition("/")
+        self.metrics = metrics
         self.request_id = uuid.uuid4().hex[:16]
         self.started = time.perf_counter()
         self.code = grpc.StatusCode.OK
@@ -67,7 +70,9 @@ class _Call:
         context.abort(self.code, self.detail)
 
     def done(self) -> None:
-        ms = round((time.perf_counter() - self.started) * 1000, 3)
+        seconds = time.perf_counter() - self.started
+        self.metrics.rpc_done(self.service, self.method, self.code.name, seconds)
+        ms = round(seconds * 1000, 3)
         fields = {"method": self.full_method, "request_id": self.request_id,
                   "code": self.code.name, "duration_ms": ms}
         if self.code == grpc.StatusCode.OK:
@@ -81,9 +86,10 @@ class _Call:
             log.warning("rpc", error=self.detail, **fields)
 
 
-def _wrap_unary(full_method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+def _wrap_unary(full_method: str, behavior: Callable[..., Any], metrics: Metrics) -> Callable[..., Any]:
     def handler(request: Any, context: grpc.ServicerContext) -> Any:
-        call = _Call(full_method)
+        faults.wedge("grpc")  # tests only: a serving path that hangs (the watchdog's self-probe)
+        call = _Call(full_method, metrics)
         structlog.contextvars.bind_contextvars(request_id=call.request_id)
         try:
             return behavior(request, context)
@@ -96,9 +102,9 @@ def _wrap_unary(full_method: str, behavior: Callable[..., Any]) -> Callable[...,
     return handler
 
 
-def _wrap_stream(full_method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+def _wrap_stream(full_method: str, behavior: Callable[..., Any], metrics: Metrics) -> Callable[..., Any]:
     def handler(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        call = _Call(full_method)
+        call = _Call(full_method, metrics)
         structlog.contextvars.bind_contextvars(request_id=call.request_id)
         try:
             yield from behavior(request, context)
@@ -115,6 +121,9 @@ def _wrap_stream(full_method: str, behavior: Callable[..., Any]) -> Callable[...
 
 
 class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics or NoMetrics()
+
     def intercept_service(
         self, continuation: Callable[[Any], Any], handler_call_details: Any
     ) -> Any:
@@ -122,12 +131,13 @@ class ApiInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method = handler_call_details.method
+        m = self._metrics
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_wrap_unary(method, handler.unary_unary))
+            return handler._replace(unary_unary=_wrap_unary(method, handler.unary_unary, m))
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_wrap_stream(method, handler.unary_stream))
+            return handler._replace(unary_stream=_wrap_stream(method, handler.unary_stream, m))
         if handler.stream_unary is not None:
-            return handler._replace(stream_unary=_wrap_unary(method, handler.stream_unary))
+            return handler._replace(stream_unary=_wrap_unary(method, handler.stream_unary, m))
         if handler.stream_stream is not None:
-            return handler._replace(stream_stream=_wrap_stream(method, handler.stream_stream))
+            return handler._replace(stream_stream=_wrap_stream(method, handler.stream_stream, m))
         return handler

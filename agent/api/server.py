@@ -20,6 +20,7 @@ from agent.api.interceptor import ApiInterceptor
 from agent.api.limits import CallLimiter
 from agent.api.runtime_service import RuntimeServicer
 from agent.domain.errors import InvalidArgument
+from agent.services.ports import Metrics
 
 # kubelet sends and accepts messages up to 16 MiB.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -103,6 +104,7 @@ def build(
     max_event_streams: int = 16,
     max_concurrent_stops: int = 16,
     outer_interceptors: tuple[grpc.ServerInterceptor, ...] = (),
+    metrics: Metrics | None = None,
 ) -> tuple[grpc.Server, health.HealthServicer]:
     """The server, not started.
 
@@ -115,7 +117,7 @@ def build(
     limit = max_concurrent_rpcs or workers
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-        interceptors=[*outer_interceptors, ApiInterceptor(), CallLimiter({
+        interceptors=[*outer_interceptors, ApiInterceptor(metrics), CallLimiter({
             "GetContainerEvents": (max_event_streams, "max_event_streams"),
             "StopContainer": (max_concurrent_stops, "max_concurrent_stops"),
         })],

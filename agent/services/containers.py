@@ -268,6 +268,7 @@ class ContainerService:
     # Start / stop ---------------------------------------------------------------
 
     def start(self, container_id: str) -> Container:
+        begun = self._p.timer.monotonic()
         c = self._find(container_id)
         if c is None:
             raise NotFound(f"container {container_id!r} not found")
@@ -292,6 +293,7 @@ class ContainerService:
                 raise
             c = self._put(dataclasses.replace(c, state=ContainerState.RUNNING, started_at_ns=self._p.clock.now_ns()))
             faults.point("container.start.running")
+        self._p.metrics.vm_started(self._p.timer.monotonic() - begun)
         log.info("container started", container_id=c.id, domain=c.domain_name)
         self._emit(c, "started")
         return c
@@ -306,6 +308,7 @@ class ContainerService:
             log.info("stop timeout capped", container_id=container_id, requested=timeout,
                      cap=self._max_stop_timeout)
             timeout = self._max_stop_timeout
+        begun = self._p.timer.monotonic()
         c = self._find(container_id)
         if c is None:
             return
@@ -327,6 +330,7 @@ class ContainerService:
                 self._stop_domain(c, timeout)
             finally:
                 self._stopping.discard(c.id)
+            self._p.metrics.vm_stopped(self._p.timer.monotonic() - begun)
 
     def _stop_domain(self, c: Container, timeout: int) -> None:
         """ACPI button; halfway through the graceful part, the guest agent's shutdown too;
@@ -512,6 +516,12 @@ class ContainerService:
         self._emit(c, "deleted")
 
     # Queries ----------------------------------------------------------------------
+
+    def state_counts(self) -> dict[str, int]:
+        """How many containers are in each state, as recorded (metrics; no libvirt call)."""
+        with self._lock:
+            states = [c.state.value for c in self._by_id.values()]
+        return {state.value: states.count(state.value) for state in ContainerState}
 
     def list(self, flt: ContainerFilter | None = None) -> list[Container]:
         with self._lock:

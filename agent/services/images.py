@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -213,12 +214,14 @@ class ImageService:
     def pull(self, text: str, auth: RegistryAuth | None = None) -> Image:
         """PullImage: the image ``text`` names, with a pull's own credentials if any."""
         ref = parse_image_ref(text, field="image.image")
+        begun = time.monotonic()
         with self._activity:
             self._activity.wait_for(lambda: not self._collecting)
             self._active_pulls += 1
         try:
             img, _ = self._pulls.do(str(ref), lambda: self._puller.pull(ref, auth))
         except BaseException:
+            self._ports.metrics.image_pulled(time.monotonic() - begun, 0, ok=False)
             self._pull_ended()
             # A refused or broken pull leaves nothing in the store: what it
             # downloaded (manifest, config, layers) belongs to no image and is
@@ -230,6 +233,7 @@ class ImageService:
                 log.warning("image garbage collection failed", error=str(exc))
             raise
         self._pull_ended()
+        self._ports.metrics.image_pulled(time.monotonic() - begun, img.size, ok=True)
         return img
 
     def _pull_ended(self) -> None:

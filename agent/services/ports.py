@@ -81,6 +81,37 @@ class SystemTimer:
         time.sleep(seconds)
 
 
+class Metrics(Protocol):
+    """What the agent reports to the operator's metrics (agent.adapters.metrics;
+    ``NoMetrics`` where nobody scrapes: service tests, metrics switched off).
+
+    Durations are seconds; ``ok`` is False for a failed call. What is counted
+    at scrape time (sandboxes and VMs by state, image store bytes, the libvirt
+    connection) is read by the adapter itself, not reported through here.
+    """
+
+    def rpc_done(self, service: str, method: str, code: str, seconds: float) -> None: ...
+    def vm_started(self, seconds: float) -> None: ...
+    def vm_stopped(self, seconds: float) -> None: ...
+    def image_pulled(self, seconds: float, size_bytes: int, ok: bool) -> None: ...
+
+
+class NoMetrics:
+    """Metrics nobody reads: every report is dropped."""
+
+    def rpc_done(self, service: str, method: str, code: str, seconds: float) -> None:
+        """Dropped."""
+
+    def vm_started(self, seconds: float) -> None:
+        """Dropped."""
+
+    def vm_stopped(self, seconds: float) -> None:
+        """Dropped."""
+
+    def image_pulled(self, seconds: float, size_bytes: int, ok: bool) -> None:
+        """Dropped."""
+
+
 # Sandboxes ------------------------------------------------------------------------------
 
 
@@ -303,6 +334,8 @@ class ContainerPorts:
     cgroups: PodCgroups
     # StopContainer's deadlines and polling.
     timer: Timer = field(default_factory=SystemTimer)
+    # VM start and stop durations.
+    metrics: Metrics = field(default_factory=NoMetrics)
 
 
 # --- images --------------------------------------------------------------------------------
@@ -380,6 +413,8 @@ class ImagePorts:
     new_extractor: ExtractorFactory
     inspect_disk: DiskInspector
     clock: Clock
+    # Pull durations and bytes.
+    metrics: Metrics = field(default_factory=NoMetrics)
 
 
 # --- exec, attach and port forward ----------------------------------------------------------

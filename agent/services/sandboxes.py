@@ -253,6 +253,11 @@ class SandboxService:
             raise NotFound(f"pod sandbox {sandbox_id!r} not found")
         return sb
 
+    def state_counts(self) -> dict[str, int]:
+        """How many sandboxes are in each state, as recorded (metrics)."""
+        states = [s.state.value for s in self._snapshot]
+        return {state.value: states.count(state.value) for state in SandboxState}
+
     def list(self, flt: SandboxFilter | None = None) -> list[Sandbox]:
         snapshot = self._snapshot
         visible = [s for s in snapshot if s.state is not SandboxState.CREATING]

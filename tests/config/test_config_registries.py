@@ -150,7 +150,8 @@ def test_images_dir_follows_state_dir(tmp_path: Path) -> None:
          "(known: ca_file, insecure, mirrors, password, username)"),
         ("[registry]\n",
          "registry: unknown setting "
-         "(known: state_dir, runtime_dir, registries, cni, exec, images, libvirt, log, mtls, server, streaming, vm)"),
+         "(known: state_dir, runtime_dir, registries, cni, exec, images, libvirt, log, metrics, mtls, server, "
+         "streaming, vm)"),
     ],
 )
 def test_unknown_keys_are_errors(tmp_path: Path, text: str, message: str) -> None:

@@ -58,6 +58,8 @@ class AgentProcess:
             f"[libvirt]\nreconnect_interval_seconds = 0.5\n"
             f"[cni]\nenabled = {'true' if network else 'false'}\nconf_dirs = [\"{self.cni_conf_dir}\"]\n"
             f"[log]\nformat = \"json\"\nlevel = \"debug\"\n"
+            # Agents of parallel runs must not fight over the fixed metrics port.
+            + ("" if "[metrics]" in extra_config else "[metrics]\nport = 0\n")
             + extra_config
         )
         self.env = env

@@ -64,6 +64,7 @@ def running_agent(tmp_path: Path) -> Iterator[Agent]:
         # built-in bridge on the host, which this test must not touch.
         f'[cni]\nenabled = false\nconf_dirs = ["{cni_dir}"]\n'
         '[log]\nformat = "json"\nlevel = "debug"\n'
+        '[metrics]\nport = 0\n'  # never the fixed port another agent may hold
     )
     log_path = tmp_path / "agent.log"
     with open(log_path, "wb") as log_file:

@@ -39,7 +39,7 @@ from agent.domain.image import BaseDisk, Image
 from agent.domain.imageref import ImageRef, RemoteRepository, parse_image_ref
 from agent.domain.registry import RegistryAuth, ResolvedImage
 from agent.services.images import ImageService
-from agent.services.ports import ImagePorts
+from agent.services.ports import ImagePorts, Metrics, NoMetrics
 from agent.services.pull import DISK_FILE_SLACK
 from tests.services.service_fakes import FakeClock
 
@@ -310,7 +310,7 @@ class Env:
         return self.service.base_disk_path(img, img.disks[which]).read_bytes()
 
 
-def make_env(root: Path, registry: FakeRegistry | None = None) -> Env:
+def make_env(root: Path, registry: FakeRegistry | None = None, metrics: Metrics | None = None) -> Env:
     registry = registry or FakeRegistry()
     files = ImageFiles(root / "images")
     store = Store(root / "podvisor.db")
@@ -323,6 +323,7 @@ def make_env(root: Path, registry: FakeRegistry | None = None) -> Env:
         new_extractor=DiskExtractor,
         inspect_disk=inspect,
         clock=FakeClock(),
+        metrics=metrics or NoMetrics(),
     )
     service = ImageService(ports, max_virtual_size=MAX_VIRTUAL_SIZE, parallelism=4,
                            in_use=lambda: set(in_use))

@@ -37,7 +37,7 @@ from agent.domain.network.cni import NetworkConfig
 from agent.domain.virt import KvmFacts, VirtChoice
 from agent.services.containers import ContainerService
 from agent.services.images import ImageService
-from agent.services.ports import ImagePorts
+from agent.services.ports import ImagePorts, NoMetrics
 from agent.services.runtime import RuntimeInfoService
 from agent.services.sandboxes import SandboxService
 from agent.services.stats import StatsService
@@ -86,6 +86,16 @@ class SwitchableRuntime(RuntimeInfoService):
         return RuntimeInfoService.version()
 
 
+class RecordingMetrics(NoMetrics):
+    """Records what the interceptor reports for each call."""
+
+    def __init__(self) -> None:
+        self.rpcs: list[tuple[str, str, str, float]] = []
+
+    def rpc_done(self, service: str, method: str, code: str, seconds: float) -> None:
+        self.rpcs.append((service, method, code, seconds))
+
+
 @dataclass
 class Harness:
     runtime: SwitchableRuntime
@@ -94,6 +104,7 @@ class Harness:
     sandboxes: SandboxService
     rt: api_pb2_grpc.RuntimeServiceStub
     images: api_pb2_grpc.ImageServiceStub
+    metrics: RecordingMetrics
 
 
 def _no_containers(sandboxes: SandboxService) -> ContainerService:
@@ -154,6 +165,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     sandboxes = SandboxService(fakes.ports, fakes.members)
     # The real assembly: ApiInterceptor, services registered from descriptors.
     containers = _no_containers(sandboxes)
+    metrics = RecordingMetrics()
     server, _health = api_server.build(
         RuntimeServicer(runtime, sandboxes, "/var/lib/podvisor/sandboxes", containers,
                         StatsService(sandboxes, containers),
@@ -162,6 +174,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
                                    max_virtual_size=1 << 30), "/var/lib/podvisor/images"),
         HostServicer(runtime),
         workers=4,
+        metrics=metrics,
     )
     server.add_insecure_port(f"unix:{sock}")
     server.start()
@@ -169,7 +182,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     try:
         yield Harness(runtime, libvirt, fakes, sandboxes,
                       api_pb2_grpc.RuntimeServiceStub(channel),
-                      api_pb2_grpc.ImageServiceStub(channel))
+                      api_pb2_grpc.ImageServiceStub(channel), metrics)
     finally:
         channel.close()
         server.stop(None).wait(5)
@@ -507,3 +520,18 @@ def test_version_and_status_over_grpc(harness: Harness) -> None:
     assert conds == {"RuntimeReady": (False, "LibvirtUnavailable"), "NetworkReady": (True, "")}
     assert status.info["virtType"] == "qemu"
     assert [h.name for h in status.runtime_handlers] == ["", "podvisor"]
+
+
+# Metrics ---------------------------------------------------------------------------------
+
+
+def test_every_call_is_reported_with_its_service_method_and_code(harness: Harness) -> None:
+    harness.rt.Version(pb.VersionRequest(), timeout=TIMEOUT)
+    call_error(harness.rt.PodSandboxStatus, pb.PodSandboxStatusRequest(pod_sandbox_id="nope"))
+    harness.runtime.error = RuntimeError("boom")
+    call_error(harness.rt.Version, pb.VersionRequest())
+    got = [(service, method, code) for service, method, code, _ in harness.metrics.rpcs]
+    assert got == [("runtime.v1.RuntimeService", "Version", "OK"),
+                   ("runtime.v1.RuntimeService", "PodSandboxStatus", "NOT_FOUND"),
+                   ("runtime.v1.RuntimeService", "Version", "INTERNAL")]
+    assert all(seconds >= 0 for *_, seconds in harness.metrics.rpcs)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -74,7 +75,10 @@ class PodNetworkManager:
 
     def __init__(self, conf_dirs: Sequence[Path], bin_dirs: Sequence[Path], cache_dir: Path,
                  builtin_bridge: str, builtin_subnet: str, *, ipam_data_dir: Path | None = None,
-                 plugin_timeout: float = 60.0) -> None:
+                 plugin_timeout: float = 60.0,
+                 observe_cni: Callable[[str, float, bool], None] | None = None) -> None:
+        # (command, seconds, ok) after each CNI ADD and DEL (the agent's metrics).
+        self._observe_cni = observe_cni or (lambda _command, _seconds, _ok: None)
         self.settings = NetworkSettings(enabled=True, conf_dirs=tuple(Path(d) for d in conf_dirs),
                                         bin_dirs=tuple(Path(d) for d in bin_dirs), builtin_bridge=builtin_bridge,
                                         builtin_subnet=builtin_subnet, ipam_data_dir=ipam_data_dir)
@@ -117,11 +121,14 @@ class PodNetworkManager:
             # the caller's network namespace too), eth0 joins it afterwards.
             with ThreadPoolExecutor(1, thread_name_prefix="podnet-prepare") as pool:
                 prepared = pool.submit(_prepare, sandbox_id, names, ns_name, workdir)
+                begun = time.monotonic()
                 try:
                     result = self.cni.add(choice.conflist, attachment, runtime_config(port_mappings, dns))
                 except BaseException:
+                    self._observe_cni("ADD", time.monotonic() - begun, False)
                     wait([prepared])  # the plugin's error is the one to report
                     raise
+                self._observe_cni("ADD", time.monotonic() - begun, True)
                 prepared.result()
             faults.point("podnet.add.cni")
             wiring = _hand_over(sandbox_id, names, ns_name, result, hostname, dns, workdir)
@@ -244,12 +251,14 @@ class PodNetworkManager:
         # The host side of the wiring has nothing to do with CNI DEL: both at once.
         with ThreadPoolExecutor(1, thread_name_prefix="podnet-teardown") as pool:
             host = pool.submit(_teardown_host, sandbox_id, names)
+            begun = time.monotonic()
             try:
                 self.cni.delete(sandbox_id, fallback=lambda: self._uncached_entry(sandbox_id))
             except PodvisorError as exc:
                 errors.append(exc)
                 cni_ok = False
             finally:
+                self._observe_cni("DEL", time.monotonic() - begun, cni_ok)
                 wait([host])
             try:
                 host.result()
