@@ -29,10 +29,16 @@ def _scratch_root(tmp_path: Path, unit_text: str) -> Path:
     (etc / UNIT.name).write_text(unit_text)
     exec_start = re.search(r"^ExecStart=(\S+)", unit_text, re.M)
     assert exec_start, "the unit has no ExecStart="
-    binary = root / exec_start.group(1).lstrip("/")
-    binary.parent.mkdir(parents=True, exist_ok=True)
-    binary.write_text("#!/bin/sh\nexit 0\n")
-    binary.chmod(0o755)
+    # The agent's binary is a stand-in; any other command an Exec*= line runs
+    # (ExecReload's kill) is the host's own, so a missing one is a finding.
+    for command in re.findall(r"^Exec\w*=[-@:+!]*(\S+)", unit_text, re.M):
+        binary = root / command.lstrip("/")
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        if command == exec_start.group(1):
+            binary.write_text("#!/bin/sh\nexit 0\n")
+            binary.chmod(0o755)
+        elif Path(command).exists():
+            shutil.copy2(command, binary)
     for line in re.findall(r"^(?:Requires|After|Before|Wants)=(.*)$", unit_text, re.M):
         for name in line.split():
             if not (root / "usr/lib/systemd/system" / name).exists() and not (etc / name).exists():
