@@ -456,14 +456,18 @@ class ContainerService:
             current = self._by_id.get(c.id)
             if current is None or current.state is ContainerState.EXITED:
                 return current or c
-            message = self._termination_message(current, exit_code) or message
+            # The guest's own termination message (kubelet's terminationMessagePath) wins over ours;
+            # it is the workload's text, so only its presence is logged.
+            termination = self._termination_message(current, exit_code)
             done = dataclasses.replace(current, state=ContainerState.EXITED, finished_at_ns=self._p.clock.now_ns(),
-                                       exit_code=exit_code, reason=reason, message=message, stop_requested=False)
+                                       exit_code=exit_code, reason=reason, message=termination or message,
+                                       stop_requested=False)
             self._put(done)
             faults.point("container.stop.exited")
         self._p.console.unfollow(c.id)
         self._stop_volumes(done)
-        log.info("container exited", container_id=c.id, exit_code=exit_code, reason=reason, message=message)
+        log.info("container exited", container_id=c.id, exit_code=exit_code, reason=reason, message=message,
+                 termination_message=bool(termination))
         self._emit(done, "stopped")
         return done
 
