@@ -28,7 +28,8 @@ import pytest
 from agent.api.gen.runtime.v1 import api_pb2 as pb
 from tests.e2e.conftest import VM, DebianVM, DebianVMSpec
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# A loaded machine needs more than the default 600 s for the module VM's boot (fixture set-up counts).
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 CONFIG_PATH = "/etc/podvisor-config"
 SCRAPS_PATH = "/var/lib/scraps"
