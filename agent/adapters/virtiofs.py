@@ -80,7 +80,15 @@ class VirtiofsHost:
     # StartContainer / stop ------------------------------------------------------------
 
     def start(self, directory: str, socket: str, entries: tuple[Share, ...]) -> int:
-        """Run the VM's virtiofsd and wait until its socket is there; its pid."""
+        """Run the VM's virtiofsd and wait until its socket is there; its pid.
+        FailedPrecondition (nothing left running) when it cannot be served."""
+        try:
+            return self._start(directory, socket, entries)
+        except OSError as exc:
+            self.stop(directory, socket)
+            raise FailedPrecondition(f"cannot serve the pod volumes: {exc}") from None
+
+    def _start(self, directory: str, socket: str, entries: tuple[Share, ...]) -> int:
         d = Path(directory)
         self.stop(directory, socket)  # what an interrupted start left
         root = d / ROOT_DIR
@@ -96,11 +104,8 @@ class VirtiofsHost:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         with open(d / LOG_FILE, "ab") as logf:
-            try:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                        start_new_session=True, close_fds=True, env=env)
-            except OSError as exc:
-                raise FailedPrecondition(f"cannot run virtiofsd for the pod volumes: {exc}") from None
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                    start_new_session=True, close_fds=True, env=env)
         write_atomic(str(d / PID_FILE), f"{proc.pid}\n".encode())
         threading.Thread(target=proc.wait, name=f"virtiofsd-{proc.pid}", daemon=True).start()
         deadline = time.monotonic() + READY_TIMEOUT_S
