@@ -75,6 +75,7 @@ bench: setup guest debian-image
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/start.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/network.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/exec.py
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/volumes.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/soak.py --cycles 500
 
 clean:

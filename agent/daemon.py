@@ -43,6 +43,7 @@ from agent.adapters.registry.credentials import RegistryCredentials, configured_
 from agent.adapters.registry.transport import RegistryHostConfig
 from agent.adapters.ssh import GuestSSH
 from agent.adapters.store import Store
+from agent.adapters.virtiofs import VirtiofsHost
 from agent.adapters.vm_files import VMFiles
 from agent.adapters.watchdog import GrpcProbe, Watchdog, interval_from_environment
 from agent.api import server as api_server
@@ -145,7 +146,14 @@ def build_container_service(cfg: AgentConfig, store: Store, libvirt: Libvirt, co
     return ContainerService(ContainerPorts(
         store=store, hypervisor=libvirt, files=vm_files, console=console, sandboxes=sandboxes, images=images,
         vm=builder, clock=SystemClock(), cgroups=PodCgroups(), metrics=metrics or NoMetrics(),
+        volumes=VirtiofsHost(_qemu_owner(cfg)),
     ), max_stop_timeout=cfg.server.max_stop_timeout_seconds)
+
+
+def _qemu_owner(cfg: AgentConfig) -> tuple[int, int] | None:
+    """Who the virtiofsd sockets are handed to: libvirt's QEMU user on a local system libvirtd."""
+    who = qemu_access.qemu_identity() if qemu_access.local_system_qemu(cfg.libvirt.uri) else None
+    return (who.uid, -1) if who is not None else None
 
 
 def start_streaming_server(cfg: AgentConfig, backend: StreamBackend) -> StreamingServer:

@@ -52,6 +52,7 @@ POINTS: dict[str, tuple[str, ...]] = {
     ),
     "StartContainer": (
         "container.start.following",   # the console log is followed (log file opened)
+        "container.start.virtiofsd",   # the pod volumes' virtiofsd runs (VMs with mounts)
         "container.start.started",     # the domain runs
         "container.start.running",     # the RUNNING row is in the store
     ),

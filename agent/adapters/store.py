@@ -32,6 +32,7 @@ from agent.domain.sandbox import (
     SandboxState,
 )
 from agent.domain.vm import Container, ContainerState
+from agent.domain.volumes import Mount, Propagation, Share
 
 # Each entry moves the schema from version i to i+1. Append only.
 MIGRATIONS: list[str] = [
@@ -219,13 +220,24 @@ def _container_doc(c: Container) -> str:
     doc = dataclasses.asdict(c)
     for key in ("id", "sandbox_id", "state", "created_at_ns"):
         del doc[key]
+    # The mounts (a record from before them has none: the key is optional).
+    doc["shares"] = [{"name": s.name, "is_dir": s.is_dir, "container_path": s.mount.container_path,
+                      "host_path": s.mount.host_path, "readonly": s.mount.readonly,
+                      "propagation": s.mount.propagation.value} for s in c.shares]
     return json.dumps(doc, sort_keys=True)
+
+
+def _share_from_doc(d: dict[str, Any]) -> Share:
+    return Share(mount=Mount(container_path=d["container_path"], host_path=d["host_path"],
+                             readonly=bool(d["readonly"]), propagation=Propagation(d["propagation"])),
+                 name=d["name"], is_dir=bool(d["is_dir"]))
 
 
 def _container_from_row(row: tuple[Any, ...]) -> Container:
     cid, sandbox_id, state, created_at_ns, raw = row
     doc = json.loads(raw)
     known = {f.name for f in dataclasses.fields(Container)}
+    doc["shares"] = tuple(_share_from_doc(d) for d in doc.get("shares") or ())
     return Container(id=cid, sandbox_id=sandbox_id, state=ContainerState(state), created_at_ns=created_at_ns,
                      **{k: v for k, v in doc.items() if k in known})
 

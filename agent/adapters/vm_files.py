@@ -25,6 +25,7 @@ from agent.domain.vm import ContainerPaths, WorkloadExit, parse_workload_exit
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 OVMF_CODE = ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd")
 WORKLOAD_EXIT_FILE = "workload.exit"
+VOLUMES_STATUS_FILE = "volumes.status"
 # The wrapper writes one short line; more is the guest's noise, of which the end counts.
 _WORKLOAD_EXIT_READ = 4096
 OVMF_VARS = ("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd")
@@ -47,6 +48,8 @@ class VMFiles:
             console_log=str(d / "console.raw"),
             serial_socket=str(self.sockets / f"{container_id[:32]}.serial"),
             workload_exit=str(d / WORKLOAD_EXIT_FILE),
+            virtiofs_socket=str(self.sockets / f"{container_id[:32]}.fs"),
+            volumes_status=str(d / VOLUMES_STATUS_FILE),
             guest_agent_socket=str(self.sockets / f"{container_id[:32]}.qga"),
         )
 
@@ -80,6 +83,7 @@ class VMFiles:
         shutil.rmtree(d, ignore_errors=True)
         (self.sockets / f"{d.name[:32]}.serial").unlink(missing_ok=True)
         (self.sockets / f"{d.name[:32]}.qga").unlink(missing_ok=True)
+        (self.sockets / f"{d.name[:32]}.fs").unlink(missing_ok=True)
 
     def workload_exit(self, directory: str) -> WorkloadExit | None:
         """What the VM's command reported (its exit port's file); None when the VM has no
@@ -95,6 +99,14 @@ class VMFiles:
         except OSError:
             return WorkloadExit(code=None)
         return WorkloadExit(code=parse_workload_exit(data))
+
+    def volumes_report(self, directory: str) -> bytes:
+        """What the guest's mount script reported on its port (b"" for nothing yet)."""
+        try:
+            with open(Path(directory) / VOLUMES_STATUS_FILE, "rb") as f:
+                return f.read(_WORKLOAD_EXIT_READ)
+        except OSError:
+            return b""
 
     def console_state(self, directory: str) -> str:
         return str(Path(directory) / "console.state")

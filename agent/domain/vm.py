@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from agent.domain.sandbox import DNSConfig
-from agent.domain.volumes import Device, Mount
+from agent.domain.volumes import Device, Mount, Share
 
 METADATA_NAMESPACE = "https://podvisor.io/xmlns/domain/1"
 METADATA_PREFIX = "podvisor"
@@ -66,6 +66,7 @@ class CloudInit:
     sysctls: Mapping[str, str] = field(default_factory=dict)  # the pod's linux.sysctls → the guest kernel
     # CRI devices' container paths: symlinks to their /dev/disk/by-id names, made at every boot.
     device_paths: tuple[str, ...] = ()
+    volumes: tuple[Share, ...] = ()  # the container's mounts → the guest mounts the VM's share at boot
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,12 @@ class DomainSpec:
     # libvirt resource partition (<resource><partition>): the pod's slice for
     # kubelet's systemd driver (agent.domain.cgroups); "" for libvirt's default.
     partition: str = ""
+    # The pod volumes' virtiofs share (agent.domain.volumes): the socket of the
+    # agent's virtiofsd ("" for a VM without mounts; a VM with one gets shared
+    # memfd memory, which vhost-user needs), and the file behind the guest's
+    # mount report port.
+    virtiofs_socket: str = ""
+    volumes_status: str = ""
 
 
 @dataclass(frozen=True)
@@ -195,6 +202,8 @@ class ContainerPaths:
     serial_socket: str
     guest_agent_socket: str  # the org.qemu.guest_agent.0 channel (QEMU binds it)
     workload_exit: str = ""  # the command's exit code, as the guest reports it (WORKLOAD_EXIT_CHANNEL)
+    virtiofs_socket: str = ""  # the pod volumes' virtiofsd socket (VMs with mounts)
+    volumes_status: str = ""  # what the guest's mount script reported (VOLUMES_STATUS_CHANNEL)
 
 
 @dataclass(frozen=True)
@@ -239,6 +248,12 @@ class Container:
     # Set while StopContainer runs, so that the "destroyed" event it causes
     # reads as a hard stop (137 Killed) rather than a crash.
     stop_requested: bool = False
+    # The container's CRI mounts, as the VM's virtiofs share serves them.
+    shares: tuple[Share, ...] = ()
+
+    @property
+    def mounts(self) -> tuple[Mount, ...]:
+        return tuple(s.mount for s in self.shares)
 
     @property
     def live(self) -> bool:

@@ -164,3 +164,72 @@ def check_unique(mounts: tuple[Mount, ...], devices: tuple[Device, ...]) -> None
         if path in seen:
             raise InvalidArgument(f"config.{kind}[{i}].container_path", f"{path!r} is also {seen[path]}")
         seen[path] = f"config.{kind}[{i}]"
+
+
+# --- the VM's share -------------------------------------------------------------------------
+# One virtiofs share per VM with mounts (docs/volumes.md): the agent's
+# virtiofsd serves a private root holding one entry per mount ("0", "1", ...,
+# a bind mount of the host path); the guest mounts the share at GUEST_ROOT and
+# binds each entry at its container path.
+
+VIRTIOFS_TAG = "podvisor-volumes"
+GUEST_ROOT = "/run/podvisor/volumes"
+# The virtio-serial port the guest's mount script reports on ("ok" or "error: ...").
+VOLUMES_STATUS_CHANNEL = "io.podvisor.volumes.0"
+
+
+@dataclass(frozen=True)
+class Share:
+    """A mount as the VM's share serves it: its entry's name and whether it is a directory."""
+
+    mount: Mount
+    name: str  # the entry in the share's root ("0", "1", ...)
+    is_dir: bool
+
+
+def shares(mounts: tuple[Mount, ...], dirs: tuple[bool, ...]) -> tuple[Share, ...]:
+    """The share's entries for ``mounts`` (``dirs[i]``: mount i's host path is a directory)."""
+    return tuple(Share(mount=m, name=str(i), is_dir=d) for i, (m, d) in enumerate(zip(mounts, dirs, strict=True)))
+
+
+def volumes_problem(report: bytes) -> str:
+    """What the guest's mount script reported as a problem ("" for none, or nothing reported yet)."""
+    for line in reversed(report.decode("utf-8", "replace").splitlines()):
+        text = line.strip()
+        if text == "ok":
+            return ""
+        if text.startswith("error:"):
+            return text[len("error:"):].strip()[:1024]
+    return ""
+
+
+# --- the termination message ----------------------------------------------------------------
+# kubelet's annotations on the container (pkg/kubelet/kuberuntime/labels.go).
+
+TERMINATION_PATH_ANNOTATION = "io.kubernetes.container.terminationMessagePath"
+TERMINATION_POLICY_ANNOTATION = "io.kubernetes.container.terminationMessagePolicy"
+DEFAULT_TERMINATION_PATH = "/dev/termination-log"
+FALLBACK_TO_LOGS = "FallbackToLogsOnError"
+# kubelet's limits: the file is read up to 4096 bytes; the log fallback takes
+# the last 80 lines, at most 2048 bytes.
+MAX_TERMINATION_MESSAGE = 4096
+FALLBACK_LOG_LINES = 80
+FALLBACK_LOG_BYTES = 2048
+
+
+def termination_mount(shares_: tuple[Share, ...], annotations: dict[str, str] | None) -> Mount | None:
+    """The mount holding the termination-message file (None: the container has none)."""
+    path = (annotations or {}).get(TERMINATION_PATH_ANNOTATION) or DEFAULT_TERMINATION_PATH
+    path = posixpath.normpath(path)
+    return next((s.mount for s in shares_ if s.mount.container_path == path), None)
+
+
+def falls_back_to_logs(annotations: dict[str, str] | None, exit_code: int) -> bool:
+    return exit_code != 0 and (annotations or {}).get(TERMINATION_POLICY_ANNOTATION) == FALLBACK_TO_LOGS
+
+
+def log_tail(text: bytes) -> str:
+    """The end of a container log as kubelet's fallback takes it: 80 lines, at most 2048 bytes."""
+    lines = text.splitlines(keepends=True)[-FALLBACK_LOG_LINES:]
+    tail = b"".join(lines)[-FALLBACK_LOG_BYTES:]
+    return tail.decode("utf-8", "replace")

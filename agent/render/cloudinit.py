@@ -59,7 +59,7 @@ import yaml
 from agent.domain.guest_settings import has_dns, resolv_conf_lines, sysctl_proc_path
 from agent.domain.vm import WORKLOAD_EXIT_CHANNEL, CloudInit, GuestAccess
 from agent.domain.vmrequest import CLOUD_CONFIG_HEADER, UserDataFormat, parse_cloud_config, user_data_format
-from agent.domain.volumes import device_by_id
+from agent.domain.volumes import GUEST_ROOT, VIRTIOFS_TAG, VOLUMES_STATUS_CHANNEL, Share, device_by_id
 from agent.render.nocloud import render_meta_data
 
 ENVIRONMENT_FILE = "/etc/environment"
@@ -99,6 +99,60 @@ DEVICE_LINK_SCRIPT = (
     '{ echo "podvisor: $link exists and is not a symlink; the device is $dev" >&2; rc=1; }; '
     'else mkdir -p "$(dirname "$link")" && ln -sfn "$dev" "$link" || '
     '{ echo "podvisor: cannot link $link to $dev" >&2; rc=1; }; fi; done; exit "$rc"')
+# The pod volumes (docs/volumes.md): at every boot a bootcmd mounts the VM's
+# virtiofs share at GUEST_ROOT and binds each entry at its container path
+# (read-only ones remounted read-only), then reports "ok" or "error: ..." on
+# the virtio-serial port VOLUMES_STATUS_CHANNEL; a problem is also printed on
+# the console. It always exits 0: a VM whose volumes cannot be mounted still
+# boots. Arguments: TAG ROOT, then NAME d|f ro|rw PATH per mount.
+VOLUMES_SCRIPT = f"""\
+tag=$1; root=$2; shift 2
+port=/dev/virtio-ports/{VOLUMES_STATUS_CHANNEL}
+say() {{
+    echo "podvisor: $1" >&2
+    for c in /dev/console /dev/ttyS0; do
+        if [ -c "$c" ] && echo "podvisor: $1" >"$c" 2>/dev/null; then break; fi
+    done
+    if [ -c "$port" ]; then echo "error: $1" >"$port"; fi
+}}
+mkdir -p "$root"
+if ! mountpoint -q "$root"; then
+    modprobe virtiofs 2>/dev/null
+    if ! mount -t virtiofs "$tag" "$root"; then
+        say "cannot mount the pod volumes: this guest has no virtiofs support or the share $tag is missing; \
+the container's mounts are not available in this VM"
+        exit 0
+    fi
+fi
+failed=""
+while [ "$#" -ge 4 ]; do
+    name=$1; kind=$2; mode=$3; path=$4; shift 4
+    if [ "$kind" = d ]; then
+        mkdir -p "$path"
+    else
+        mkdir -p "$(dirname "$path")" && {{ [ -e "$path" ] || : >"$path"; }}
+    fi
+    if mountpoint -q "$path"; then continue; fi
+    if ! {{ mount --bind "$root/$name" "$path" && {{ [ "$mode" = rw ] || mount -o remount,bind,ro "$path"; }}; }}; then
+        failed="$failed $path"
+    fi
+done
+if [ -n "$failed" ]; then
+    say "cannot mount the pod volumes at:$failed"
+elif [ -c "$port" ]; then
+    echo ok >"$port"
+fi
+exit 0
+"""
+
+
+def volumes_bootcmd_args(volumes: tuple[Share, ...]) -> list[str]:
+    """The mount script's arguments after its name: tag, root, then name, kind, mode, path per share."""
+    args = [VIRTIOFS_TAG, GUEST_ROOT]
+    for v in volumes:
+        args += [v.name, "d" if v.is_dir else "f", "ro" if v.mount.readonly else "rw", v.mount.container_path]
+    return args
+
 
 # The container's command as the VM's workload.
 WORKLOAD_SCRIPT = "/var/lib/podvisor/workload"
@@ -266,7 +320,7 @@ def _has_additions(ci: CloudInit) -> bool:
     # The hostname alone does not justify wrapping a user's script: meta-data's
     # local-hostname already names the guest.
     return bool(ci.ssh_authorized_keys or ci.env or ci.command or has_dns(ci.dns) or ci.sysctls
-                or ci.device_paths)
+                or ci.device_paths or ci.volumes)
 
 
 def _merge_additions(base: Mapping[str, Any], ci: CloudInit, hostname: str) -> dict[str, Any]:
@@ -282,6 +336,8 @@ def _merge_additions(base: Mapping[str, Any], ci: CloudInit, hostname: str) -> d
         doc["ssh_authorized_keys"] = keys + [k for k in ci.ssh_authorized_keys if k not in keys]
     bootcmd: list[Any] = []
     files: list[dict[str, Any]] = []
+    if ci.volumes:
+        bootcmd.append(_Argv(["sh", "-c", VOLUMES_SCRIPT, "podvisor-volumes", *volumes_bootcmd_args(ci.volumes)]))
     if ci.env:
         files.append({
             "path": ENVIRONMENT_FILE,

@@ -18,6 +18,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 
 from agent.domain.vm import METADATA_NAMESPACE, METADATA_PREFIX, WORKLOAD_EXIT_CHANNEL, DiskSpec, DomainSpec
+from agent.domain.volumes import VIRTIOFS_TAG, VOLUMES_STATUS_CHANNEL
 
 # Serialise our namespace as ``podvisor:`` rather than ``ns0:`` (process-wide
 # ElementTree registry; harmless, the prefix is ours).
@@ -47,6 +48,8 @@ BLOCK_IO = "native"
 MEMBALLOON_STATS_PERIOD_S = 5
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 ARCH = "x86_64"
+# virtqueue size of the virtiofs device (libvirt's and virtiofsd's usual value).
+VIRTIOFS_QUEUE = "1024"
 
 # Metadata child elements, in document order, and the parse_metadata keys they map to.
 _METADATA_ROOT = "container"
@@ -121,6 +124,8 @@ def _check(spec: DomainSpec) -> None:
         problems.append(f"cpu_shares {spec.cpu_shares} must be positive")
     if spec.partition and (not spec.partition.startswith("/") or "//" in spec.partition):
         problems.append(f"partition {spec.partition!r} must be an absolute path")
+    if spec.volumes_status and not spec.virtiofs_socket:
+        problems.append("volumes_status needs virtiofs_socket")
     if not (spec.name and spec.uuid and spec.serial_socket and spec.console_log):
         problems.append("name, uuid, serial_socket and console_log must be set")
     targets = [d.target for d in spec.disks]
@@ -169,6 +174,16 @@ def configure_memory(domain: ET.Element, spec: DomainSpec) -> None:
     """``<memory>`` is the ceiling fixed at define time; ``<currentMemory>`` the balloon target."""
     _sub(domain, "memory", _kib(spec.max_memory_bytes), unit="KiB")
     _sub(domain, "currentMemory", _kib(spec.memory_bytes), unit="KiB")
+
+
+def configure_memory_backing(domain: ET.Element, spec: DomainSpec) -> None:
+    """A VM with a virtiofs share: guest memory in a shared memfd, which the
+    vhost-user virtiofsd maps (docs/volumes.md: what it costs)."""
+    if not spec.virtiofs_socket:
+        return
+    backing = _sub(domain, "memoryBacking")
+    _sub(backing, "source", type="memfd")
+    _sub(backing, "access", mode="shared")
 
 
 def configure_vcpus(domain: ET.Element, spec: DomainSpec) -> None:
@@ -284,6 +299,17 @@ def configure_disks(domain: ET.Element, spec: DomainSpec) -> None:
         _disk(_devices(domain), disk)
 
 
+def configure_filesystems(domain: ET.Element, spec: DomainSpec) -> None:
+    """The pod volumes' share: virtiofs served by the agent's own virtiofsd
+    (libvirt connects QEMU to its socket and neither starts nor stops it)."""
+    if not spec.virtiofs_socket:
+        return
+    fs = _sub(_devices(domain), "filesystem", type="mount")
+    _sub(fs, "driver", type="virtiofs", queue=VIRTIOFS_QUEUE)
+    _sub(fs, "source", socket=spec.virtiofs_socket)
+    _sub(fs, "target", dir=VIRTIOFS_TAG)
+
+
 def configure_controllers(domain: ET.Element, spec: DomainSpec) -> None:
     """virtio-scsi when a disk is on the scsi bus (libvirt's default would be an
     emulated LSI HBA); no USB controller (nothing uses it, and it costs boot time)."""
@@ -344,6 +370,15 @@ def configure_workload_exit(domain: ET.Element, spec: DomainSpec) -> None:
     _sub(channel, "target", type="virtio", name=WORKLOAD_EXIT_CHANNEL)
 
 
+def configure_volumes_status(domain: ET.Element, spec: DomainSpec) -> None:
+    """A VM with a share: the port the guest's mount script reports on, into a file."""
+    if not spec.volumes_status:
+        return
+    channel = _sub(_devices(domain), "channel", type="file")
+    _sub(channel, "source", path=spec.volumes_status)
+    _sub(channel, "target", type="virtio", name=VOLUMES_STATUS_CHANNEL)
+
+
 def configure_rng(domain: ET.Element, spec: DomainSpec) -> None:
     """virtio-rng from /dev/urandom, so guests do not stall at boot waiting for entropy."""
     rng = _sub(_devices(domain), "rng", model="virtio")
@@ -363,6 +398,7 @@ Configurator = Callable[[ET.Element, DomainSpec], None]
 CONFIGURATORS: tuple[Configurator, ...] = (
     configure_identity,
     configure_memory,
+    configure_memory_backing,
     configure_vcpus,
     configure_resource,
     configure_os,
@@ -372,11 +408,13 @@ CONFIGURATORS: tuple[Configurator, ...] = (
     configure_lifecycle,
     configure_emulator,
     configure_disks,
+    configure_filesystems,
     configure_controllers,
     configure_interfaces,
     configure_console,
     configure_guest_agent,
     configure_workload_exit,
+    configure_volumes_status,
     configure_rng,
     configure_memballoon,
 )

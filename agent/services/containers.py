@@ -42,6 +42,14 @@ from agent.domain.sandbox import Sandbox, SandboxState, resolve_id
 from agent.domain.validation import validate_container_spec, validate_id
 from agent.domain.vm import Container, ContainerSpec, ContainerState
 from agent.domain.vmrequest import CRIResources, cri_sizes
+from agent.domain.volumes import (
+    MAX_TERMINATION_MESSAGE,
+    Share,
+    falls_back_to_logs,
+    log_tail,
+    termination_mount,
+    volumes_problem,
+)
 from agent.services.container_events import ContainerEvent, EventHub
 from agent.services.ports import ContainerPorts
 
@@ -139,7 +147,7 @@ class ContainerService:
         c = self._find(container_id)
         if c is None:
             raise NotFound(f"container {container_id!r} not found")
-        return self._reconcile(c)
+        return self._with_volumes_problem(self._reconcile(c))
 
     # Events ------------------------------------------------------------------
 
@@ -171,6 +179,9 @@ class ContainerService:
     def _create_in(self, spec: ContainerSpec, sandbox: Sandbox) -> Container:
         image = self._p.images.get(spec.image)
         request = self._p.vm.request(spec, sandbox)
+        shares = self._inspect_mounts(spec)
+        if shares:
+            request = dataclasses.replace(request, cloud_init=dataclasses.replace(request.cloud_init, volumes=shares))
         self._check_cgroup(sandbox)
         disk = image.disk_for(request.containerdisk_path)
         base_path = self._p.images.base_disk_path(image, disk)
@@ -195,6 +206,7 @@ class ContainerService:
                 vcpus=request.vcpus, max_vcpus=request.max_vcpus, memory_bytes=request.memory_bytes,
                 max_memory_bytes=request.max_memory_bytes, cpu_shares=request.cpu_shares,
                 firmware=request.firmware, labels=dict(spec.labels), annotations=dict(spec.annotations),
+                shares=shares,
             )
             self._put(c)
             faults.point("container.create.recorded")
@@ -223,6 +235,53 @@ class ContainerService:
                  image=image.name, vcpus=c.vcpus, memory=c.memory_bytes)
         self._emit(c, "created")
         return c
+
+    # Pod volumes ------------------------------------------------------------------
+
+    def _inspect_mounts(self, spec: ContainerSpec) -> tuple[Share, ...]:
+        """The VM's share entries (host paths checked; nothing written yet)."""
+        if not spec.mounts:
+            return ()
+        if self._p.volumes is None:
+            raise FailedPrecondition("this agent serves no pod volumes (config.mounts); see docs/volumes.md")
+        return self._p.volumes.inspect(spec.mounts)
+
+    def _start_volumes(self, c: Container) -> None:
+        if not c.shares or self._p.volumes is None:
+            return
+        paths = self._p.files.container_paths(c.sandbox_id, c.id)
+        self._p.volumes.start(c.directory, paths.virtiofs_socket, c.shares)
+
+    def _stop_volumes(self, c: Container) -> None:
+        """End the VM's virtiofsd (its domain is not running); also when a crash left one."""
+        if not c.shares or self._p.volumes is None:
+            return
+        try:
+            paths = self._p.files.container_paths(c.sandbox_id, c.id)
+            self._p.volumes.stop(c.directory, paths.virtiofs_socket)
+        except PodvisorError as exc:
+            log.warning("could not stop the VM's virtiofsd", container_id=c.id, error=exc.message)
+
+    def _termination_message(self, c: Container, exit_code: int) -> str:
+        """What kubelet's terminationMessagePath/Policy make the message of an exited container ("" for none)."""
+        if self._p.volumes is None:
+            return ""
+        text = ""
+        mount = termination_mount(c.shares, dict(c.annotations))
+        if mount is not None:
+            text = self._p.volumes.read_head(mount.host_path, MAX_TERMINATION_MESSAGE).decode("utf-8", "replace")
+        if not text.strip() and falls_back_to_logs(dict(c.annotations), exit_code):
+            text = log_tail(self._p.volumes.read_tail(c.console_log, 64 * 1024))
+        return text if text.strip() else ""
+
+    def _with_volumes_problem(self, c: Container) -> Container:
+        """A running VM whose guest could not mount its volumes says so in its status."""
+        if c.state is not ContainerState.RUNNING or not c.shares or c.message:
+            return c
+        problem = volumes_problem(self._p.files.volumes_report(c.directory))
+        if not problem:
+            return c
+        return dataclasses.replace(c, reason="VolumesNotMounted", message=problem)
 
     # The pod's cgroup ------------------------------------------------------------
 
@@ -260,6 +319,7 @@ class ContainerService:
                         container_id=c.id, error=exc.message)
             with self._lock:
                 self._undefine_later.add(c.domain_name)
+        self._stop_volumes(c)
         self._p.files.remove_container_dir(c.directory)
         self._p.store.delete_container(c.id)
         with self._lock:
@@ -280,6 +340,8 @@ class ContainerService:
             self._p.console.follow(c.id, c.console_log, c.log_path, self._p.files.console_state(c.directory))
             faults.point("container.start.following")
             try:
+                self._start_volumes(c)
+                faults.point("container.start.virtiofsd")
                 self._p.hypervisor.start_domain(c.domain_name)
                 try:
                     self._place(c, pc)
@@ -290,6 +352,7 @@ class ContainerService:
                 faults.point("container.start.started")
             except BaseException:
                 self._p.console.unfollow(c.id)
+                self._stop_volumes(c)
                 raise
             c = self._put(dataclasses.replace(c, state=ContainerState.RUNNING, started_at_ns=self._p.clock.now_ns()))
             faults.point("container.start.running")
@@ -397,12 +460,18 @@ class ContainerService:
             current = self._by_id.get(c.id)
             if current is None or current.state is ContainerState.EXITED:
                 return current or c
+            # The guest's own termination message (kubelet's terminationMessagePath) wins over ours;
+            # it is the workload's text, so only its presence is logged.
+            termination = self._termination_message(current, exit_code)
             done = dataclasses.replace(current, state=ContainerState.EXITED, finished_at_ns=self._p.clock.now_ns(),
-                                       exit_code=exit_code, reason=reason, message=message, stop_requested=False)
+                                       exit_code=exit_code, reason=reason, message=termination or message,
+                                       stop_requested=False)
             self._put(done)
             faults.point("container.stop.exited")
         self._p.console.unfollow(c.id)
-        log.info("container exited", container_id=c.id, exit_code=exit_code, reason=reason, message=message)
+        self._stop_volumes(done)
+        log.info("container exited", container_id=c.id, exit_code=exit_code, reason=reason, message=message,
+                 termination_message=bool(termination))
         self._emit(done, "stopped")
         return done
 
@@ -502,6 +571,7 @@ class ContainerService:
     def finish_removal(self, c: Container) -> None:
         self._p.hypervisor.destroy_domain(c.domain_name)
         self._p.console.unfollow(c.id)
+        self._stop_volumes(c)
         self._p.hypervisor.undefine_domain(c.domain_name)
         self._release_cgroup(c)
         faults.point("container.remove.undefined")
@@ -651,6 +721,9 @@ class ContainerService:
                 c = self._adopt_started(c)
             if c.state is ContainerState.REMOVING:
                 self.finish_removal(c)
+            elif c.state in (ContainerState.CREATED, ContainerState.EXITED):
+                # An interrupted StartContainer may have left the VM's virtiofsd running.
+                self._stop_volumes(c)
             elif c.state is ContainerState.RUNNING:
                 try:
                     self._p.console.follow(c.id, c.console_log, c.log_path,

@@ -42,7 +42,7 @@ from agent.domain.vm import (
     VMRequest,
     WorkloadExit,
 )
-from agent.domain.volumes import HostPath
+from agent.domain.volumes import HostPath, Mount, Share
 from agent.streaming.backend import ExitStatus, Streams
 
 # Shared ------------------------------------------------------------------------------
@@ -237,9 +237,21 @@ class VMFiles(Protocol):
     def remove_container_dir(self, directory: str) -> None: ...
     def console_state(self, directory: str) -> str: ...
     def workload_exit(self, directory: str) -> WorkloadExit | None: ...
+    def volumes_report(self, directory: str) -> bytes: ...
     def firmware(self, kind: str, paths: ContainerPaths) -> dict[str, str]: ...
     def owns(self, domain_xml: str) -> bool: ...
     def allocated_bytes(self, path: str) -> int: ...
+
+
+class VolumeHost(Protocol):
+    """The pod volumes on the host (agent.adapters.virtiofs.VirtiofsHost): host paths
+    inspected at CreateContainer, the VM's virtiofsd, files read for the termination message."""
+
+    def inspect(self, mounts: tuple[Mount, ...]) -> tuple[Share, ...]: ...
+    def start(self, directory: str, socket: str, entries: tuple[Share, ...]) -> int: ...
+    def stop(self, directory: str, socket: str) -> None: ...
+    def read_head(self, path: str, limit: int) -> bytes: ...
+    def read_tail(self, path: str, limit: int) -> bytes: ...
 
 
 class ConsoleLogs(Protocol):
@@ -336,6 +348,8 @@ class ContainerPorts:
     timer: Timer = field(default_factory=SystemTimer)
     # VM start and stop durations.
     metrics: Metrics = field(default_factory=NoMetrics)
+    # The pod volumes (None: this agent serves none; CreateContainer with mounts is refused).
+    volumes: VolumeHost | None = None
 
 
 # --- images --------------------------------------------------------------------------------

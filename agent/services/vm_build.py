@@ -160,6 +160,9 @@ class VMBuilder:
             # A command is the VM's workload: its wrapper reports the exit code on this port.
             workload_exit=paths.workload_exit if request.cloud_init.command else "",
             guest_agent_socket=paths.guest_agent_socket if request.guest_agent else "",
+            # Pod volumes: the agent's virtiofsd socket and the guest's mount report port.
+            virtiofs_socket=paths.virtiofs_socket if request.cloud_init.volumes else "",
+            volumes_status=paths.volumes_status if request.cloud_init.volumes else "",
         )
 
     def domain_xml(self, container: Container, sandbox: Sandbox, request: VMRequest, paths: ContainerPaths) -> str:

@@ -29,6 +29,7 @@ from agent.domain.image import BaseDisk, Image
 from agent.domain.sandbox import DNSConfig, Metadata, NetworkMode, PortMapping, Sandbox, SandboxSpec, SandboxState
 from agent.domain.virt import KvmFacts, VirtChoice
 from agent.domain.vm import Container, ContainerState
+from agent.domain.volumes import Mount, Propagation, Share
 from agent.services.containers import ContainerEvent, ContainerStats
 from agent.services.runtime import Condition, HostInfo, RuntimeStatus
 from agent.services.stats import SandboxStats
@@ -264,6 +265,11 @@ CASES = (
     Case("containers", "container", containers.container_to_pb, (_container(),)),
     Case("containers", "status_running", containers.container_status_to_pb, (_container(),)),
     Case("containers", "status_exited", containers.container_status_to_pb, (_container(ContainerState.EXITED),)),
+    Case("containers", "status_with_mounts", containers.container_status_to_pb, (dataclasses.replace(
+        _container(), shares=(
+            Share(Mount("/etc/config", "/var/lib/kubelet/pods/u/volumes/kubernetes.io~configmap/cfg", readonly=True,
+                        propagation=Propagation.HOST_TO_CONTAINER), "0", True),
+            Share(Mount("/dev/termination-log", "/var/lib/kubelet/pods/u/containers/vm/abc"), "1", False))),)),
     Case("containers", "status_creating", containers.container_status_to_pb,
          (_container(ContainerState.CREATING),)),
     Case("containers", "verbose_info", containers.container_verbose_info, (_container(), "<domain/>")),

@@ -130,7 +130,8 @@ class VMAgent:
                pod_annotations: dict[str, str] | None = None, memory: int = VM_MEMORY,
                envs: dict[str, str] | None = None, hostname: str | None = None,
                image: str | None = None, pull: bool = True,
-               command: list[str] | None = None, args: list[str] | None = None) -> VM:
+               command: list[str] | None = None, args: list[str] | None = None,
+               mounts: list[pb.Mount] | None = None) -> VM:
         image = image or self.image
         if pull:
             self.agent.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image)), timeout=300)
@@ -144,6 +145,7 @@ class VMAgent:
             envs=[pb.KeyValue(key=k, value=v.encode()) for k, v in (envs or {}).items()],
             command=command or [],
             args=args or [],
+            mounts=mounts or [],
             linux=pb.LinuxContainerConfig(resources=pb.LinuxContainerResources(memory_limit_in_bytes=memory)),
         )
         cid = self.agent.runtime.CreateContainer(
@@ -277,6 +279,7 @@ class DebianVMSpec:
     command: list[str] | None = None
     args: list[str] | None = None
     memory: int = DEBIAN_MEMORY
+    mounts: list[pb.Mount] | None = None  # CRI mounts (pod volumes)
     # Printed on the console when the guest is ready for the module's tests:
     # cloud-init's own last line ("Cloud-init v. N finished at ..."). Not
     # systemd's "Reached target ... Cloud-init target": systemd stops printing
@@ -325,7 +328,8 @@ def debian_vm(debian_image: str, debian_vm_spec: DebianVMSpec,
     workdir = tmp_path_factory.mktemp("debian-vm")
     with pod_network_agent(workdir, debian_image) as (vma, _net):
         vm = vma.create(spec.hostname, hostname=spec.hostname, annotations=spec.annotations,
-                        envs=spec.envs, memory=spec.memory, command=spec.command, args=spec.args)
+                        envs=spec.envs, memory=spec.memory, command=spec.command, args=spec.args,
+                        mounts=spec.mounts)
         pod_ip = vma.agent.runtime.PodSandboxStatus(
             pb.PodSandboxStatusRequest(pod_sandbox_id=vm.sandbox_id), timeout=30).status.network.ip
         info = json.loads(vma.status(vm, verbose=True).info["info"])

@@ -57,6 +57,7 @@ class Case:
     image: str
     logs: Path
     point: str
+    volume: Path  # a host directory every VM gets as a read-only mount (its virtiofsd is part of the state)
     made: list[tuple[str, str]] = field(default_factory=list)  # (sandbox id, ip) for leftovers()
 
     @property
@@ -82,6 +83,7 @@ class Case:
     def create_request(self, sid: str, cfg: pb.PodSandboxConfig) -> pb.CreateContainerRequest:
         return pb.CreateContainerRequest(pod_sandbox_id=sid, sandbox_config=cfg, config=pb.ContainerConfig(
             metadata=pb.ContainerMetadata(name="vm"), image=pb.ImageSpec(image=self.image), log_path="vm/0.log",
+            mounts=[pb.Mount(container_path="/etc/podvisor-crash", host_path=str(self.volume), readonly=True)],
             linux=pb.LinuxContainerConfig(resources=pb.LinuxContainerResources(memory_limit_in_bytes=VM_MEMORY))))
 
     def create(self, sid: str, cfg: pb.PodSandboxConfig) -> str:
@@ -138,6 +140,22 @@ class Case:
         assert domains_under(self.agent.state_dir) == []
         assert leftovers(ipam, marks_for(self.agent, self.made)) == NOTHING
         assert files_left(self.agent.state_dir) == []
+        assert virtiofsd_left(self.agent.state_dir) == []
+
+
+def virtiofsd_left(state: Path) -> list[int]:
+    """virtiofsd processes still serving a share of a container under ``state``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"virtiofsd") and any(a.startswith(f"source={state}/".encode()) for a in args):
+            found.append(int(proc.name))
+    return found
 
 
 @pytest.fixture
@@ -153,7 +171,10 @@ def case_factory(agent_factory: Any, network: dict[str, Any], tiny_image: str,  
         agent.config_path.write_text(agent.config_path.read_text().replace(
             "[libvirt]\n", '[libvirt]\nvirt_type = "qemu"\n'))
         agent.env = {faults.ENV: point}
-        case = Case(agent.start(), tiny_image, tmp_path / "pods", point)
+        volume = tmp_path / f"volume-{len(made)}"
+        volume.mkdir()
+        (volume / "config").write_text("for the crash tests\n")
+        case = Case(agent.start(), tiny_image, tmp_path / "pods", point, volume)
         made.append(case)
         return case
 
@@ -226,6 +247,7 @@ def test_start_container(case_factory: Any, network: dict[str, Any], point: str)
         # Not done: CREATED with its domain stopped, and kubelet's retry starts it.
         assert state == pb.CONTAINER_CREATED
         assert case.domain_state(cid) == "shut off"
+        assert virtiofsd_left(case.agent.state_dir) == [], "recovery left the interrupted start's virtiofsd"
         case.start(cid)
         assert case.container_state(cid) == pb.CONTAINER_RUNNING
     case.remove_everything_and_check_nothing_left(network["ipam"])

@@ -157,9 +157,20 @@ def _assert_libvirt_kept_our_settings(spec: DomainSpec, dumped: str) -> None:
         expected_channels.append(("unix", spec.guest_agent_socket, "org.qemu.guest_agent.0"))
     if spec.workload_exit:
         expected_channels.append(("file", spec.workload_exit, "io.podvisor.exit.0"))
+    if spec.volumes_status:
+        expected_channels.append(("file", spec.volumes_status, "io.podvisor.volumes.0"))
     assert [(c.get("type"), c.find("source").get("path"), c.find("target").get("name"))  # type: ignore[union-attr]
             for c in channels] == expected_channels
 
+    filesystems = root.findall("devices/filesystem")
+    if spec.virtiofs_socket:
+        assert root.find("memoryBacking/source").get("type") == "memfd"  # type: ignore[union-attr]
+        assert root.find("memoryBacking/access").get("mode") == "shared"  # type: ignore[union-attr]
+        assert [(f.find("driver").get("type"), f.find("source").get("socket"),  # type: ignore[union-attr]
+                 f.find("target").get("dir")) for f in filesystems] == [  # type: ignore[union-attr]
+            ("virtiofs", spec.virtiofs_socket, "podvisor-volumes")]
+    else:
+        assert filesystems == [] and root.find("memoryBacking") is None
     if spec.firmware == "uefi":
         assert root.findtext("os/loader") == OVMF_CODE
         nvram = root.find("os/nvram")

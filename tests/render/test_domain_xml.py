@@ -98,6 +98,9 @@ CASES: dict[str, Callable[[str], DomainSpec]] = {
         DiskSpec(source="/dev/sdb", format="raw", target="vdd", bus="virtio", readonly=True,
                  serial="pv-0b1e6a7d8c9f0e1d2", kind="block"),
     )),
+    # Pod volumes: the agent's virtiofsd socket, shared memfd memory, the mount report port.
+    "virtiofs-volumes": lambda root: _base(root, virtiofs_socket=f"{root}/volumes.sock",
+                                           volumes_status=f"{root}/volumes.status"),
 }
 
 
@@ -435,6 +438,30 @@ def test_guest_agent(socket: str, expected: str) -> None:
 def test_workload_exit(path: str, expected: str) -> None:
     domain = _apply(domain_xml.configure_workload_exit, _base("/r", workload_exit=path))
     assert _xml(domain) == expected
+
+
+def test_no_share_no_memory_backing_nor_filesystem() -> None:
+    spec = _base("/r")
+    assert _xml(_apply(domain_xml.configure_memory_backing, spec)) == "<domain />"
+    assert _xml(_apply(domain_xml.configure_filesystems, spec)) == "<domain />"
+    assert _xml(_apply(domain_xml.configure_volumes_status, spec)) == "<domain />"
+
+
+def test_share_gets_memfd_backing_filesystem_and_report_port() -> None:
+    spec = _base("/r", virtiofs_socket="/r/v.sock", volumes_status="/r/v.status")
+    assert _xml(_apply(domain_xml.configure_memory_backing, spec)) == (
+        '<domain><memoryBacking><source type="memfd" /><access mode="shared" /></memoryBacking></domain>')
+    assert _xml(_apply(domain_xml.configure_filesystems, spec)) == (
+        '<domain><devices><filesystem type="mount"><driver type="virtiofs" queue="1024" />'
+        '<source socket="/r/v.sock" /><target dir="podvisor-volumes" /></filesystem></devices></domain>')
+    assert _xml(_apply(domain_xml.configure_volumes_status, spec)) == (
+        '<domain><devices><channel type="file"><source path="/r/v.status" />'
+        '<target type="virtio" name="io.podvisor.volumes.0" /></channel></devices></domain>')
+
+
+def test_a_report_port_without_a_share_is_refused() -> None:
+    with pytest.raises(ValueError, match="volumes_status needs virtiofs_socket"):
+        render(_base("/r", volumes_status="/r/v.status"))
 
 
 def test_configurators_share_one_devices_element() -> None:

@@ -19,6 +19,7 @@ from agent.domain.hypervisor import DomainState, DomainStats
 from agent.domain.image import BaseDisk, Image
 from agent.domain.sandbox import Metadata, Sandbox, SandboxSpec, SandboxState
 from agent.domain.vm import Container, ContainerPaths, ContainerSpec, ContainerState, VMRequest, WorkloadExit
+from agent.domain.volumes import Mount, Share, shares
 from agent.services.ports import ContainerPorts
 from tests.services.service_fakes import FakeClock, Journal
 
@@ -179,6 +180,8 @@ class FakeFiles:
         self.overlays: dict[str, tuple[Path, str]] = {}
         # directory → what the VM's command reported (absent: the VM has no command)
         self.workload_exits: dict[str, WorkloadExit] = {}
+        # directory → what the guest's volume mount script reported
+        self.volume_reports: dict[str, bytes] = {}
 
     def container_paths(self, sandbox_id: str, container_id: str) -> ContainerPaths:
         d = self.sandboxes / sandbox_id / "containers" / container_id
@@ -186,7 +189,9 @@ class FakeFiles:
                               console_log=str(d / "console.raw"),
                               serial_socket=f"/run/podvisor/vm/{container_id[:32]}.serial",
                               guest_agent_socket=f"/run/podvisor/vm/{container_id[:32]}.qga",
-                              workload_exit=str(d / "workload.exit"))
+                              workload_exit=str(d / "workload.exit"),
+                              virtiofs_socket=f"/run/podvisor/vm/{container_id[:32]}.fs",
+                              volumes_status=str(d / "volumes.status"))
 
     def create_container_dir(self, paths: ContainerPaths) -> None:
         self.journal.record("files.create_container_dir", paths.directory)
@@ -211,6 +216,9 @@ class FakeFiles:
         self.journal.record("files.workload_exit", directory)
         return self.workload_exits.get(directory)
 
+    def volumes_report(self, directory: str) -> bytes:
+        return self.volume_reports.get(directory, b"")
+
     def firmware(self, kind: str, paths: ContainerPaths) -> dict[str, str]:
         return {}
 
@@ -220,6 +228,41 @@ class FakeFiles:
     @staticmethod
     def allocated_bytes(path: str) -> int:
         return 4096
+
+
+class FakeVolumes:
+    """VolumeHost: host paths from a dict (path → is a directory), virtiofsd runs as a set of sockets."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.paths: dict[str, bool] = {}
+        self.files: dict[str, bytes] = {}  # what read_head / read_tail find
+        self.running: set[str] = set()
+        self.start_error: Exception | None = None
+
+    def inspect(self, mounts: tuple[Mount, ...]) -> tuple[Share, ...]:
+        self.journal.record("volumes.inspect", len(mounts))
+        for i, m in enumerate(mounts):
+            if m.host_path not in self.paths:
+                raise NotFound(f"config.mounts[{i}].host_path: {m.host_path!r} does not exist on this host")
+        return shares(mounts, tuple(self.paths[m.host_path] for m in mounts))
+
+    def start(self, directory: str, socket: str, entries: tuple[Share, ...]) -> int:
+        self.journal.record("volumes.start", socket, len(entries))
+        if self.start_error is not None:
+            raise self.start_error
+        self.running.add(socket)
+        return 4242
+
+    def stop(self, directory: str, socket: str) -> None:
+        self.journal.record("volumes.stop", socket)
+        self.running.discard(socket)
+
+    def read_head(self, path: str, limit: int) -> bytes:
+        return self.files.get(path, b"")[:limit]
+
+    def read_tail(self, path: str, limit: int) -> bytes:
+        return self.files.get(path, b"")[-limit:]
 
 
 class FakeTimer:
@@ -370,10 +413,11 @@ class ContainerFakes:
         self.clock = FakeClock()
         self.cgroups = FakeCgroups(self.journal)
         self.timer = FakeTimer()
+        self.volumes = FakeVolumes(self.journal)
         self.ports = ContainerPorts(
             store=self.store, hypervisor=self.libvirt, files=self.files, console=self.console,
             sandboxes=self.sandboxes, images=self.images, vm=self.vm, clock=self.clock, cgroups=self.cgroups,
-            timer=self.timer,
+            timer=self.timer, volumes=self.volumes,
         )
 
 

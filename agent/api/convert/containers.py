@@ -65,6 +65,7 @@ _PROPAGATION = {
     pb.PROPAGATION_HOST_TO_CONTAINER: Propagation.HOST_TO_CONTAINER,
     pb.PROPAGATION_BIDIRECTIONAL: Propagation.BIDIRECTIONAL,
 }
+_PROPAGATION_BACK = {v: k for k, v in _PROPAGATION.items()}
 
 
 def container_filter_from_pb(req: pb.ListContainersRequest) -> ContainerFilter | None:
@@ -111,6 +112,8 @@ def container_status_to_pb(c: Container) -> pb.ContainerStatus:
         image=pb.ImageSpec(image=c.image), image_ref=c.image_id, image_id=c.image_id,
         reason=c.reason, message=c.message, labels=c.labels, annotations=c.annotations,
         log_path=c.log_path,
+        mounts=[pb.Mount(container_path=m.container_path, host_path=m.host_path, readonly=m.readonly,
+                         propagation=_PROPAGATION_BACK[m.propagation]) for m in c.mounts],
         resources=pb.ContainerResources(linux=pb.LinuxContainerResources(
             memory_limit_in_bytes=c.memory_bytes,
             cpu_period=cpu_period, cpu_quota=cpu_quota, cpu_shares=c.cpu_shares or 0)),
