@@ -427,9 +427,12 @@ def run(pods: int, *, leave_one: bool = False, on_pod: Callable[[int], None] | N
             port = 30000 + secrets.randbelow(2000) * 10
             for name in RUNTIMES:
                 warm = Side(name=name, stub=sides[name].stub, channel=sides[name].channel)
-                lifecycle(warm, pod_config(-1, name, work, port, cgroup_parent))
-                sides[name].ids += warm.ids
-                sides[name].netns += warm.netns
+                try:
+                    lifecycle(warm, pod_config(-1, name, work, port, cgroup_parent))
+                finally:
+                    sides[name].ids += warm.ids
+                    sides[name].netns += warm.netns
+                    sides[name].live |= warm.live
                 port += 1
             for i in range(pods):
                 for name in RUNTIMES if i % 2 == 0 else reversed(RUNTIMES):
