@@ -138,7 +138,6 @@ class Containerd:
     """A containerd of the bench's own (see the module docstring)."""
 
     base: Path
-    cgroup_parent: str
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -382,17 +381,17 @@ def leftovers(side: Side, ipam_dir: Path, extra: dict[str, list[str]]) -> dict[s
     """What this runtime still holds of the bench's pods, kind by kind, while it runs."""
     from bench import leaks
 
-    marks = leaks.Marks(state_dir=Path("/nonexistent-" + secrets.token_hex(4)), runtime_dir=Path("/"))
+    # Only ids count here (no state directory is named in links or rules).
+    marks = leaks.Marks(state_dir=Path(f"/nonexistent-{secrets.token_hex(8)}"), runtime_dir=Path("/"))
     for sid in side.ids:
         marks.add_sandbox(sid)
     listed = side.stub.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=CALL_TIMEOUT).items
-    lease_files = [p for p in leaks.leases(ipam_dir)]
     found = {
         "sandboxes": sorted(s.id for s in listed),
         "netns": leaks.netns(marks) + [p for p in side.netns if netns_mounted(p)],
         "links": leaks.links(marks),
         "iptables": leaks.iptables_rules(marks),
-        "leases": [f for f in lease_files if any(sid in (ipam_dir / f).read_text() for sid in side.ids)],
+        "leases": [f for f in leaks.leases(ipam_dir) if any(sid in (ipam_dir / f).read_text() for sid in side.ids)],
     }
     found.update(extra)
     return found
@@ -405,7 +404,7 @@ def run(pods: int, *, leave_one: bool = False, on_pod: Callable[[int], None] | N
     cgroup_parent = f"/podvisor-bench-{secrets.token_hex(4)}"
     bridge, conflist = private_cni_network(work, "pvbl", "life")
     ipam_dir = Path(conflist["plugins"][0]["ipam"]["dataDir"])
-    ctrd = Containerd(base=work / "containerd", cgroup_parent=cgroup_parent)
+    ctrd = Containerd(base=work / "containerd")
     sides: dict[str, Side] = {}
     report: dict[str, Any] = {"pods": pods, "errors": [], "leftovers": {}, "after_cleanup": {}}
     agent_proc: subprocess.Popen[bytes] | None = None
@@ -459,8 +458,8 @@ def run(pods: int, *, leave_one: bool = False, on_pod: Callable[[int], None] | N
             }
     except BaseException as exc:
         report["errors"].append(f"{type(exc).__name__}: {exc}")
-        if not isinstance(exc, Exception):
-            raise
+        if isinstance(exc, KeyboardInterrupt):
+            raise  # after the clean-up below
     finally:
         for side in sides.values():
             for sid in list(side.live):
