@@ -67,6 +67,7 @@ STEPS = ("RunPodSandbox", "PodSandboxStatus", "StopPodSandbox", "RemovePodSandbo
 CALL_TIMEOUT = 120.0
 RUNTIMES = ("agent", "containerd")
 SHIM_RUN_DIR = Path("/run/containerd")
+LIBCNI_CACHE = Path("/var/lib/cni/results")
 
 
 # The pause image ----------------------------------------------------------------------
@@ -292,6 +293,35 @@ def processes_naming(text: str) -> list[int]:
     return found
 
 
+def cni_del(conflist: dict[str, Any], sandbox_id: str, netns_path: str, host_port: int) -> None:
+    """DEL through the network's plugins in reverse, by hand (best effort),
+    with the pod's port mapping (portmap deletes nothing without it)."""
+    mapping = {"portMappings": [{"hostPort": host_port, "containerPort": 80, "protocol": "tcp"}]}
+    for plugin in reversed(conflist["plugins"]):
+        conf = dict(plugin, name=conflist["name"], cniVersion=conflist["cniVersion"])
+        if plugin.get("capabilities", {}).get("portMappings"):
+            conf["runtimeConfig"] = mapping
+        env = dict(os.environ, CNI_COMMAND="DEL", CNI_CONTAINERID=sandbox_id, CNI_IFNAME="eth0",
+                   CNI_NETNS=netns_path if netns_path and netns_mounted(netns_path) else "", CNI_PATH=str(CNI_BIN))
+        subprocess.run([str(CNI_BIN / plugin["type"])], input=json.dumps(conf).encode(), env=env,
+                       capture_output=True, timeout=60)
+
+
+def libcni_cache(conflist: dict[str, Any]) -> list[str]:
+    """containerd's (libcni's) cached ADD results for the bench's network
+    (its name is the bench's own): none may stay after DEL."""
+    return sorted(str(p) for p in LIBCNI_CACHE.glob(f"{conflist['name']}-*"))
+
+
+def shim_sockets(ctrd: Containerd, sides: dict[str, Side]) -> list[Path]:
+    """Where containerd 1.6's shims of the bench's sandboxes listen: a fixed
+    directory, a file named by the hash of containerd's socket, namespace and id."""
+    side = sides.get("containerd")
+    ids = side.ids if side is not None else []
+    return [SHIM_RUN_DIR / "s" / hashlib.sha256(f"{ctrd.socket}/k8s.io/{sid}".encode()).hexdigest()
+            for sid in ids]
+
+
 def netns_mounted(path: str) -> bool:
     return any(line.split()[4] == path and " - nsfs " in line
                for line in Path("/proc/self/mountinfo").read_text().splitlines())
@@ -311,7 +341,8 @@ class Side:
     totals: list[float] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
     live: set[str] = field(default_factory=set)
-    netns: list[str] = field(default_factory=list)
+    netns: dict[str, str] = field(default_factory=dict)  # sandbox id → its namespace (containerd)
+    ports: dict[str, int] = field(default_factory=dict)  # sandbox id → its hostPort
     errors: list[str] = field(default_factory=list)
 
 
@@ -349,6 +380,7 @@ def lifecycle(side: Side, config: pb.PodSandboxConfig, *, finish: bool = True) -
         pb.RunPodSandboxRequest(config=config), timeout=CALL_TIMEOUT).pod_sandbox_id)
     side.ids.append(sid)
     side.live.add(sid)
+    side.ports[sid] = config.port_mappings[0].host_port
     status = timed(side, "PodSandboxStatus", lambda: rt.PodSandboxStatus(
         pb.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=CALL_TIMEOUT)).status
     if status.state != pb.SANDBOX_READY or not status.network.ip:
@@ -360,7 +392,7 @@ def lifecycle(side: Side, config: pb.PodSandboxConfig, *, finish: bool = True) -
                                               timeout=CALL_TIMEOUT).info.get("info", "{}"))
         for ns in info.get("runtimeSpec", {}).get("linux", {}).get("namespaces", []):
             if ns.get("type") == "network" and ns.get("path"):
-                side.netns.append(os.path.realpath(ns["path"]))  # /var/run is /run
+                side.netns[sid] = os.path.realpath(ns["path"])  # /var/run is /run
     if not finish:
         return
     timed(side, "StopPodSandbox", lambda: rt.StopPodSandbox(
@@ -388,7 +420,7 @@ def leftovers(side: Side, ipam_dir: Path, extra: dict[str, list[str]]) -> dict[s
     listed = side.stub.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=CALL_TIMEOUT).items
     found = {
         "sandboxes": sorted(s.id for s in listed),
-        "netns": leaks.netns(marks) + [p for p in side.netns if netns_mounted(p)],
+        "netns": leaks.netns(marks) + [p for p in side.netns.values() if netns_mounted(p)],
         "links": leaks.links(marks),
         "iptables": leaks.iptables_rules(marks),
         "leases": [f for f in leaks.leases(ipam_dir) if any(sid in (ipam_dir / f).read_text() for sid in side.ids)],
@@ -430,7 +462,8 @@ def run(pods: int, *, leave_one: bool = False, on_pod: Callable[[int], None] | N
                     lifecycle(warm, pod_config(-1, name, work, port, cgroup_parent))
                 finally:
                     sides[name].ids += warm.ids
-                    sides[name].netns += warm.netns
+                    sides[name].netns.update(warm.netns)
+                    sides[name].ports.update(warm.ports)
                     sides[name].live |= warm.live
                 port += 1
             for i in range(pods):
@@ -447,6 +480,7 @@ def run(pods: int, *, leave_one: bool = False, on_pod: Callable[[int], None] | N
                 "processes": [str(p) for p in cgroup_pids(cgroup_parent)],
                 "runc state": sorted(str(p.relative_to(ctrd.runc_root)) for p in ctrd.runc_root.glob("*/*")),
                 "mounts": mounts_under(ctrd.base),
+                "CNI cache": libcni_cache(conflist),
             }
             agent_state = work / "agent" / "state" / "sandboxes"
             agent_extra = {
@@ -472,7 +506,7 @@ def run(pods: int, *, leave_one: bool = False, on_pod: Callable[[int], None] | N
             side.channel.close()
         report["results"] = {name: {"times": side.times, "totals": side.totals}
                              for name, side in sides.items()}
-        report["after_cleanup"] = clean_up(work, ctrd, agent_proc, cgroup_parent, bridge, sides)
+        report["after_cleanup"] = clean_up(work, ctrd, agent_proc, cgroup_parent, bridge, conflist, sides)
         if made_run_dir:
             for d in (SHIM_RUN_DIR / "s", SHIM_RUN_DIR):
                 try:
@@ -483,7 +517,7 @@ def run(pods: int, *, leave_one: bool = False, on_pod: Callable[[int], None] | N
 
 
 def clean_up(work: Path, ctrd: Containerd, agent_proc: subprocess.Popen[bytes] | None, cgroup_parent: str,
-             bridge: str, sides: dict[str, Side]) -> dict[str, list[str]]:
+             bridge: str, conflist: dict[str, Any], sides: dict[str, Side]) -> dict[str, list[str]]:
     """Stop and remove everything the bench made; returns what could not be removed."""
     if agent_proc is not None and agent_proc.poll() is None:
         agent_proc.terminate()
@@ -500,10 +534,20 @@ def clean_up(work: Path, ctrd: Containerd, agent_proc: subprocess.Popen[bytes] |
         except ProcessLookupError:
             pass
     time.sleep(0.2)
+    ctrd_side = sides.get("containerd")
+    if ctrd_side is not None:
+        # Pods containerd could not tear down (it died): CNI DEL as it would
+        # have run it, so portmap's rules and the lease go too.
+        for sid in sorted(ctrd_side.live):
+            cni_del(conflist, sid, ctrd_side.netns.get(sid, ""), ctrd_side.ports.get(sid, 0))
+        for sock in shim_sockets(ctrd, sides):
+            sock.unlink(missing_ok=True)
+    for entry in libcni_cache(conflist):
+        Path(entry).unlink(missing_ok=True)
     for point in mounts_under(work):
         subprocess.run(["umount", "-l", point], capture_output=True, timeout=30)
     for side in sides.values():
-        for path in side.netns:
+        for path in side.netns.values():
             if netns_mounted(path):
                 subprocess.run(["umount", "-l", path], capture_output=True, timeout=30)
                 Path(path).unlink(missing_ok=True)
@@ -514,7 +558,9 @@ def clean_up(work: Path, ctrd: Containerd, agent_proc: subprocess.Popen[bytes] |
     left = {
         "processes": [str(p) for p in processes_naming(str(work)) + cgroup_pids(cgroup_parent)],
         "mounts": mounts_under(work),
-        "netns": [p for s in sides.values() for p in s.netns if netns_mounted(p)],
+        "netns": [p for s in sides.values() for p in s.netns.values() if netns_mounted(p)],
+        "containerd's CNI cache": libcni_cache(conflist),
+        "shim sockets": [str(p) for p in shim_sockets(ctrd, sides) if p.exists()],
         "cgroups": [str(d) for d in cgroup_dirs(cgroup_parent) if d.exists()],
     }
     shutil.rmtree(work, ignore_errors=True)

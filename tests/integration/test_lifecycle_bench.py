@@ -26,9 +26,10 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = ("RunPodSandbox", "PodSandboxStatus", "StopPodSandbox", "RemovePodSandbox")
 KINDS = {
     "agent": {"sandboxes", "netns", "links", "iptables", "leases", "state files"},
-    "containerd": {"sandboxes", "netns", "links", "iptables", "leases", "processes", "runc state", "mounts"},
+    "containerd": {"sandboxes", "netns", "links", "iptables", "leases", "processes", "runc state", "mounts",
+                   "CNI cache"},
 }
-AFTER = {"processes", "mounts", "netns", "cgroups", "work directory"}
+AFTER = {"processes", "mounts", "netns", "containerd's CNI cache", "shim sockets", "cgroups", "work directory"}
 
 
 def bench(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
@@ -65,7 +66,7 @@ def test_a_pod_left_running_is_found_by_the_leak_check(tmp_path: Path) -> None:
     assert report["errors"] == [], output
     for runtime, must in (("agent", {"sandboxes", "netns", "links", "iptables", "leases", "state files"}),
                           ("containerd", {"sandboxes", "netns", "iptables", "leases", "processes", "runc state",
-                                          "mounts"})):
+                                          "mounts", "CNI cache"})):
         found = {kind for kind, items in report["leftovers"][runtime].items() if items}
         assert found >= must, output
     # The bench's own clean-up still removes it all.
