@@ -13,11 +13,14 @@ busybox-static syslinux syslinux-common mtools xorriso cpio
 # Only for `make test`: the Go SPDY client of tests/streaming builds against
 # the library kubelet and kubectl use (Debian packages it; no Go module proxy);
 # openssl makes the streaming server's TLS test certificate; images/debian (the
-# stock Debian 12 test guest) is built with mmdebstrap; containerd and runc are
-# the baseline of bench/lifecycle.py (and its test), which runs them on its own
-# state and socket, and gcc builds that baseline's pause image.
+# stock Debian 12 test guest) is built with mmdebstrap.
 if [ "${1:-}" = "--test" ]; then
     PACKAGES="$PACKAGES golang-go golang-github-docker-spdystream-dev openssl mmdebstrap e2fsprogs"
+fi
+# Also only for tests and `make bench`: bench/lifecycle.py compares the agent
+# with Debian's containerd 1.6 + runc, run on their own state and socket (gcc,
+# above, builds the pause image it gives containerd).
+if [ "${1:-}" = "--test" ]; then
     PACKAGES="$PACKAGES containerd runc"
 fi
 missing=""
