@@ -68,12 +68,13 @@ lint: $(STAMPS)/venv proto
 	$(VENV)/bin/mypy agent scripts setup.py
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
 
-bench: setup guest debian-image
+bench: setup test-deps guest debian-image
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/rpc.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/tls.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/pull.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/start.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/network.py
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/lifecycle.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/exec.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/volumes.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/soak.py --cycles 500

@@ -19,6 +19,12 @@ if [ "${1:-}" = "--test" ]; then
     PACKAGES="$PACKAGES golang-go golang-github-docker-spdystream-dev openssl mmdebstrap e2fsprogs"
     PACKAGES="$PACKAGES systemd"
 fi
+# Also only for tests and `make bench`: bench/lifecycle.py compares the agent
+# with Debian's containerd 1.6 + runc, run on their own state and socket (gcc,
+# above, builds the pause image it gives containerd).
+if [ "${1:-}" = "--test" ]; then
+    PACKAGES="$PACKAGES containerd runc"
+fi
 missing=""
 for p in $PACKAGES; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

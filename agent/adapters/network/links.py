@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import ipaddress
 import json
 import secrets
 import socket
 import struct
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -50,6 +52,7 @@ from agent.domain.network.wiring import DEFAULT_MTU, DHCP_SERVER_IP, LinkNames
 log = structlog.get_logger(__name__)
 
 IP = "ip"
+SYS_CLASS_NET = Path("/sys/class/net")
 # Interface ioctls (linux/sockios.h, linux/if.h).
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -59,7 +62,9 @@ SIOCGIFMTU = 0x8921
 SIOCSIFMTU = 0x8922
 SIOCSIFHWADDR = 0x8924
 SIOCGIFHWADDR = 0x8927
+SIOCSIFNETMASK = 0x891C
 SIOCBRADDIF = 0x89A2
+SIOCBRDELIF = 0x89A3
 IFF_UP = 0x1
 ARPHRD_ETHER = 1
 
@@ -104,8 +109,19 @@ def foreign_owner(names: LinkNames, sandbox_id: str) -> str | None:
     is our own, from a crash right after it was added."""
     if not exists(names.host_bridge):
         return None
-    alias = (_link(names.host_bridge) or {}).get("ifalias")
+    alias = _read_alias(names.host_bridge)
     return str(alias) if alias not in (None, _alias(sandbox_id)) else None
+
+
+def _read_alias(name: str) -> str | None:
+    """A host interface's alias (None without one): from sysfs, which shows
+    the agent's own namespace, without a process; `ip` if sysfs cannot say."""
+    try:
+        text = (SYS_CLASS_NET / name / "ifalias").read_text()
+    except OSError:
+        found = (_link(name) or {}).get("ifalias")
+        return None if found is None else str(found)
+    return text.rstrip("\n") or None
 
 
 def host_links_exist(names: LinkNames) -> bool:
@@ -295,6 +311,42 @@ def _restore_commands(ifname: str, mac: str, addresses: Sequence[str]) -> list[s
     return commands
 
 
+def _ioctl_restorable(addresses: Sequence[str]) -> bool:
+    """Whether the classic ioctls can put ``addresses`` back: at most one,
+    IPv4 (what a bridge + host-local pod has); IPv6 or several go through `ip`."""
+    if len(addresses) > 1:
+        return False
+    try:
+        return all(ipaddress.ip_interface(a).version == 4 for a in addresses)
+    except ValueError:
+        return False
+
+
+def _ioctl_restore(ifname: str, names: LinkNames, mac: str, addresses: Sequence[str]) -> None:
+    """:func:`_restore_commands` with the interface ioctls (the inverse of
+    :func:`_ioctl_hand_over`, no process): ``ifname`` out of the pod-side
+    bridge, down, its MAC and its one IPv4 address with its prefix back, up."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        index = socket.if_nametoindex(ifname)
+        if exists(names.inner_bridge):
+            try:
+                fcntl.ioctl(s.fileno(), SIOCBRDELIF, struct.pack("16si20x", names.inner_bridge.encode(), index))
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: not a port of it (any more)
+                    raise
+        flags = _ifreq_flags(s, ifname)
+        _set_ifreq_flags(s, ifname, flags & ~IFF_UP)
+        if mac:
+            fcntl.ioctl(s.fileno(), SIOCSIFHWADDR,
+                        struct.pack("16sH6s16x", ifname.encode(), ARPHRD_ETHER, bytes.fromhex(mac.replace(":", ""))))
+        for address in addresses:
+            iface4 = ipaddress.IPv4Interface(address)
+            for request, value in ((SIOCSIFADDR, iface4.ip), (SIOCSIFNETMASK, iface4.netmask)):
+                fcntl.ioctl(s.fileno(), request, struct.pack("16sH2s4s8x", ifname.encode(), socket.AF_INET, b"",
+                                                             value.packed))
+        _set_ifreq_flags(s, ifname, flags | IFF_UP)
+
+
 def restore(ifname: str, names: LinkNames, mac: str, addresses: Sequence[str], *, netns_name: str) -> bool:
     """In the pod's namespace: ``ifname`` out of the pod-side bridge, with
     its MAC and addresses back. True when it got addresses back; False when
@@ -304,6 +356,12 @@ def restore(ifname: str, names: LinkNames, mac: str, addresses: Sequence[str], *
     def pod_side() -> bool:
         if not exists(ifname):
             return False
+        if _ioctl_restorable(addresses):
+            try:
+                _ioctl_restore(ifname, names, mac, addresses)
+            except OSError as exc:
+                raise Internal(f"restore {ifname} in {netns_name}: {exc}") from None
+            return bool(addresses)
         if any(":" in a for a in addresses):
             # IPv6 back on before its addresses return.
             sysctl({f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6": "0"}, where=netns_name)
