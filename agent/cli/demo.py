@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import structlog
 
 from agent.adapters.registry import RegistryClient
 from agent.cli import image_build, manifests, oci_layout, views
@@ -272,6 +274,8 @@ def run_demo(args: argparse.Namespace) -> str:
 
 
 def _run_demo(args: argparse.Namespace) -> str:
+    # The registry client's own log lines (debug, info) would drown the console.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     base = demo_dir()
     if args.stop:
         return stop_demo(args, base)
@@ -311,7 +315,8 @@ def _run_demo(args: argparse.Namespace) -> str:
     env = "" if not started else f"PODVISOR_SOCKET={sock} "
     lines = [
         "",
-        f"The VM {m.namespace}/{m.name} is running: KubeVirt's testvm manifest ({args.filename}) booted",
+        f"The VM {m.namespace}/{m.name} {'was' if cleanup else 'is'} running: KubeVirt's testvm manifest "
+        f"({args.filename}) booted",
         "the tiny test guest as its containerDisk, inside pod sandbox "
         f"{row['pod_id'][:13]} (container {row['container_id'][:13]}).",
         f"It said: {ready}",

@@ -481,4 +481,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # As the module the other CLI modules import, so that their CliError is this one.
+    from agent.cli.main import main as _main  # noqa: PLW0406
+
+    sys.exit(_main())
