@@ -159,19 +159,48 @@ def tail_lines(path: str, count: int) -> list[str]:
 
 def parse_cri_log(lines: Any) -> Iterator[str]:
     """``<time> <stream> <F|P> <text>`` records → the text, partial lines joined."""
-    partial = ""
+    reader = CriLogReader()
     for raw in lines:
-        text = raw.decode("utf-8", "replace").rstrip("\n") if isinstance(raw, bytes) else raw.rstrip("\n")
-        parts = text.split(" ", 3)
-        if len(parts) < 3 or parts[2] not in ("F", "P"):
-            yield text  # not a CRI record: show it as it is
-            continue
-        content = parts[3] if len(parts) == 4 else ""
-        if parts[2] == "P":
-            partial += content
-            continue
-        yield partial + content
-        partial = ""
+        yield from reader.records([raw.rstrip(b"\n") if isinstance(raw, bytes) else raw.rstrip("\n").encode()])
+
+
+class CriLogReader:
+    """Console lines from CRI log bytes that arrive in pieces (a file being written).
+
+    Bytes after the last newline wait for the rest of their record; the text
+    of ``P`` (partial) records waits for the ``F`` record that ends the line.
+    """
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._partial = ""
+
+    def feed(self, data: bytes) -> list[str]:
+        *complete, self._pending = (self._pending + data).split(b"\n")
+        return list(self.records(complete))
+
+    def flush(self) -> list[str]:
+        """At the end: what is left, even without its newline."""
+        rest, self._pending = self._pending, b""
+        out = list(self.records([rest])) if rest else []
+        if self._partial:
+            out.append(self._partial)
+            self._partial = ""
+        return out
+
+    def records(self, raws: Any) -> Iterator[str]:
+        for raw in raws:
+            text = raw.decode("utf-8", "replace")
+            parts = text.split(" ", 3)
+            if len(parts) < 3 or parts[2] not in ("F", "P"):
+                yield text  # not a CRI record: show it as it is
+                continue
+            content = parts[3] if len(parts) == 4 else ""
+            if parts[2] == "P":
+                self._partial += content
+                continue
+            yield self._partial + content
+            self._partial = ""
 
 
 def describe_doc(client: Client, vm: VM) -> dict[str, Any]:
@@ -266,43 +295,38 @@ def _container_state(client: Client, cid: str) -> int:
 
 def follow(path: str, is_running: Any, out: Any, *, tail: int = -1) -> None:
     """Print the log and, with ``is_running``, what is appended until it says the VM stopped."""
-    if tail >= 0:
-        for line in tail_lines(path, tail):
+    reader = CriLogReader()
+
+    def emit(lines: list[str]) -> None:
+        for line in lines:
             out.write(line + "\n")
-        f = open(path, "rb")  # noqa: SIM115 - closed below
-        f.seek(0, os.SEEK_END)
-    else:
-        f = open(path, "rb")  # noqa: SIM115
-        for line in parse_cri_log(iter(f.readline, b"")):
-            out.write(line + "\n")
-    out.flush()
-    if is_running is None:
-        f.close()
-        return
-    inode = os.fstat(f.fileno()).st_ino
-    buffered = b""
-    last_check = 0.0
+        out.flush()
+
+    f = open(path, "rb")  # noqa: SIM115 - closed below
     try:
+        if tail >= 0:
+            emit(tail_lines(path, tail))
+            f.seek(0, os.SEEK_END)
+        else:
+            emit(reader.feed(f.read()))
+        if is_running is None:
+            emit(reader.flush())
+            return
+        inode = os.fstat(f.fileno()).st_ino
+        last_check = 0.0
         while True:
             chunk = f.read()
             if chunk:
-                buffered += chunk
-                *complete, buffered = buffered.split(b"\n")
-                for line in parse_cri_log(c + b"\n" for c in complete):
-                    out.write(line + "\n")
-                out.flush()
+                emit(reader.feed(chunk))
                 continue
             now = time.monotonic()
             if now - last_check >= STATE_POLL_SECONDS:
                 last_check = now
                 if not is_running():
-                    rest = f.read()
-                    for line in parse_cri_log(c + b"\n" for c in (buffered + rest).split(b"\n") if c):
-                        out.write(line + "\n")
-                    out.flush()
+                    emit(reader.feed(f.read()) + reader.flush())
                     return
                 try:
-                    if os.stat(path).st_ino != inode:  # rotated (ReopenContainerLog): continue in the new file
+                    if os.stat(path).st_ino != inode:  # rotated (ReopenContainerLog): go on in the new file
                         f.close()
                         f = open(path, "rb")  # noqa: SIM115
                         inode = os.fstat(f.fileno()).st_ino
