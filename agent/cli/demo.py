@@ -279,6 +279,8 @@ def _run_demo(args: argparse.Namespace) -> str:
     base = demo_dir()
     if args.stop:
         return stop_demo(args, base)
+    if not Path(args.filename).is_file():
+        raise CliError(f"no manifest at {args.filename} (examples/ ships with the source tree); give -f FILE")
     cleanup = args.cleanup or os.environ.get(CLEANUP_ENV, "") not in ("", "0")
     sock = args.socket
     started = False
