@@ -28,6 +28,7 @@ and the pod's log directory, and succeeds when it is already gone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -257,11 +258,11 @@ def apply_one(client: Client, m: Manifest, logs: Path, *, recreate: bool, say: A
             client.runtime.StartContainer(api_pb2.StartContainerRequest(container_id=cid),
                                           timeout=max(client.timeout, 120))
     except BaseException:
-        # Nothing half-made stays behind: the next apply starts clean.
-        try:
+        # Nothing half-made stays behind: the next apply starts clean. The
+        # error reported is the one that stopped the apply.
+        with contextlib.suppress(Exception):
             _remove_pod(client, pod_id)
-        finally:
-            shutil.rmtree(cfg.log_directory, ignore_errors=True)
+        shutil.rmtree(cfg.log_directory, ignore_errors=True)
         raise
     return verb
 
