@@ -202,3 +202,18 @@ def test_operator_verbs_fail_in_one_line(agent: AgentProcess, tmp_path: Path) ->
     assert agent.runtime.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=30).items == []
     gone = ctl(agent, "delete", "-f", str(ROOT / "examples" / "testvm.yaml"))
     assert gone.returncode == 0 and "already gone" in gone.stdout
+
+
+def test_a_refused_apply_leaves_nothing(agent: AgentProcess, tmp_path: Path) -> None:
+    """CreateContainer refuses (more memory than the host has) after RunPodSandbox: the pod goes again."""
+    disk = small_disk(tmp_path / "d.qcow2")
+    assert ctl(agent, "image", "import", str(disk), "--tag", "import.local/d:1").returncode == 0
+    logs = tmp_path / "pods"
+    out = ctl(agent, "apply", "-f", str(ROOT / "examples" / "testvm.yaml"), "--image", "import.local/d:1",
+              "--memory", "100Ti", "--log-dir", str(logs))
+    assert out.returncode == 1
+    match = ERROR_LINE.match(out.stderr.strip())
+    assert match is not None and match.group(1) == "INVALID_ARGUMENT", out.stderr
+    assert "podvisor.io/memory" in match.group(2)
+    assert agent.runtime.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=30).items == []
+    assert not logs.exists() or list(logs.iterdir()) == []
