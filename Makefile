@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMPS := .stamps
 PYTEST_ARGS ?=
 
-.PHONY: run test test-deps unit integration fuzz check-wire lint bench setup deps host proto clean guest
+.PHONY: run test test-deps unit integration fuzz check-wire lint bench setup deps host proto clean guest demo demo-stop
 
 include images/tiny/Makefile.inc
 include images/debian/Makefile.inc
@@ -35,6 +35,17 @@ host:
 
 run: setup
 	exec $(VENV)/bin/podvisor-agent
+
+# A first VM in one command (agent/cli/demo.py): throwaway registry, push,
+# apply examples/testvm.yaml, console until ready. Starts an agent of its own
+# (state in $$PODVISOR_DEMO_DIR, default /var/lib/podvisor-demo) when none
+# answers on $$PODVISOR_SOCKET (/run/podvisor/podvisor.sock); `make demo-stop`
+# deletes the VM and stops that agent. DEMO_ARGS: e.g. --cleanup.
+demo: setup guest
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m agent.cli.main demo $(DEMO_ARGS)
+
+demo-stop:
+	$(PY) -m agent.cli.main demo --stop
 
 # proto/runtime/v1/api.proto against upstream's wire facts in proto/runtime/v1/wire.json.
 check-wire: $(STAMPS)/venv

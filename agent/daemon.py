@@ -38,6 +38,7 @@ from agent.adapters.libvirt import Libvirt
 from agent.adapters.metrics import PrometheusMetrics, StateSources
 from agent.adapters.network.dial import PodDialer
 from agent.adapters.network.pod_network import PodNetworkManager, disabled_readiness
+from agent.adapters.oci_layout_source import LayoutSource
 from agent.adapters.registry import RegistryClient
 from agent.adapters.registry.credentials import RegistryCredentials, configured_lookup
 from agent.adapters.registry.transport import RegistryHostConfig
@@ -48,6 +49,7 @@ from agent.adapters.vm_files import VMFiles
 from agent.adapters.watchdog import GrpcProbe, Watchdog, interval_from_environment
 from agent.api import server as api_server
 from agent.api.host import HostServicer
+from agent.api.image_import import ImagesServicer
 from agent.api.images import ImageServicer
 from agent.api.runtime_service import RuntimeServicer
 from agent.config import AgentConfig
@@ -129,6 +131,7 @@ def build_image_service(cfg: AgentConfig, store: Store, metrics: Metrics | None 
             path, source=source, max_virtual_size=limit, declared_format=fmt),
         clock=SystemClock(),
         metrics=metrics or NoMetrics(),
+        open_layout=LayoutSource,
     )
     return ImageService(ports, max_virtual_size=cfg.images.max_virtual_size_bytes,
                         parallelism=cfg.images.pull_parallelism, max_pull_bytes=cfg.images.max_pull_bytes,
@@ -294,6 +297,7 @@ class Daemon:
             max_concurrent_stops=cfg.server.max_concurrent_stops,
             outer_interceptors=mtls.interceptors() if mtls else (),
             metrics=metrics,
+            image_import=ImagesServicer(images),
         )
         if metrics is not None:
             metrics.watch(StateSources(sandboxes.state_counts, containers.state_counts, images.usage))

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from agent.api.gen.podvisor.v1 import podvisor_pb2
 from agent.api.gen.runtime.v1 import api_pb2
 from agent.api.host import HostServicer
+from agent.api.image_import import ImagesServicer
 from agent.api.images import ImageServicer
 from agent.api.interceptor import ApiInterceptor
 from agent.api.limits import CallLimiter
@@ -29,6 +30,7 @@ SERVICE_NAMES = (
     api_pb2.DESCRIPTOR.services_by_name["RuntimeService"].full_name,
     api_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
     podvisor_pb2.DESCRIPTOR.services_by_name["Host"].full_name,
+    podvisor_pb2.DESCRIPTOR.services_by_name["Images"].full_name,
 )
 
 
@@ -105,6 +107,7 @@ def build(
     max_concurrent_stops: int = 16,
     outer_interceptors: tuple[grpc.ServerInterceptor, ...] = (),
     metrics: Metrics | None = None,
+    image_import: ImagesServicer | None = None,
 ) -> tuple[grpc.Server, health.HealthServicer]:
     """The server, not started.
 
@@ -133,6 +136,9 @@ def build(
         _generic_handler(images, api_pb2.DESCRIPTOR.services_by_name["ImageService"]),
         _generic_handler(host, podvisor_pb2.DESCRIPTOR.services_by_name["Host"]),
     ))
+    if image_import is not None:
+        server.add_generic_rpc_handlers((
+            _generic_handler(image_import, podvisor_pb2.DESCRIPTOR.services_by_name["Images"]),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -24,9 +24,10 @@ class BuildError(Exception):
     pass
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    image = sub.add_parser("image", help="containerDisk images (no agent needed)")
-    image_sub = image.add_subparsers(dest="image_command", metavar="COMMAND", required=True)
+def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+    image = sub.add_parser("image", help="containerDisk images: build (no agent needed), import")
+    image_sub: argparse._SubParsersAction = image.add_subparsers(  # type: ignore[type-arg]
+        dest="image_command", metavar="COMMAND", required=True)
     build = image_sub.add_parser(
         "build", help="build a containerDisk image from a qcow2 or raw disk",
         description="Write a containerDisk (the disk under /disk/, uid 107) as an OCI image "
@@ -41,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     build.add_argument("--password", default="", help="registry password for --push")
     build.add_argument("--no-compress", action="store_true", help="store the layer uncompressed")
     build.set_defaults(local=run_build)
+    return image_sub
 
 
 def run_build(args: argparse.Namespace) -> str:

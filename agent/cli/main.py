@@ -417,7 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("rm-pod", cmd_rm_pod, "remove a pod sandbox, stopping it first (succeeds if gone)"),
     ):
         add(name, fn, text).add_argument("id", metavar="ID", help="sandbox id or unique prefix")
-    image_build.add_parser(sub)
+    # The operator verbs live in their own modules (they import this one).
+    from agent.cli import demo, image_import, manifests, views  # noqa: PLC0415
+
+    image_import.add_parser(image_build.add_parser(sub))
+    manifests.add_parsers(sub, add)
+    views.add_parsers(sub, add)
+    demo.add_parser(sub)
     for name, fn, text in (
         ("exec", cmd_exec, "run a command in a pod's VM (CRI Exec; streams over the runtime's URL)"),
         ("attach", cmd_attach, "attach to a pod's VM serial console (CRI Attach)"),
@@ -475,4 +481,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # As the module the other CLI modules import, so that their CliError is this one.
+    from agent.cli.main import main as _main  # noqa: PLW0406
+
+    sys.exit(_main())

@@ -17,7 +17,7 @@ import structlog
 
 from agent.concurrency import SingleFlight
 from agent.domain import image as image_model
-from agent.domain.errors import FailedPrecondition
+from agent.domain.errors import FailedPrecondition, InvalidArgument
 from agent.domain.image import BaseDisk, Image
 from agent.domain.imageref import parse_image_ref
 from agent.domain.oci import Descriptor
@@ -214,14 +214,37 @@ class ImageService:
     def pull(self, text: str, auth: RegistryAuth | None = None) -> Image:
         """PullImage: the image ``text`` names, with a pull's own credentials if any."""
         ref = parse_image_ref(text, field="image.image")
+        return self._pulling(str(ref), lambda: self._puller.pull(ref, auth), metered=True)
+
+    def import_layout(self, layout_path: str, layout_ref: str, text: str) -> Image:
+        """Images/Import: the OCI layout at ``layout_path`` (on this host), stored as ``text``.
+
+        The layout stands in for the registry; everything else is a pull:
+        same verification, same records, same clean-up when refused.
+        """
+        if not text:
+            raise InvalidArgument("image", "is required: the reference to store the image under")
+        ref = parse_image_ref(text, field="image")
+        if not layout_path:
+            raise InvalidArgument("layout_path", "is required")
+        if self._ports.open_layout is None:
+            raise FailedPrecondition("this agent cannot import images (no OCI layout reader configured)")
+        source = self._ports.open_layout(Path(layout_path), layout_ref)
+        img = self._pulling(f"import {ref}", lambda: self._puller.pull(ref, None, source), metered=False)
+        log.info("image imported", image=str(ref), id=img.id, layout=layout_path)
+        return img
+
+    def _pulling(self, key: str, run: Callable[[], Image], *, metered: bool) -> Image:
+        """Run a pull (or an import: ``metered`` False, not counted as a pull in the metrics)."""
         begun = time.monotonic()
         with self._activity:
             self._activity.wait_for(lambda: not self._collecting)
             self._active_pulls += 1
         try:
-            img, _ = self._pulls.do(str(ref), lambda: self._puller.pull(ref, auth))
+            img, _ = self._pulls.do(key, run)
         except BaseException:
-            self._ports.metrics.image_pulled(time.monotonic() - begun, 0, ok=False)
+            if metered:
+                self._ports.metrics.image_pulled(time.monotonic() - begun, 0, ok=False)
             self._pull_ended()
             # A refused or broken pull leaves nothing in the store: what it
             # downloaded (manifest, config, layers) belongs to no image and is
@@ -233,7 +256,8 @@ class ImageService:
                 log.warning("image garbage collection failed", error=str(exc))
             raise
         self._pull_ended()
-        self._ports.metrics.image_pulled(time.monotonic() - begun, img.size, ok=True)
+        if metered:
+            self._ports.metrics.image_pulled(time.monotonic() - begun, img.size, ok=True)
         return img
 
     def _pull_ended(self) -> None:

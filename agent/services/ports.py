@@ -417,6 +417,9 @@ class ExtractorFactory(Protocol):
 # (path, source named in errors, largest virtual size, format its name
 # declares or None) → the checked disk (agent.adapters.qemu_img.info).
 DiskInspector = Callable[[Path, str, int, str | None], DiskInfo]
+# (OCI layout directory on this host, ref name in its index.json or "") → a
+# registry serving that one image (agent.adapters.oci_layout_source.LayoutSource).
+LayoutOpener = Callable[[Path, str], RegistryPort]
 
 
 @dataclass(frozen=True)
@@ -429,6 +432,7 @@ class ImagePorts:
     clock: Clock
     # Pull durations and bytes.
     metrics: Metrics = field(default_factory=NoMetrics)
+    open_layout: LayoutOpener | None = None  # image import; None: refused
 
 
 # --- exec, attach and port forward ----------------------------------------------------------

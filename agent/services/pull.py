@@ -37,7 +37,7 @@ from agent.domain.image import BaseDisk, DiskFile, Image
 from agent.domain.imageref import ImageRef, RemoteRepository
 from agent.domain.oci import Descriptor, layer_compression, parse_image_config
 from agent.domain.registry import RegistryAuth
-from agent.services.ports import DiskExtractorPort, ImagePorts
+from agent.services.ports import DiskExtractorPort, ImagePorts, RegistryPort
 
 log = structlog.get_logger(__name__)
 # Room above max_virtual_size for one extracted disk file: qcow2 metadata
@@ -74,15 +74,17 @@ class ImagePull:
         self._lock = threading.Lock()
         self.downloads = 0  # blobs actually fetched (tests and metrics)
 
-    def pull(self, ref: ImageRef, auth: RegistryAuth | None) -> Image:
+    def pull(self, ref: ImageRef, auth: RegistryAuth | None, source: RegistryPort | None = None) -> Image:
         """Pull ``ref`` (or reuse what is stored) and return its record.
 
         ``auth`` (a pull's own credentials) belongs to the image's registry
         unless it names its server; it never reaches another registry.
+        ``source`` replaces the registry (an import from an OCI layout: the
+        same checks, another origin).
         """
         started = time.perf_counter()
         auth = auth.scoped_to(ref.registry) if auth is not None else None
-        registry = self._ports.registry
+        registry = source or self._ports.registry
         resolved = registry.resolve(ref, auth=auth)
         resolved_at = time.perf_counter()
         manifest = resolved.manifest
@@ -135,7 +137,7 @@ class ImagePull:
                     for layer in layers:
                         if layer.digest not in downloads:  # a layer listed twice is fetched once
                             downloads[layer.digest] = pool.submit(
-                                self._fetch_blob, resolved.repository, layer.digest, layer.size,
+                                self._fetch_blob, registry, resolved.repository, layer.digest, layer.size,
                                 auth, progress.get(layer.digest))
                     for layer, diff_id in zip(layers, config.diff_ids, strict=True):
                         self._extract_layer(extractor, layer, diff_id, name, progress.get(layer.digest),
@@ -188,14 +190,14 @@ class ImagePull:
                 f"images filesystem, of which {self._min_free_bytes} are kept in reserve ([images] min_free_bytes)"
             )
 
-    def _fetch_blob(self, repo: RemoteRepository, digest: str, size: int, auth: RegistryAuth | None,
-                    progress: BlobProgress | None) -> None:
+    def _fetch_blob(self, registry: RegistryPort, repo: RemoteRepository, digest: str, size: int,
+                    auth: RegistryAuth | None, progress: BlobProgress | None) -> None:
         files = self._ports.files
 
         def download() -> int:
             if files.has_blob(digest):
                 return 0
-            n = self._ports.registry.fetch_blob(repo, digest, files.blob_path(digest),
+            n = registry.fetch_blob(repo, digest, files.blob_path(digest),
                                                 expected_size=size, auth=auth, progress=progress)
             with self._lock:
                 self.downloads += 1
