@@ -18,6 +18,18 @@ TINY_DIR = Path("/var/cache/podvisor/images/tiny")
 DEBIAN_DIR = Path("/var/cache/podvisor/images/debian")
 
 
+def stop_process(proc: subprocess.Popen[Any] | None, grace: float = 30) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; nothing for None or a process already gone."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]

@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 from agent.api.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
 from agent.api.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
 from agent.cli.streams import PORTFORWARD, REMOTECOMMAND, STDOUT, connect  # noqa: E402
-from bench.common import debian_image, percentile, private_cni_network, start_agent  # noqa: E402
+from bench.common import debian_image, percentile, private_cni_network, start_agent, stop_process  # noqa: E402
 
 MEMORY = 768 << 20  # what the stock Debian guest is comfortable in (images/debian/README.md)
 HTTP_PORT = 8080
@@ -390,13 +390,7 @@ def main() -> int:
                 print(f"removing the pod through the agent failed: {exc}", file=sys.stderr)
         if channel is not None:
             channel.close()
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(30)
+        stop_process(proc, 60)
         try:
             cleanup(conn, work, work / "agent" / "state")
         except Exception as exc:  # noqa: BLE001

@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from agent.api.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
 from agent.api.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
-from bench.common import percentile, private_cni_network, start_agent  # noqa: E402
+from bench.common import percentile, private_cni_network, start_agent, stop_process  # noqa: E402
 
 CNI_BIN = Path("/usr/lib/cni")
 CONTAINERD = "/usr/bin/containerd"
@@ -217,13 +217,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(30)
+        stop_process(self.process, 30)
 
 
 # Host state the bench made --------------------------------------------------------------
@@ -519,13 +513,7 @@ def run(pods: int, *, leave_one: bool = False, on_pod: Callable[[int], None] | N
 def clean_up(work: Path, ctrd: Containerd, agent_proc: subprocess.Popen[bytes] | None, cgroup_parent: str,
              bridge: str, conflist: dict[str, Any], sides: dict[str, Side]) -> dict[str, list[str]]:
     """Stop and remove everything the bench made; returns what could not be removed."""
-    if agent_proc is not None and agent_proc.poll() is None:
-        agent_proc.terminate()
-        try:
-            agent_proc.wait(60)
-        except subprocess.TimeoutExpired:
-            agent_proc.kill()
-            agent_proc.wait(30)
+    stop_process(agent_proc, 60)
     ctrd.stop()
     # Shims outlive containerd by design, and their pause processes with them.
     for pid in processes_naming(str(ctrd.socket)) + cgroup_pids(cgroup_parent):

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from agent.api.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
 from agent.api.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
-from bench.common import private_cni_network, start_agent  # noqa: E402
+from bench.common import private_cni_network, start_agent, stop_process  # noqa: E402
 
 CNI_BIN = "/usr/lib/cni"
 SETTLE_S = 0.3
@@ -114,8 +114,7 @@ def main() -> int:
             hand_s.append(by_hand(conflist, port + 1000))
         channel.close()
     finally:
-        proc.terminate()
-        proc.wait(60)
+        stop_process(proc, 60)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
     a, h = statistics.median(agent_s), statistics.median(hand_s)

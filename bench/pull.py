@@ -32,7 +32,7 @@ from agent.api.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
 from agent.api.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
 from agent.cli import oci_layout  # noqa: E402
 from agent.domain.imageref import RemoteRepository  # noqa: E402
-from bench.common import start_agent  # noqa: E402
+from bench.common import start_agent, stop_process  # noqa: E402
 from tests.integration.registry_fixture import run_registry  # noqa: E402
 
 
@@ -100,8 +100,7 @@ def main() -> int:
     finally:
         phases = []
         if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+            stop_process(proc, 30)
             for line in (workdir / "agent" / "agent.log").read_text(errors="replace").splitlines():
                 if '"image pulled"' in line:
                     doc = json.loads(line)

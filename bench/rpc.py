@@ -25,7 +25,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.api.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
 from agent.api.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
-from bench.common import percentile, start_agent  # noqa: E402
+from bench.common import percentile, start_agent, stop_process  # noqa: E402
 
 
 def main() -> int:
@@ -74,8 +74,7 @@ def main() -> int:
             list_ms.append((t2 - t1) * 1000)
         channel.close()
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_process(proc, 30)
         shutil.rmtree(workdir, ignore_errors=True)
 
     v50, v99 = statistics.median(version_ms), percentile(version_ms, 99)

@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 from agent.api.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
 from agent.api.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
 from bench import leaks  # noqa: E402
-from bench.common import percentile, start_agent, tiny_image  # noqa: E402
+from bench.common import percentile, start_agent, stop_process, tiny_image  # noqa: E402
 from tests.integration.cni_conf import write_conflist  # noqa: E402
 
 MEMORY = 96 << 20  # the tiny guest needs 76 MiB
@@ -346,9 +346,7 @@ def main() -> int:
             remove_all(rt)
             channel.close()
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+        stop_process(proc, 60)
         cleanup(marks, net)
         shutil.rmtree(work, ignore_errors=True)
     return 1 if any(found.values()) or summary["errors"] else 0

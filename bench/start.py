@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from agent.api.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
 from agent.api.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
-from bench.common import percentile, start_agent, tiny_image  # noqa: E402
+from bench.common import percentile, start_agent, stop_process, tiny_image  # noqa: E402
 
 MEMORY = 96 << 20  # the tiny guest needs 76 MiB
 
@@ -191,9 +191,7 @@ def main() -> int:
                 dom.undefine()
             except libvirt.libvirtError:
                 pass
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+        stop_process(proc, 60)
         shutil.rmtree(workdir, ignore_errors=True)
 
     a50, a95 = statistics.median(agent_s), percentile(agent_s, 95)

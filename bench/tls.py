@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.api.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
 from agent.api.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
 from agent.cli import certs  # noqa: E402
-from bench.common import percentile, start_agent  # noqa: E402
+from bench.common import percentile, start_agent, stop_process  # noqa: E402
 
 TARGET = 1.5
 
@@ -95,8 +95,7 @@ def main() -> int:
         local.close()
         remote.close()
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_process(proc, 30)
         shutil.rmtree(workdir, ignore_errors=True)
 
     print(f"bench/tls: {args.calls} calls each, {args.sandboxes} sandboxes, {os.cpu_count()} CPUs, "

@@ -26,7 +26,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from agent.api.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
 from agent.api.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
-from bench.common import debian_image, start_agent  # noqa: E402
+from bench.common import debian_image, start_agent, stop_process  # noqa: E402
 
 MEMORY = 768 << 20  # what the stock Debian guest is comfortable in (images/debian/README.md)
 FILE_SIZE = 100 << 20
@@ -192,13 +191,7 @@ def main() -> int:
                     pass
         if channel is not None:
             channel.close()
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc, 30)
         cleanup(conn, work)
         conn.close()
         shutil.rmtree(work, ignore_errors=True)
